@@ -1,0 +1,107 @@
+"""
+Speed figures, one line each. Nothing here is a test: run it when you want numbers.
+
+    python bench.py model     # prefill and KV-cached decode tokens/s, loader peak memory
+
+On CPU it uses 2 threads (this project's reference machine). If transformers happens to be installed,
+`model` also times its MixtralForCausalLM on the same weights; transformers is not a dependency.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mmmoe import MMMoE, MMMoEConfig, flops_per_token
+
+
+def best_of(fn, repeats=3):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_peak_gflops(n=2048):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / best_of(lambda: a @ b, 5) / 1e9
+
+
+def random_model(config, seed=0):
+    torch.manual_seed(seed)
+    model = MMMoE(config)
+    for name, p in model.named_parameters():
+        torch.nn.init.normal_(p, std=0.02) if "norm" not in name else torch.nn.init.ones_(p)
+    return model.eval()
+
+
+def peak_rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def bench_loader(path):
+    """Run in a fresh process: load the checkpoint, report the growth of peak RSS. The first module built
+    on the meta device costs torch ~70 MB of one-time lazy initialisation, whatever its size: done first."""
+    code = ("import sys, torch; sys.path.insert(0, %r); import bench, mmmoe; torch.nn.Embedding(1, 1, device='meta'); "
+            "before = bench.peak_rss_mb(); mmmoe.MMMoE.from_pretrained(%r, dtype=torch.float32); "
+            "print(bench.peak_rss_mb() - before)")
+    out = subprocess.run([sys.executable, "-c", code % (str(Path(__file__).parent), str(path))],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def bench_model(args):
+    cfg = MMMoEConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32,
+                      intermediate_size=896, n_experts=8, top_k=2, max_seq_len=4096, dtype="float32")
+    model = random_model(cfg)
+    B, T, n_new = 4, 256, 128
+    idx = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    peak = matmul_peak_gflops()
+    print(f"fp32 matmul peak (2048^3, {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s")
+    with torch.no_grad():
+        t = best_of(lambda: model(idx))
+    gflops = flops_per_token(cfg, T / 2) * B * T / t / 1e9
+    print(f"mmmoe prefill {B}x{T}: {B * T / t:,.0f} tokens/s ({gflops:.1f} GFLOP/s, {100 * gflops / peak:.0f}% of peak)")
+    prompt = idx[:1, :16]
+    t = best_of(lambda: model.generate(prompt, n_new, temperature=0))
+    print(f"mmmoe KV-cached greedy decode of {n_new} tokens: {n_new / t:,.0f} tokens/s ({1000 * t / n_new:.2f} ms/token)")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if importlib.util.find_spec("transformers"):  # optional comparison, same weights
+            from transformers import MixtralForCausalLM
+            model.save_pretrained(tmp)
+            hf = MixtralForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa").eval()
+            with torch.no_grad():
+                assert (hf(idx).logits - model(idx)[0]).abs().max() < 1e-3  # same logits, or the timing means nothing
+                t = best_of(lambda: hf(idx))
+            print(f"transformers prefill {B}x{T}: {B * T / t:,.0f} tokens/s "
+                  f"({flops_per_token(cfg, T / 2) * B * T / t / 1e9:.1f} GFLOP/s)")
+            t = best_of(lambda: hf.generate(prompt, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False))
+            print(f"transformers KV-cached greedy decode of {n_new} tokens: {n_new / t:,.0f} tokens/s "
+                  f"({1000 * t / n_new:.2f} ms/token)")
+        big = MMMoEConfig(vocab_size=8192, dim=512, n_layers=3, n_heads=8, n_kv_heads=4, head_dim=64,
+                          intermediate_size=1792, n_experts=8, top_k=2, dtype="float32")
+        random_model(big).save_pretrained(Path(tmp) / "big", max_shard_bytes=100 * 2**20)
+        nbytes = sum(f.stat().st_size for f in (Path(tmp) / "big").glob("*.safetensors"))
+        grown = bench_loader(Path(tmp) / "big")
+        print(f"loader peak RSS growth: {grown:.0f} MB for a {nbytes / 2**20:.0f} MB checkpoint "
+              f"({grown / (nbytes / 2**20):.2f}x)")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["model"])
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    {"model": bench_model}[args.what](args)

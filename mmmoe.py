@@ -1,0 +1,590 @@
+"""
+mmmoe.py: a Mixtral-layout Mixture-of-Experts transformer in one file.
+
+This is the language model of mmmoe, a reference implementation of "Generating images with a
+text-only MoE LLM" in the manner of Dutt et al. (arXiv 2503.22517): a pretrained text MoE learns to
+emit discrete image codes while every text token keeps flowing through the frozen weights.
+
+The file reads top to bottom: config -> building blocks (RMSNorm, RoPE, attention with a static KV
+cache, the routed SwiGLU experts with grouped dispatch) -> the model -> loading and saving real
+Hugging Face checkpoints -> generation.
+
+    from mmmoe import MMMoE, load_tokenizer
+    model = MMMoE.from_pretrained("path/to/mixtral-dir", dtype=torch.float32)
+    tok = load_tokenizer("path/to/mixtral-dir")
+    ids = torch.tensor([tok.encode("The capital of France is").ids])
+    print(tok.decode(model.generate(ids, 20, temperature=0)[0].tolist()))
+"""
+import json
+import math
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+
+class BadInput(Exception):
+    """A problem with what the user gave us. Command-line tools print it as one line and exit 1."""
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class MMMoEConfig:
+    vocab_size: int = 32000
+    dim: int = 4096  # hidden_size
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8  # grouped-query attention: each K/V head serves n_heads // n_kv_heads queries
+    head_dim: int = 128
+    intermediate_size: int = 14336  # per expert
+    n_experts: int = 8
+    top_k: int = 2  # experts per token
+    rope_theta: float = 1e6
+    norm_eps: float = 1e-5
+    max_seq_len: int = 32768
+    sliding_window: int | None = None  # None: full causal attention
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    dtype: str = "bfloat16"  # the dtype the checkpoint was saved in
+
+    @classmethod
+    def from_hf(cls, path_or_dict):
+        """Read a Hugging Face Mixtral config.json (a directory, the file, or the parsed dict)."""
+        hf = path_or_dict
+        if not isinstance(hf, dict):
+            path = Path(path_or_dict)
+            path = path if path.suffix == ".json" else path / "config.json"
+            if not path.exists():
+                raise BadInput(f"no config.json in {path.parent}")
+            try:
+                hf = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{path} is not valid JSON: {e}") from None
+        archs = hf.get("architectures") or ["MixtralForCausalLM"]
+        if archs != ["MixtralForCausalLM"]:
+            raise BadInput(f"unsupported architecture {', '.join(archs)}: mmmoe implements MixtralForCausalLM "
+                           "(turn a dense Llama/Mistral checkpoint into one with upcycle.py)")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise BadInput(f"unsupported hidden_act {hf['hidden_act']!r}: Mixtral experts use silu")
+        # Two shapes of config.json are in the wild: older ones keep rope_theta and torch_dtype at the
+        # top level, newer ones nest it in rope_parameters and call the dtype "dtype".
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise BadInput(f"unsupported RoPE scaling {rope}: only plain RoPE is implemented")
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        if dtype not in DTYPES:
+            raise BadInput(f"unsupported dtype {dtype!r} in config.json (supported: {', '.join(DTYPES)})")
+        eos = hf.get("eos_token_id", 2)
+        n_heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            intermediate_size=hf["intermediate_size"], n_experts=hf.get("num_local_experts", 8),
+            top_k=hf.get("num_experts_per_tok", 2),
+            rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta", 1e6)),
+            norm_eps=hf.get("rms_norm_eps", 1e-5), max_seq_len=hf.get("max_position_embeddings", 32768),
+            sliding_window=hf.get("sliding_window"), tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            dtype=dtype,
+        )
+
+    def to_hf(self):
+        """The config.json any Mixtral loader reads (the newer shape)."""
+        return {
+            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": self.vocab_size,
+            "hidden_size": self.dim, "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size, "num_local_experts": self.n_experts,
+            "num_experts_per_tok": self.top_k, "hidden_act": "silu", "rms_norm_eps": self.norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "max_position_embeddings": self.max_seq_len, "sliding_window": self.sliding_window,
+            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id, "dtype": self.dtype,
+        }
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 like the reference, then cast back before the gain
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """RoPE tables for integer positions (T,) -> cos, sin of shape (T, head_dim), in float32 then dtype."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd): the "rotate_half" layout pairs i with i + hd/2
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # (B, nh, T, hd)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for generation (gpt-fast style): positions are written in place."""
+
+    def __init__(self, batch_size, n_kv_heads, max_seq_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):  # input_pos (T,), k/v (B, n_kv, T, hd)
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k, self.v  # (B, n_kv, S, hd)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.kv_cache = None
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+
+
+def swiglu(x, w1, w2, w3):
+    """One expert: w2(silu(w1 x) * w3 x). w1 = gate proj, w3 = up proj, w2 = down proj."""
+    return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts, stored stacked per layer as (E, out, in) tensors."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.top_k = cfg.top_k
+        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)  # the router
+        self.experts = nn.Module()
+        self.experts.w1 = nn.Parameter(torch.empty(cfg.n_experts, cfg.intermediate_size, cfg.dim))
+        self.experts.w2 = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.intermediate_size))
+        self.experts.w3 = nn.Parameter(torch.empty(cfg.n_experts, cfg.intermediate_size, cfg.dim))
+        self.router_logits = None  # (N, E) of the last forward: load balancing and routing analysis
+
+    def forward(self, x):
+        B, T, C = x.shape
+        x = x.view(-1, C)  # (N, C) with N = B * T
+        router_logits = self.gate(x)  # (N, E)
+        self.router_logits = router_logits
+        # Mixtral's router: float32 softmax over all experts, keep the top k, renormalise them to sum to 1
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        weights, expert_idx = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        # Grouped dispatch: flatten the N*k (token, slot) pairs and sort them by expert id, so that every
+        # expert sees one contiguous slice and runs one matmul per weight on it.
+        flat_expert = expert_idx.view(-1)  # (N*k,)
+        order = torch.argsort(flat_expert, stable=True)  # pair indices grouped by expert
+        token_idx = order // self.top_k  # (N*k,) the token each sorted pair came from
+        counts = torch.bincount(flat_expert, minlength=self.gate.out_features).tolist()
+        x_sorted = x[token_idx]  # (N*k, C)
+        out = torch.empty_like(x_sorted)
+        w1, w2, w3 = self.experts.w1, self.experts.w2, self.experts.w3
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                out[start:start + n] = swiglu(x_sorted[start:start + n], w1[e], w2[e], w3[e])
+                start += n
+        out = out * weights.view(-1)[order, None]  # scale by the router weight of each pair
+        y = torch.zeros_like(x).index_add_(0, token_idx, out)  # sum each token's k expert outputs
+        return y.view(B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.block_sparse_moe = MoE(cfg)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.block_sparse_moe(self.post_attention_layernorm(x))
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class MMMoE(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        # module names mirror the Hugging Face checkpoint keys, so loading is a plain name lookup
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.dim),
+            layers=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
+            norm=RMSNorm(config.dim, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, idx, targets=None, input_pos=None):
+        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+
+        input_pos None: a whole sequence from position 0 (training, scoring). input_pos (T,): the
+        positions of idx in the KV cache that setup_caches made (prefill, then one token at a time)."""
+        cfg = self.config
+        T = idx.shape[1]
+        positions = torch.arange(T, device=idx.device) if input_pos is None else input_pos
+        x = self.model.embed_tokens(idx)  # (B, T, C)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        if input_pos is None and cfg.sliding_window is None:
+            mask = None  # plain causal attention: lets SDPA take its fastest path
+        else:
+            key_pos = positions if input_pos is None else torch.arange(self.max_cache_len(), device=idx.device)
+            mask = attention_mask(positions, key_pos, cfg.sliding_window)  # (T, S)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, input_pos)
+        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def setup_caches(self, batch_size, max_seq_len):
+        """Allocate a static KV cache in every layer (replacing any previous one)."""
+        p = self.model.embed_tokens.weight
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
+                                               self.config.head_dim, p.dtype, p.device)
+
+    def clear_caches(self):
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    def max_cache_len(self):
+        cache = self.model.layers[0].self_attn.kv_cache
+        if cache is None:
+            raise RuntimeError("forward with input_pos needs setup_caches() first")
+        return cache.k.shape[2]
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu"):
+        """Load a Hugging Face Mixtral checkpoint directory (config.json + safetensors)."""
+        path = Path(path)
+        config = MMMoEConfig.from_hf(path)
+        dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or DTYPES[config.dtype]
+        with torch.device("meta"):  # no memory: shapes only
+            model = cls(config).to(dtype)
+        model.to_empty(device=device)  # one uninitialised allocation per parameter, nothing else
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight  # to_empty unties; tie again
+        load_checkpoint_into(model, path)
+        return model.eval()
+
+    def save_pretrained(self, path, tokenizer=None, max_shard_bytes=2 * 1024**3):
+        """Write the Hugging Face layout (config.json, sharded safetensors + index) atomically."""
+        save_checkpoint(self, path, tokenizer, max_shard_bytes)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 allowed_ids=None, stop_at_eos=False, generator=None):
+        """Continue each row of idx (B, T) by max_new_tokens with a static KV cache -> (B, T + n).
+
+        temperature 0 is greedy; allowed_ids (a 1-D tensor of token ids) restricts what can be sampled;
+        stop_at_eos ends early once every row has produced eos (finished rows then repeat eos)."""
+        B, T = idx.shape
+        if T + max_new_tokens > self.config.max_seq_len:
+            raise BadInput(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds the model's context of "
+                           f"{self.config.max_seq_len} tokens")
+        self.setup_caches(B, T + max_new_tokens)
+        eos = self.config.eos_token_id
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        out, pos = [idx], torch.arange(T, device=idx.device)
+        logits = self(idx, input_pos=pos)[0][:, -1]  # prefill
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, allowed_ids, generator)  # (B,)
+            if stop_at_eos:
+                nxt = torch.where(done, eos, nxt)
+                done |= nxt == eos
+            out.append(nxt[:, None])
+            if i + 1 == max_new_tokens or (stop_at_eos and done.all()):
+                break
+            logits = self(nxt[:, None], input_pos=pos[-1:] + 1 + i)[0][:, -1]  # decode one token
+        self.clear_caches()
+        return torch.cat(out, dim=1)
+
+
+def flops_per_token(config, seq_len):
+    """Matmul FLOPs of one token's forward pass with seq_len tokens of context (routed experts only:
+    each token runs top_k of them). Backward costs twice this."""
+    c = config
+    attn_proj = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    experts = c.top_k * 3 * c.dim * c.intermediate_size + c.dim * c.n_experts
+    attn_scores = 2 * c.n_heads * c.head_dim * seq_len  # q.k and p.v over seq_len keys
+    return 2 * (c.n_layers * (attn_proj + experts + attn_scores) + c.dim * c.vocab_size)
+
+
+def attention_mask(q_pos, k_pos, window):
+    """(Tq, Tk) bool, True where a query may attend: causal, and within the sliding window if any.
+    A key is visible from query q when k <= q and q - k < window (Mistral/Mixtral's convention)."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    return (diff >= 0) & (diff < window) if window is not None else diff >= 0
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, allowed_ids=None, generator=None):
+    """logits (B, V) -> next token ids (B,)."""
+    logits = logits.float()
+    if allowed_ids is not None:
+        keep = torch.full_like(logits, float("-inf"))
+        keep[:, allowed_ids] = 0.0
+        logits = logits + keep
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None:  # nucleus: keep the smallest set of tokens whose probability reaches top_p
+        sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # mass before this token already >= p
+        probs = probs.scatter(-1, sorted_idx, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+# -----------------------------------------------------------------------------
+# Hugging Face checkpoints: config.json, model.safetensors or shards + model.safetensors.index.json
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors_header(path):
+    """-> ({name: (dtype, shape, begin, end)}, data_start). Offsets are absolute positions in the file.
+
+    The format is 8 bytes of little-endian header length, a JSON header, then raw tensor bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or not 2 <= n <= size - 8:
+            raise BadInput(f"corrupt safetensors header in {path}: header length {n}, file {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadInput(f"corrupt safetensors header in {path}: not JSON") from None
+    header.pop("__metadata__", None)
+    tensors, start = {}, 8 + n
+    for name, info in header.items():
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise BadInput(f"unsupported dtype {info['dtype']} for {name} in {path}")
+        dtype, (b, e) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+        if e - b != math.prod(info["shape"]) * dtype.itemsize or start + e > size:
+            raise BadInput(f"corrupt safetensors file {path}: data of {name} out of bounds")
+        tensors[name] = (dtype, tuple(info["shape"]), start + b, start + e)
+    return tensors, start
+
+
+def checkpoint_files(path):
+    """The safetensors files of a checkpoint directory -> {file: {tensor name: header entry}}."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise BadInput(f"no model.safetensors or model.safetensors.index.json in {path}")
+    for f in files:
+        if not (path / f).exists():
+            raise BadInput(f"missing shard {f} listed in {index}")
+    return {path / f: read_safetensors_header(path / f)[0] for f in files}
+
+
+def checkpoint_targets(name, config):
+    """Checkpoint tensor name -> [(our parameter name, expert j or None, index into the tensor)].
+
+    Experts are stored one tensor per expert in the HF layout (experts.{j}.w1.weight), or fused 3-D
+    by newer transformers (experts.gate_up_proj = cat(w1, w3) on dim 1, experts.down_proj = w2); we keep
+    them stacked per layer as (E, out, in)."""
+    name = name.replace(".mlp.", ".block_sparse_moe.")  # transformers >= 5 calls the MoE block "mlp"
+    every = (slice(None),)
+    m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(w[123])\.weight", name)
+    if m:
+        return [(f"{m[1]}.{m[3]}", int(m[2]), every)]
+    if name.endswith(".experts.gate_up_proj"):  # (E, 2I, C)
+        prefix, inter = name[: -len("gate_up_proj")], config.intermediate_size
+        return [(prefix + "w1", None, (slice(None), slice(0, inter))),
+                (prefix + "w3", None, (slice(None), slice(inter, None)))]
+    if name.endswith(".experts.down_proj"):  # (E, C, I)
+        return [(name[: -len("down_proj")] + "w2", None, every)]
+    return [(name, None, every)]
+
+
+def load_checkpoint_into(model, path):
+    """Stream every tensor of the checkpoint into the model's preallocated parameters.
+
+    Each tensor is read with plain file reads into a buffer of its own size, then copied (and cast)
+    into place. safetensors' safe_open would map the file instead, and every page it touches stays
+    resident: peak memory twice the checkpoint. Here it is the model plus the largest single tensor.
+    Every name, shape and dtype is checked before the first byte of data is read."""
+    cfg = model.config
+    params = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens
+    experts = lambda n: range(cfg.n_experts) if ".experts." in n else [None]  # noqa: E731
+    expected = {(n, j) for n in params for j in experts(n)}
+    filled, plan = set(), []
+    for file, tensors in checkpoint_files(path).items():
+        for name, (dtype, shape, begin, end) in tensors.items():
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue  # some tied checkpoints store the shared matrix twice
+            targets = []
+            for pname, j, index in checkpoint_targets(name, cfg):
+                if pname not in params or (j is not None and j >= cfg.n_experts):
+                    raise BadInput(f"unexpected tensor {name} in {file.name}")
+                dest = params[pname] if j is None else params[pname][j]
+                got = torch.empty(shape, device="meta")[index].shape
+                if got != dest.shape:
+                    raise BadInput(f"shape mismatch for {name}: checkpoint {tuple(got)}, model {tuple(dest.shape)}")
+                filled |= {(pname, j)} if j is not None else {(pname, k) for k in experts(pname)}
+                targets.append((dest, index))
+            plan.append((file, dtype, shape, begin, targets))
+    missing = sorted(expected - filled, key=str)
+    if missing:
+        (pname, j), more = missing[0], len(missing) - 1
+        name = pname if j is None else f"{pname[:-3]}.{j}.{pname[-2:]}.weight"
+        raise BadInput(f"missing tensor {name} in {path}" + (f" (and {more} more)" if more else ""))
+    with torch.no_grad():
+        for file, dtype, shape, begin, targets in plan:
+            buf = torch.empty(shape, dtype=dtype)
+            with open(file, "rb") as f:
+                f.seek(begin)
+                f.readinto(buf.view(torch.uint8).numpy().reshape(-1))
+            for dest, index in targets:
+                dest.copy_(buf[index])
+
+
+def hf_state_dict(model):
+    """Our parameters under Hugging Face Mixtral names, one (E, out, in) slice per expert."""
+    for name, p in model.named_parameters():  # a tied lm_head is left out: HF writes it once
+        if ".experts." in name:
+            prefix, w = name.rsplit(".", 1)
+            for j in range(p.shape[0]):
+                yield f"{prefix}.{j}.{w}.weight", p[j]
+        else:
+            yield name, p
+
+
+@contextmanager
+def atomic_dir(path):
+    """Yield a fresh temporary directory beside `path`; on success it replaces `path` by renames, on
+    error it is deleted. Readers never see a half-written checkpoint."""
+    path = Path(path)
+    tmp, old = (path.with_name(f".{path.name}.{tag}-{os.getpid()}") for tag in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(model, path, tokenizer=None, max_shard_bytes=2 * 1024**3):
+    shards, size = [{}], 0
+    for name, t in hf_state_dict(model):
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    config = model.config.to_hf() | {"dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
+    with atomic_dir(path) as tmp:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+            # clone: safetensors refuses tensors that share memory, and expert slices do (one shard at a time)
+            save_file({k: v.detach().cpu().clone() for k, v in shard.items()}, tmp / fname, metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(shard, fname)
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for _, t in hf_state_dict(model))
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id") if config[k] is not None}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / "tokenizer.json"))
+
+
+def load_tokenizer(path):
+    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer`."""
+    file = Path(path) / "tokenizer.json"
+    if not file.exists():
+        raise BadInput(f"no tokenizer.json in {path}")
+    return Tokenizer.from_file(str(file))
+
+# -----------------------------------------------------------------------------
+# Command line: continue a text prompt with any Mixtral-layout checkpoint
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Continue a prompt with a Mixtral-layout checkpoint.")
+    p.add_argument("ckpt", help="directory with config.json, *.safetensors and tokenizer.json")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not args.prompt.strip():
+        raise BadInput("empty prompt")
+    model = MMMoE.from_pretrained(args.ckpt, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.ckpt)
+    idx = torch.tensor([tokenizer.encode(args.prompt).ids])
+    out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop_at_eos=True,
+                         generator=torch.Generator().manual_seed(args.seed))
+    print(tokenizer.decode(out[0, idx.shape[1]:].tolist()))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BadInput as e:
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,83 @@
+"""Tiny random checkpoints written in the exact Hugging Face Mixtral layout, by the tests themselves."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORDS = ["<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(94)]  # 97 tokens, one per id
+
+
+def tiny_hf_config(*, vocab=97, dim=64, layers=2, heads=4, kv_heads=2, inter=96, experts=4, top_k=2,
+                   tied=False, newer=True, window=None, max_pos=256):
+    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": vocab,
+           "hidden_size": dim, "intermediate_size": inter, "num_hidden_layers": layers,
+           "num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_local_experts": experts,
+           "num_experts_per_tok": top_k, "rms_norm_eps": 1e-5, "max_position_embeddings": max_pos,
+           "tie_word_embeddings": tied, "sliding_window": window, "hidden_act": "silu",
+           "bos_token_id": 0, "eos_token_id": 1}
+    if newer:  # transformers >= 5: nested RoPE parameters, "dtype", explicit head_dim
+        cfg |= {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "dtype": "float32",
+                "head_dim": dim // heads}
+    else:  # older: top-level rope_theta and torch_dtype
+        cfg |= {"rope_theta": 10000.0, "torch_dtype": "float32"}
+    return cfg
+
+
+def tiny_hf_state_dict(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D, I, E, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"], cfg["vocab_size"]
+    hd = D // cfg["num_attention_heads"]
+    H, KV = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    rnd = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    sd = {"model.embed_tokens.weight": torch.randn(V, D, generator=g), "model.norm.weight": 1 + rnd(D)}
+    if not cfg["tie_word_embeddings"]:
+        sd["lm_head.weight"] = rnd(V, D)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        sd |= {p + "input_layernorm.weight": 1 + rnd(D), p + "post_attention_layernorm.weight": 1 + rnd(D),
+               p + "self_attn.q_proj.weight": rnd(H, D), p + "self_attn.k_proj.weight": rnd(KV, D),
+               p + "self_attn.v_proj.weight": rnd(KV, D), p + "self_attn.o_proj.weight": rnd(D, H),
+               p + "block_sparse_moe.gate.weight": rnd(E, D) * 5}
+        for j in range(E):
+            q = p + f"block_sparse_moe.experts.{j}."
+            sd |= {q + "w1.weight": rnd(I, D), q + "w2.weight": rnd(D, I), q + "w3.weight": rnd(I, D)}
+    return sd
+
+
+def write_checkpoint(path, cfg, sd, shards=1):
+    """Write sd as HF does: model.safetensors, or model-0000i-of-0000n.safetensors + index."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(cfg))
+    names = list(sd)
+    if shards == 1:
+        save_file(sd, path / "model.safetensors")
+    else:
+        weight_map = {}
+        for s in range(shards):
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {k: sd[k] for k in names[s::shards]}
+            save_file(part, path / fname)
+            weight_map |= dict.fromkeys(part, fname)
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    """A factory: tiny_ckpt(**config overrides, shards=n) -> (path, hf config, state dict)."""
+    def make(shards=1, seed=0, name="ckpt", **kw):
+        cfg = tiny_hf_config(**kw)
+        sd = tiny_hf_state_dict(cfg, seed)
+        return write_checkpoint(tmp_path / name, cfg, sd, shards), cfg, sd
+    return make
