@@ -316,7 +316,8 @@ class MMMoE(nn.Module):
 
     def save_pretrained(self, path, tokenizer=None, max_shard_bytes=2 * 1024**3):
         """Write the Hugging Face layout (config.json, sharded safetensors + index) atomically."""
-        save_checkpoint(self, path, tokenizer, max_shard_bytes)
+        config = self.config.to_hf() | {"dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
+        write_hf_checkpoint(path, config, hf_state_dict(self), tokenizer, max_shard_bytes=max_shard_bytes)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
@@ -463,7 +464,8 @@ def load_checkpoint_into(model, path):
     expected = {(n, j) for n in params for j in experts(n)}
     filled, plan = set(), []
     for file, tensors in checkpoint_files(path).items():
-        for name, (dtype, shape, begin, end) in tensors.items():
+        for name, entry in tensors.items():
+            shape = entry[1]
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # some tied checkpoints store the shared matrix twice
             targets = []
@@ -476,20 +478,27 @@ def load_checkpoint_into(model, path):
                     raise BadInput(f"shape mismatch for {name}: checkpoint {tuple(got)}, model {tuple(dest.shape)}")
                 filled |= {(pname, j)} if j is not None else {(pname, k) for k in experts(pname)}
                 targets.append((dest, index))
-            plan.append((file, dtype, shape, begin, targets))
+            plan.append((file, entry, targets))
     missing = sorted(expected - filled, key=str)
     if missing:
         (pname, j), more = missing[0], len(missing) - 1
         name = pname if j is None else f"{pname[:-3]}.{j}.{pname[-2:]}.weight"
         raise BadInput(f"missing tensor {name} in {path}" + (f" (and {more} more)" if more else ""))
     with torch.no_grad():
-        for file, dtype, shape, begin, targets in plan:
-            buf = torch.empty(shape, dtype=dtype)
-            with open(file, "rb") as f:
-                f.seek(begin)
-                f.readinto(buf.view(torch.uint8).numpy().reshape(-1))
+        for file, entry, targets in plan:
+            buf = read_tensor(file, entry)
             for dest, index in targets:
                 dest.copy_(buf[index])
+
+
+def read_tensor(file, entry):
+    """One tensor of a safetensors file, given its header entry (dtype, shape, begin, end)."""
+    dtype, shape, begin, _ = entry
+    buf = torch.empty(shape, dtype=dtype)
+    with open(file, "rb") as f:
+        f.seek(begin)
+        f.readinto(buf.view(torch.uint8).numpy().reshape(-1))
+    return buf
 
 
 def hf_state_dict(model):
@@ -522,32 +531,45 @@ def atomic_dir(path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(model, path, tokenizer=None, max_shard_bytes=2 * 1024**3):
-    shards, size = [{}], 0
-    for name, t in hf_state_dict(model):
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    config = model.config.to_hf() | {"dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
+def write_hf_checkpoint(path, hf_config, tensors, tokenizer=None, extra_files=None, max_shard_bytes=2 * 1024**3):
+    """Write (name, tensor) pairs as a Hugging Face checkpoint directory, atomically: config.json,
+    generation_config.json, model.safetensors or shards + index, and tokenizer.json if given.
+
+    `tensors` may be a generator: only one shard is held in memory at a time."""
     with atomic_dir(path) as tmp:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-            # clone: safetensors refuses tensors that share memory, and expert slices do (one shard at a time)
+        shards, shard, size, total = [], {}, 0, 0
+
+        def flush():
+            fname = f"model-{len(shards) + 1:05d}.safetensors"  # renamed to -of-N once N is known
+            # clone: safetensors refuses tensors that share memory, and expert slices or copies do
             save_file({k: v.detach().cpu().clone() for k, v in shard.items()}, tmp / fname, metadata={"format": "pt"})
-            weight_map |= dict.fromkeys(shard, fname)
-        if len(shards) > 1:
-            total = sum(t.numel() * t.element_size() for _, t in hf_state_dict(model))
+            shards.append((fname, list(shard)))
+
+        for name, t in tensors:
+            nbytes = t.numel() * t.element_size()
+            if shard and size + nbytes > max_shard_bytes:
+                flush()
+                shard, size = {}, 0
+            shard[name] = t
+            size, total = size + nbytes, total + nbytes
+        flush()
+        if len(shards) == 1:
+            (tmp / shards[0][0]).rename(tmp / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, (fname, names) in enumerate(shards):
+                final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                (tmp / fname).rename(tmp / final)
+                weight_map |= dict.fromkeys(names, final)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id") if config[k] is not None}
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config.get(k) is not None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if tokenizer is not None:
             tokenizer.save(str(tmp / "tokenizer.json"))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
 
 
 def load_tokenizer(path):
