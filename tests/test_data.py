@@ -1,0 +1,116 @@
+"""data.py: OpenMoji captions and rendering, folder datasets with bad files, token shards."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_vq import TINY, colour_dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import data
+import vq
+from mmmoe import BadInput
+
+
+def test_emoji_captions():
+    assert data.emoji_caption([0x1F6B2]) == "bicycle"
+    assert data.emoji_caption([0x1F499]) == "blue heart"
+    assert data.emoji_caption([0x2764, 0xFE0F]) == "red heart"  # not Unicode's "heavy black heart"
+    assert data.emoji_caption([0x1F44B, 0x1F3FD]) == "waving hand sign, medium skin tone"
+    assert data.emoji_caption([0x1F468, 0x200D, 0x1F373]) == "man cooking"
+    assert data.emoji_caption([0x1F3C3, 0x200D, 0x2640, 0xFE0F]) == "woman runner"
+    assert data.emoji_caption([0x0035, 0xFE0F, 0x20E3]) == "keycap 5"
+    assert data.emoji_caption([0x1F1E9, 0x1F1EA]) is None  # flags: no names offline
+    assert data.emoji_caption([0xE000]) is None  # OpenMoji's private-use extras
+    names = [p.stem for p in (data.openmoji_dir() / "svg").glob("*.svg")]
+    captioned = {data.emoji_caption([int(h, 16) for h in n.split("-")]) for n in names} - {None}
+    assert len(captioned) > 3000
+
+
+def test_render_emoji_fits_and_keeps_colour():
+    from PIL import ImageFont
+    font = ImageFont.truetype(str(data.openmoji_dir() / "font" / "glyf_colr0.ttf"), 300)
+    bike = np.asarray(data.render_emoji("\U0001F6B2", font, 64)).astype(int)
+    assert bike.shape == (64, 64, 3)
+    border = lambda im: np.concatenate([im[0], im[-1], im[:, 0], im[:, -1]])  # noqa: E731
+    assert border(bike).min() > 240  # a clipped glyph would put its black outline on the border
+    ink = bike[(bike.min(-1) < 200) & (bike.max(-1) - bike.min(-1) > 60)]  # coloured pixels
+    assert len(ink) > 50 and (ink[:, 0] > ink[:, 1] + 60).mean() > 0.8  # OpenMoji's bicycle is red
+    chef = np.asarray(data.render_emoji("\U0001F468\u200D\U0001F373", font, 64))  # a ZWJ sequence: one glyph
+    assert border(chef).min() > 240 and chef.min() < 100
+
+
+def test_held_out_split_is_fixed_by_name():
+    names = [f"thing {i}" for i in range(2000)]
+    split = [data.held_out(n) for n in names]
+    assert split == [data.held_out(n) for n in names]
+    assert 0.03 < sum(split) / len(split) < 0.07
+    assert all(data.held_out(n) == data.held_out(n + ", dark skin tone") for n in names[:200])
+
+
+def test_folder_datasets_and_unreadable_images(tmp_path, capsys):
+    root = colour_dataset(tmp_path / "jsonl", n=5)
+    (root / "3.png").write_bytes(b"this is not a png")
+    rows, images = data.load_images(data.read_folder(root), 16)
+    assert len(rows) == 4 and images.shape == (4, 3, 16, 16)
+    assert images.min() >= -1 and images.max() <= 1
+    assert "skipped 1 unreadable image(s)" in capsys.readouterr().err
+    txt = tmp_path / "pairs"
+    txt.mkdir()
+    Image.new("RGBA", (40, 20), (255, 0, 0, 128)).save(txt / "a.png")
+    (txt / "a.txt").write_text("a translucent red bar\n")
+    Image.new("RGB", (8, 8)).save(txt / "uncaptioned.png")
+    rows = data.read_folder(txt)
+    assert [r["caption"] for r in rows] == ["a translucent red bar"] and rows[0]["split"] in ("train", "val")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "captions.jsonl").write_text('{"image": "x.png", "caption": "ok"}\n{"image": "y.png"}\n')
+    with pytest.raises(BadInput, match="captions.jsonl:2"):
+        data.read_folder(tmp_path / "broken")
+
+
+def tiny_tokenizer(path):
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "red", "green", "blue", "yellow", "square"])},
+                                     unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(path))
+    return path
+
+
+def test_shards_round_trip_and_rerun_is_a_no_op(tmp_path, capsys):
+    root = colour_dataset(tmp_path / "data")
+    vq.save_vq(vq.VQModel(TINY), tmp_path / "vq")
+    tok = tiny_tokenizer(tmp_path / "tok.json")
+    data.write_shards(root, tmp_path / "vq", tok, tmp_path / "shards", augment_copies=1)
+    train, val = data.TokenShards(tmp_path / "shards", "train"), data.TokenShards(tmp_path / "shards", "val")
+    assert (len(train), len(val)) == (2 * 11, 1)  # 11 training images, each also once augmented
+    rows, images = data.load_images([r for r in data.read_folder(root) if r["split"] == "train"], 16)
+    codes = vq.encode_images(vq.load_vq(tmp_path / "vq"), images).flatten(1)
+    for i in range(11):  # the first copy is the image itself
+        text, c = train[i]
+        assert np.array_equal(c, codes[i].numpy()) and c.dtype == np.int64
+        assert text.tolist() == Tokenizer.from_file(str(tok)).encode(rows[i]["caption"]).ids
+        assert train.captions[i] == rows[i]["caption"] == train.captions[i + 11]
+    stamp = (tmp_path / "shards" / "train.codes.npy").stat().st_mtime_ns
+    data.write_shards(root, tmp_path / "vq", tok, tmp_path / "shards", augment_copies=1)
+    assert "up to date" in capsys.readouterr().out
+    assert (tmp_path / "shards" / "train.codes.npy").stat().st_mtime_ns == stamp
+    lines = (root / "captions.jsonl").read_text().replace("red square 4", "crimson square 4")
+    (root / "captions.jsonl").write_text(lines)
+    data.write_shards(root, tmp_path / "vq", tok, tmp_path / "shards", augment_copies=1)
+    assert "crimson square 4" in data.TokenShards(tmp_path / "shards", "train").captions
+
+
+def test_augment_keeps_white_background():
+    x = torch.ones(4, 3, 16, 16)  # all white
+    assert torch.allclose(data.augment(x, torch.Generator().manual_seed(0)), x, atol=1e-5)
+
+
+def test_dominant_hue():
+    def square(rgb):  # a coloured square with a black outline on white
+        x = torch.ones(3, 32, 32)
+        x[:, 6:26, 6:26] = -1
+        x[:, 8:24, 8:24] = torch.tensor(rgb).view(3, 1, 1) / 127.5 - 1
+        return x
+    images = torch.stack([square((220, 30, 30)), square((40, 200, 40)), square((30, 60, 220)), torch.ones(3, 32, 32)])
+    assert data.dominant_hue(images).tolist() == [0, 4, 8, -1]  # red, green, blue; white has none

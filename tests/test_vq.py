@@ -1,0 +1,125 @@
+"""vq.py: shapes, the quantizer's lookup and gradient, LlamaGen compatibility, training that resumes exactly."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from PIL import Image
+
+import vq
+from mmmoe import BadInput
+
+TINY = vq.VQConfig(image_size=16, codebook_size=16, codebook_dim=4, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32)
+
+
+def test_encode_decode_shapes():
+    for cfg in (TINY, vq.PRESETS["demo"]):
+        model = vq.VQModel(cfg).eval()
+        x = torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1
+        z_q, codes, loss = model.encode(x)
+        assert z_q.shape == (2, cfg.codebook_dim, cfg.grid, cfg.grid) and codes.shape == (2, cfg.grid, cfg.grid)
+        assert codes.dtype == torch.int64 and 0 <= codes.min() and codes.max() < cfg.codebook_size
+        assert model.decode_codes(codes).shape == x.shape
+        assert torch.allclose(model.decode(z_q), model.decode_codes(codes), atol=1e-4)  # z_q = z + (e - z): rounding
+    assert vq.PRESETS["demo"].grid ** 2 == 64 and vq.PRESETS["llamagen-vq16"].grid == 16
+
+
+def test_codes_are_the_most_similar_codebook_direction():
+    model = vq.VQModel(TINY)
+    z = torch.randn(3, TINY.codebook_dim, 5, 5)
+    _, codes, _ = model.quantize(z)
+    e = model.quantize.embedding.weight
+    cos = torch.nn.functional.cosine_similarity(z.permute(0, 2, 3, 1)[..., None, :], e, dim=-1)  # (3, 5, 5, K)
+    assert torch.equal(codes, cos.argmax(-1))
+
+
+def test_straight_through_gradient():
+    model = vq.VQModel(TINY)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    recon, _, vq_loss = model(x)
+    torch.nn.functional.mse_loss(recon, x).backward(retain_graph=True)
+    # the reconstruction loss reaches the encoder although argmax has no gradient...
+    assert model.encoder.conv_in.weight.grad.abs().sum() > 0
+    # ...but not the codebook: only the codebook loss moves it
+    assert model.quantize.embedding.weight.grad is None or model.quantize.embedding.weight.grad.abs().sum() == 0
+    vq_loss.backward()
+    assert model.quantize.embedding.weight.grad.abs().sum() > 0
+
+
+def test_state_dict_is_llamagens():
+    """Key names and shapes recorded from LlamaGen's own vq_model.py (VQ_16 and VQ_8, built on meta)."""
+    facts = json.loads((Path(__file__).parent / "llamagen_vq_keys.json").read_text())
+    for name in ("llamagen-vq16", "llamagen-vq8"):
+        with torch.device("meta"):
+            model = vq.VQModel(vq.PRESETS[name])
+        ours = {k: list(v.shape) for k, v in model.state_dict().items()}
+        assert ours == {k: v for k, v in facts[name].items() if k != "quantize.codebook_used"}
+
+
+def test_convert_llamagen_checkpoint(tmp_path):
+    cfg = vq.VQConfig(image_size=32, codebook_size=64, codebook_dim=8, ch=32, ch_mult=(1, 1, 2), num_res_blocks=2, z_channels=64)
+    src = vq.VQModel(cfg).eval()
+    sd = dict(src.state_dict(), **{"quantize.codebook_used": torch.zeros(65536)})  # as LlamaGen saves it
+    torch.save({"model": sd, "steps": 1000}, tmp_path / "vq.pt")
+    r = subprocess.run([sys.executable, str(ROOT / "vq.py"), "convert-llamagen", str(tmp_path / "vq.pt"),
+                        str(tmp_path / "out"), "--image-size", "32"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    loaded = vq.load_vq(tmp_path / "out")
+    assert loaded.config == cfg  # architecture read back from the tensor shapes
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(src.encode(x)[1], loaded.encode(x)[1])
+        assert torch.equal(src(x)[0], loaded(x)[0])
+    torch.save({"model": {"something": torch.zeros(3)}}, tmp_path / "bad.pt")
+    r = subprocess.run([sys.executable, str(ROOT / "vq.py"), "convert-llamagen", str(tmp_path / "bad.pt"), str(tmp_path / "o2")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "does not look like a LlamaGen VQ state dict" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_damaged_checkpoint_is_refused(tmp_path):
+    vq.save_vq(vq.VQModel(TINY), tmp_path / "v")
+    f = tmp_path / "v" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(BadInput, match="damaged VQ checkpoint"):
+        vq.load_vq(tmp_path / "v")
+
+
+def colour_dataset(path, n=12):
+    """Coloured squares on white, captioned by colour: a tiny folder dataset."""
+    path.mkdir()
+    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (240, 210, 30)}
+    lines = []
+    for i in range(n):
+        name = list(colours)[i % 4]
+        im = Image.new("RGB", (16, 16), "white")
+        im.paste(colours[name], (2 + i % 5, 3, 10 + i % 5, 12))
+        im.save(path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "caption": f"{name} square {i}", "split": "val" if i == 0 else "train"}))
+    (path / "captions.jsonl").write_text("\n".join(lines))
+    return path
+
+
+def test_training_resumes_exactly(tmp_path, monkeypatch):
+    data = colour_dataset(tmp_path / "data")
+    tc = vq.TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup=2, restart_every=2, save_every=3)
+    straight = vq.train(data, tmp_path / "a", tc, vq_config=TINY, device="cpu")
+
+    real_save = vq.save_training
+
+    def crash_after_first_save(*a, **k):  # the machine dies right after the step-3 checkpoint
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(vq, "save_training", crash_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        vq.train(data, tmp_path / "b", tc, vq_config=TINY, device="cpu")
+    monkeypatch.setattr(vq, "save_training", real_save)
+    assert json.loads((tmp_path / "b" / "train_state.json").read_text())["step"] == 3
+    resumed = vq.train(data, tmp_path / "b", tc, resume=True, device="cpu")
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    result = vq.evaluate(resumed, data, grid=tmp_path / "grid.png")
+    assert 0 < result["codebook_usage"] <= 1 and 1 <= result["code_perplexity"] <= 16 and result["held_out"] == 1
+    assert Image.open(tmp_path / "grid.png").size == (16, 32)  # one held-out original over its reconstruction

@@ -1,0 +1,527 @@
+"""
+vq.py: the image tokenizer. A VQ autoencoder turns an image into a grid of discrete codes the LLM
+can predict, and codes back into an image.
+
+    python vq.py train --data out/openmoji --out out/vq --preset demo      # resumable: add --resume
+    python vq.py eval --vq demo/vq --data out/openmoji --grid recon.png     # PSNR, code usage, perplexity
+    python vq.py encode --vq demo/vq a.png b.png > codes.jsonl
+    python vq.py decode --vq demo/vq --codes codes.jsonl --out decoded.png
+    python vq.py convert-llamagen vq_ds16_c2i.pt OUT_DIR                    # LlamaGen's published weights
+
+The architecture is the taming-transformers / LlamaGen family (conv encoder and decoder of ResNet
+blocks, attention at the lowest resolution, GroupNorm, swish), with LlamaGen's quantizer: a
+low-dimensional codebook whose entries and latents are l2-normalised, so the nearest code is the most
+similar direction (cosine lookup); this keeps most codes in use. Module names mirror LlamaGen's
+`tokenizer/tokenizer_image/vq_model.py`, so its state dicts load as they are.
+
+Training uses pixel L2 plus the codebook and commitment losses, a straight-through gradient, and
+restarts codes that went unused. LlamaGen also trains with LPIPS and a PatchGAN; we have no perceptual
+network weights offline, and the flat-coloured emoji of the demo do not need them.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from mmmoe import BadInput, atomic_dir
+
+
+@dataclass
+class VQConfig:
+    image_size: int = 256
+    codebook_size: int = 16384
+    codebook_dim: int = 8
+    ch: int = 128
+    ch_mult: tuple = (1, 1, 2, 2, 4)  # one entry per resolution; each but the last halves it
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    beta: float = 0.25  # commitment loss weight
+
+    @property
+    def grid(self):
+        """Codes per image side: 256 px with 5 levels -> 16 x 16 codes."""
+        return self.image_size // 2 ** (len(self.ch_mult) - 1)
+
+
+PRESETS = {
+    "llamagen-vq16": VQConfig(),  # 256 px -> 16 x 16 codes (LlamaGen VQ-16, also Janus's)
+    "llamagen-vq8": VQConfig(ch_mult=(1, 2, 2, 4)),  # 256 px -> 32 x 32 codes
+    # The built-in demo: 64 px emoji -> 8 x 8 = 64 codes. 64 codes keep an image's token sequence short
+    # enough for CPU sampling (seconds per image) while 8 px cells still hold an emoji's outline and hues.
+    "demo": VQConfig(image_size=64, codebook_size=1024, codebook_dim=8, ch=32, ch_mult=(1, 2, 2, 4),
+                     num_res_blocks=1, z_channels=128),
+}
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+def Normalize(c):
+    return nn.GroupNorm(32, c, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.norm1, self.conv1 = Normalize(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2, self.conv2 = Normalize(c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the pixels of a (small) feature map."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = Normalize(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (m(h).view(B, 1, C, H * W).transpose(2, 3) for m in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v).transpose(2, 3).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric padding, as taming and LlamaGen do
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def level(c_in, c_out, n_blocks, attn, resample):
+    """One resolution: n ResNet blocks (each followed by attention at the lowest resolution), then resampling."""
+    block = nn.Module()
+    block.res = nn.ModuleList(ResnetBlock(c_in if i == 0 else c_out, c_out) for i in range(n_blocks))
+    block.attn = nn.ModuleList(AttnBlock(c_out) for _ in range(n_blocks if attn else 0))
+    if resample is not None:
+        setattr(block, resample.__name__.lower(), resample(c_out))
+    return block
+
+
+def run_level(block, h):
+    for i, res in enumerate(block.res):
+        h = res(h)
+        if len(block.attn):
+            h = block.attn[i](h)
+    for name in ("downsample", "upsample"):
+        if hasattr(block, name):
+            h = getattr(block, name)(h)
+    return h
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        chs, last = [cfg.ch * m for m in cfg.ch_mult], len(cfg.ch_mult) - 1
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
+        self.conv_blocks = nn.ModuleList(
+            level(([cfg.ch] + chs)[i], chs[i], cfg.num_res_blocks, i == last, Downsample if i < last else None)
+            for i in range(len(chs)))
+        self.mid = nn.ModuleList([ResnetBlock(chs[-1], chs[-1]), AttnBlock(chs[-1]), ResnetBlock(chs[-1], chs[-1])])
+        self.norm_out = Normalize(chs[-1])
+        self.conv_out = nn.Conv2d(chs[-1], cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, z, H/f, W/f)
+        h = self.conv_in(x)
+        for block in self.conv_blocks:
+            h = run_level(block, h)
+        for m in self.mid:
+            h = m(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        chs, last = [cfg.ch * m for m in cfg.ch_mult], len(cfg.ch_mult) - 1
+        self.conv_in = nn.Conv2d(cfg.z_channels, chs[-1], 3, padding=1)
+        self.mid = nn.ModuleList([ResnetBlock(chs[-1], chs[-1]), AttnBlock(chs[-1]), ResnetBlock(chs[-1], chs[-1])])
+        # from the lowest resolution up; the decoder has one more ResNet block per level than the encoder
+        self.conv_blocks = nn.ModuleList(
+            level(chs[min(i + 1, last)], chs[i], cfg.num_res_blocks + 1, i == last, Upsample if i > 0 else None)
+            for i in reversed(range(len(chs))))
+        self.norm_out = Normalize(chs[0])
+        self.conv_out = nn.Conv2d(chs[0], 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        for m in self.mid:
+            h = m(h)
+        for block in self.conv_blocks:
+            h = run_level(block, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.beta = cfg.beta
+        self.embedding = nn.Embedding(cfg.codebook_size, cfg.codebook_dim)
+        nn.init.normal_(self.embedding.weight)
+
+    def codebook(self):
+        return F.normalize(self.embedding.weight, dim=-1)  # (K, d), unit vectors
+
+    def forward(self, z):
+        """z (B, d, h, w) -> (z_q with a straight-through gradient, codes (B, h, w), codebook + commitment loss)."""
+        z = F.normalize(z.permute(0, 2, 3, 1).float(), dim=-1)  # (B, h, w, d), unit vectors
+        codebook = self.codebook()
+        codes = (z @ codebook.T).argmax(dim=-1)  # nearest unit vector = largest cosine similarity
+        z_q = codebook[codes]  # (B, h, w, d)
+        # the codebook moves toward the encoder's latents; the encoder is held to its chosen codes (beta)
+        loss = F.mse_loss(z_q, z.detach()) + self.beta * F.mse_loss(z, z_q.detach())
+        z_q = z + (z_q - z).detach()  # straight-through: the decoder's gradient flows into the encoder
+        return z_q.permute(0, 3, 1, 2), codes, loss
+
+
+class VQModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quantize = VectorQuantizer(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.codebook_dim, cfg.z_channels, 1)
+
+    def encode(self, x):
+        """images (B, 3, H, W) in [-1, 1] -> (z_q (B, d, h, w), codes (B, h, w), vq loss)"""
+        return self.quantize(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z_q):
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def decode_codes(self, codes):
+        """codes (B, h, w) -> images (B, 3, H, W) in [-1, 1] (not clamped)"""
+        return self.decode(self.quantize.codebook()[codes].permute(0, 3, 1, 2))
+
+    def forward(self, x):
+        z_q, codes, vq_loss = self.encode(x)
+        return self.decode(z_q), codes, vq_loss
+
+
+def save_vq(model, path, extra=None):
+    """The project's format: config.json + model.safetensors (+ extra files), written atomically."""
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(asdict(model.config), indent=2))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+        for name, write in (extra or {}).items():
+            write(tmp / name)
+
+
+def load_vq(path, device="cpu"):
+    path = Path(path)
+    if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
+        raise BadInput(f"no VQ model in {path} (expected config.json and model.safetensors)")
+    cfg = VQConfig(**json.loads((path / "config.json").read_text()))
+    cfg.ch_mult = tuple(cfg.ch_mult)
+    model = VQModel(cfg)
+    try:
+        sd = load_file(path / "model.safetensors")
+    except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
+        raise BadInput(f"damaged VQ checkpoint {path / 'model.safetensors'}: {e}") from None
+    load_state_dict_checked(model, sd, path)
+    return model.to(device).eval()
+
+
+def load_state_dict_checked(model, sd, source):
+    expected = model.state_dict()
+    for k in expected:
+        if k not in sd:
+            raise BadInput(f"missing tensor {k} in {source}")
+        if sd[k].shape != expected[k].shape:
+            raise BadInput(f"shape mismatch for {k}: checkpoint {tuple(sd[k].shape)}, model {tuple(expected[k].shape)}")
+    unexpected = sorted(set(sd) - set(expected))
+    if unexpected:
+        raise BadInput(f"unexpected tensor {unexpected[0]} in {source}")
+    model.load_state_dict(sd)
+
+
+def convert_llamagen(src, out, image_size=256):
+    """LlamaGen's published checkpoint (torch.save of {"model"|"ema"|"state_dict": state dict}) -> our format.
+    The architecture (levels, widths, codebook) is read off the tensor shapes."""
+    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    sd = next((ckpt[k] for k in ("ema", "model", "state_dict") if isinstance(ckpt, dict) and k in ckpt), ckpt)
+    sd = {k: v for k, v in sd.items() if k != "quantize.codebook_used"}  # a training-time usage counter
+    try:
+        K, d = sd["quantize.embedding.weight"].shape
+        ch = sd["encoder.conv_in.weight"].shape[0]
+        n_levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.conv_blocks."))
+        ch_mult = tuple(sd[f"encoder.conv_blocks.{i}.res.0.conv1.weight"].shape[0] // ch for i in range(n_levels))
+        n_res = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.conv_blocks.0.res."))
+        z = sd["encoder.conv_out.weight"].shape[0]
+    except (KeyError, ValueError, AttributeError):
+        raise BadInput(f"{src} does not look like a LlamaGen VQ state dict") from None
+    model = VQModel(VQConfig(image_size=image_size, codebook_size=K, codebook_dim=d, ch=ch, ch_mult=ch_mult,
+                             num_res_blocks=n_res, z_channels=z))
+    load_state_dict_checked(model, sd, src)
+    save_vq(model, out)
+    return model
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "demo"
+    steps: int = 6000
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 100
+    restart_every: int = 200  # steps between dead-code restarts
+    colour_loss: float = 0.0  # weight of an extra L2 on grid-cell mean colours (each code's cell)
+    eval_every: int = 500
+    save_every: int = 250
+    seed: int = 0
+
+
+def batch_indices(n, batch_size, step, seed):
+    """The examples of a step: a fixed function of (seed, step), so a resumed run sees the same data."""
+    per_epoch = max(1, n // batch_size)
+    epoch, i = divmod(step, per_epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return order[i * batch_size:(i + 1) * batch_size]
+
+
+def psnr(x, y):
+    """PSNR in dB between image batches in [-1, 1], per image, on the usual [0, 1] scale."""
+    mse = ((x.clamp(-1, 1) - y) / 2).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-10))
+
+
+def lr_at(step, tc):
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    return tc.lr * 0.5 * (1 + math.cos(math.pi * (step - tc.warmup) / max(1, tc.steps - tc.warmup)))
+
+
+def restart_dead_codes(model, usage, latents, generator):
+    """Codes no latent chose since the last restart get a fresh start at a random recent latent, so the
+    whole codebook stays in use. Returns how many were restarted."""
+    dead = (usage == 0).nonzero().squeeze(1)
+    if len(dead):
+        pick = torch.randint(0, latents.shape[0], (len(dead),), generator=generator)
+        with torch.no_grad():
+            model.quantize.embedding.weight[dead] = latents[pick].to(model.quantize.embedding.weight.dtype)
+    usage.zero_()
+    return len(dead)
+
+
+def train(data, out, tc, resume=False, device=None, max_minutes=None, vq_config=None):
+    """Train (or with resume=True continue) a VQ on a folder dataset; checkpoints go to `out`."""
+    from data import augment, load_images, read_folder
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out)
+    resuming = resume and (out / "train_state.json").exists()
+    torch.manual_seed(tc.seed)  # the initial weights, too, are a function of the seed
+    model = load_vq(out) if resuming else VQModel(vq_config or PRESETS[tc.preset])
+    cfg = model.config
+    rows = [r for r in read_folder(data) if r["split"] == "train"]
+    _, images = load_images(rows, cfg.image_size)
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step, log = 0, []
+    usage = torch.zeros(cfg.codebook_size, device=device)  # how often each code was chosen since the last restart
+    if resuming:
+        state = json.loads((out / "train_state.json").read_text())
+        step, log, tc = state["step"], state["log"], TrainConfig(**state["train_config"])
+        tensors = load_file(out / "train_state.safetensors")
+        usage.copy_(tensors.pop("usage"))
+        opt.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
+        print(f"resuming {out} at step {step}", file=sys.stderr)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    t0 = time.time()
+    bar = tqdm(total=tc.steps, initial=step, desc="training VQ", unit="step")
+    while step < tc.steps:
+        g = torch.Generator().manual_seed(tc.seed * 1000003 + step)
+        x = augment(images[batch_indices(len(images), tc.batch_size, step, tc.seed)], g).to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, tc)
+        with autocast:
+            z = model.quant_conv(model.encoder(x))
+            z_q, codes, vq_loss = model.quantize(z)
+            recon = model.decode(z_q.to(z.dtype))
+            rec_loss = F.mse_loss(recon.float(), x)
+            # flat-coloured images: the mean colour of each code's cell is what a code must above all carry
+            cell = cfg.image_size // cfg.grid
+            colour_loss = F.mse_loss(F.avg_pool2d(recon.float(), cell), F.avg_pool2d(x, cell))
+        loss = rec_loss + vq_loss + tc.colour_loss * colour_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        usage += torch.bincount(codes.flatten(), minlength=cfg.codebook_size)
+        step += 1
+        if step % tc.restart_every == 0 and step < tc.steps * 0.9:
+            latents = F.normalize(z.detach().permute(0, 2, 3, 1).reshape(-1, cfg.codebook_dim).float(), dim=-1)
+            restarted = restart_dead_codes(model, usage, latents, g)
+            log.append({"step": step, "restarted_codes": restarted})
+        bar.update(1)
+        bar.set_postfix(psnr=f"{psnr(recon.detach().float(), x).mean():.1f}", loss=f"{loss.item():.4f}")
+        if step % 50 == 0:
+            log.append({"step": step, "loss": loss.item(), "rec_loss": rec_loss.item(), "minutes": (time.time() - t0) / 60})
+        out_of_time = max_minutes is not None and time.time() - t0 > 60 * max_minutes
+        if step % tc.save_every == 0 or step == tc.steps or out_of_time:
+            save_training(model, opt, usage, step, tc, log, out)
+        if out_of_time:
+            print(f"stopped at step {step} after {max_minutes} min; continue with --resume", file=sys.stderr)
+            break
+    bar.close()
+    return model.eval()
+
+
+def flatten_optimizer(opt):
+    """AdamW state as named tensors (for safetensors) + the JSON-able rest."""
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def unflatten_optimizer(tensors, meta):
+    state = {}
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_training(model, opt, usage, step, tc, log, out):
+    """Model, optimizer, code usage, step and config, in one atomic directory swap."""
+    tensors, meta = flatten_optimizer(opt)
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()} | {"usage": usage.cpu()}
+    state = {"step": step, "train_config": asdict(tc), "optimizer": meta, "log": log}
+    save_vq(model, out, {"train_state.safetensors": lambda p: save_file(tensors, p),
+                         "train_state.json": lambda p: p.write_text(json.dumps(state))})
+
+# -----------------------------------------------------------------------------
+# Evaluation and the command line
+
+
+@torch.no_grad()
+def encode_images(model, images, batch_size=64):
+    """(N, 3, H, W) in [-1, 1] -> codes (N, h, w) int64"""
+    return torch.cat([model.encode(images[i:i + batch_size])[1] for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def evaluate(model, data, grid=None):
+    from data import load_images, read_folder
+    rows = read_folder(data)
+    rows, images = load_images(rows, model.config.image_size)
+    codes = encode_images(model, images)
+    val = torch.tensor([r["split"] == "val" for r in rows])
+    recon = torch.cat([model.decode_codes(codes[i:i + 64]) for i in range(0, len(codes), 64)])
+    counts = torch.bincount(codes.flatten(), minlength=model.config.codebook_size).float()
+    p = counts / counts.sum()
+    from data import dominant_hue
+    hue, hue_recon = dominant_hue(images[val]), dominant_hue(recon[val])
+    result = {"psnr_val": psnr(recon[val], images[val]).mean().item(), "psnr_train": psnr(recon[~val], images[~val]).mean().item(),
+              "hue_match_val": (hue == hue_recon)[hue >= 0].float().mean().item(),
+              "codebook_usage": (counts > 0).float().mean().item(), "code_perplexity": math.exp(-(p[p > 0] * p[p > 0].log()).sum().item()),
+              "images": len(rows), "held_out": int(val.sum())}
+    if grid:
+        save_grid(torch.stack([images[val][:16], recon[val][:16]]), grid)
+    return result
+
+
+def to_pil(x):
+    """(3, H, W) in [-1, 1] -> PIL image"""
+    from PIL import Image
+    return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+
+def save_grid(rows_of_images, path):
+    """(R, C, 3, H, W) -> one PNG with R rows of C images."""
+    R, C, _, H, W = rows_of_images.shape
+    from PIL import Image
+    canvas = Image.new("RGB", (C * W, R * H), "white")
+    for r in range(R):
+        for c in range(C):
+            canvas.paste(to_pil(rows_of_images[r, c]), (c * W, r * H))
+    canvas.save(path)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train a VQ on a folder dataset")
+    t.add_argument("--data", required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--max-minutes", type=float, default=None, help="save and stop after this long")
+    for f, v in asdict(TrainConfig()).items():
+        t.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
+    e = sub.add_parser("eval", help="held-out PSNR, codebook usage and code perplexity")
+    e.add_argument("--vq", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--grid", help="write originals over reconstructions (held-out) to this PNG")
+    en = sub.add_parser("encode", help="images -> one JSON line of codes each")
+    en.add_argument("--vq", required=True)
+    en.add_argument("images", nargs="+")
+    de = sub.add_parser("decode", help="JSON lines of codes -> a row of images")
+    de.add_argument("--vq", required=True)
+    de.add_argument("--codes", required=True)
+    de.add_argument("--out", required=True)
+    c = sub.add_parser("convert-llamagen", help="LlamaGen's VQ weights -> this project's format")
+    c.add_argument("src")
+    c.add_argument("out")
+    c.add_argument("--image-size", type=int, default=256)
+    args = p.parse_args()
+    if args.cmd == "train":
+        if args.preset not in PRESETS:
+            raise BadInput(f"unknown preset {args.preset!r}: {', '.join(PRESETS)}")
+        tc = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
+        train(args.data, args.out, tc, resume=args.resume, max_minutes=args.max_minutes)
+    elif args.cmd == "eval":
+        print(json.dumps(evaluate(load_vq(args.vq), args.data, args.grid), indent=2))
+    elif args.cmd == "encode":
+        from data import load_image
+        model = load_vq(args.vq)
+        for f in args.images:
+            x = load_image(f, model.config.image_size)
+            if x is None:
+                raise BadInput(f"cannot read image {f}")
+            print(json.dumps({"image": f, "codes": encode_images(model, x[None])[0].tolist()}))
+    elif args.cmd == "decode":
+        model = load_vq(args.vq)
+        codes = torch.tensor([json.loads(line)["codes"] for line in Path(args.codes).read_text().splitlines() if line.strip()])
+        if codes.min() < 0 or codes.max() >= model.config.codebook_size:
+            raise BadInput(f"codes outside the codebook (0..{model.config.codebook_size - 1})")
+        with torch.no_grad():
+            save_grid(model.decode_codes(codes)[None], args.out)
+    elif args.cmd == "convert-llamagen":
+        convert_llamagen(args.src, args.out, args.image_size)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BadInput as e:
+        raise SystemExit(f"error: {e}")
