@@ -2,6 +2,7 @@
 Speed figures, one line each. Nothing here is a test: run it when you want numbers.
 
     python bench.py model     # prefill and KV-cached decode tokens/s, loader peak memory
+    python bench.py gw        # GW initialisation at Mixtral scale: time and peak memory
 
 On CPU it uses 2 threads (this project's reference machine). If transformers happens to be installed,
 `model` also times its MixtralForCausalLM on the same weights; transformers is not a dependency.
@@ -98,10 +99,25 @@ def bench_model(args):
               f"({grown / (nbytes / 2**20):.2f}x)")
 
 
+def bench_gw(args):
+    """Mixtral-8x7B's vocabulary (32,000 x 4,096, untied: embeddings and output rows) against LlamaGen
+    VQ-16's codebook (16,384 x 8), random tensors of those shapes."""
+    from gw_init import init_image_rows
+    g = torch.Generator().manual_seed(0)
+    embed, head = torch.randn(32000, 4096, generator=g) * 0.02, torch.randn(32000, 4096, generator=g) * 0.02
+    codebook = torch.randn(16384, 8, generator=g)
+    before, t0 = peak_rss_mb(), time.perf_counter()
+    e, h = init_image_rows(codebook, embed, head, method="gw", anchors=args.anchors)
+    print(f"gw init, 32,000 x 4,096 (untied) vs 16,384 codes, {args.anchors} anchors: {time.perf_counter() - t0:.0f} s, "
+          f"peak RSS {peak_rss_mb() / 1024:.2f} GB (inputs {(embed.nbytes + head.nbytes) / 2**30:.2f} GB; "
+          f"growth {(peak_rss_mb() - before) / 1024:.2f} GB)")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model"])
+    p.add_argument("what", choices=["model", "gw"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--anchors", type=int, default=1024, help="gw: anchors per side")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    {"model": bench_model}[args.what](args)
+    {"model": bench_model, "gw": bench_gw}[args.what](args)
