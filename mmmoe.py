@@ -117,6 +117,19 @@ class MMMoEConfig:
             "eos_token_id": self.eos_token_id, "dtype": self.dtype,
         }
 
+@dataclass
+class AdapterConfig:
+    """What the paper adds to a text MoE: image tokens, and Partial LoRA (PLoRA) updates that act on
+    image-token positions only. Image codes take ids V..V+K-1 after the V text tokens, then <boi>, <eoi>."""
+    n_image_codes: int = 1024  # the VQ codebook size K
+    rank: int = 8
+    alpha: float = 16.0
+    attention: bool = True  # LoRA on q/k/v/o as well as on every expert's w1/w2/w3
+    # LoRA on the router too, by default: with a frozen router, image tokens could only be routed as their
+    # hidden states happen to fall, and modality-specific experts could not be learnt. Text routing is
+    # untouched all the same (C1), since this LoRA also acts at image positions only.
+    router: bool = True
+
 # -----------------------------------------------------------------------------
 # Building blocks
 
@@ -147,6 +160,29 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin  # (B, nh, T, hd)
 
 
+class LoRA(nn.Module):
+    """x -> B(A(x)) * alpha / r, a low-rank update of a frozen (out, in) weight; with n_experts, one per expert.
+    B starts at zero, so an untrained adapter changes nothing."""
+
+    def __init__(self, n_in, n_out, rank, alpha, n_experts=None):
+        super().__init__()
+        stack = () if n_experts is None else (n_experts,)
+        self.A = nn.Parameter(torch.randn(*stack, rank, n_in) / math.sqrt(n_in))
+        self.B = nn.Parameter(torch.zeros(*stack, n_out, rank))
+        self.scale = alpha / rank
+
+    def forward(self, x, expert=None):
+        A, B = (self.A, self.B) if expert is None else (self.A[expert], self.B[expert])
+        return (x @ A.T) @ B.T * self.scale
+
+
+def plora(y, x, lora, image_rows):
+    """Partial LoRA: y + lora(x) where image_rows (..., 1) is true. C1: every other row IS y, bit for bit."""
+    if lora is None or image_rows is None:
+        return y
+    return torch.where(image_rows, y + lora(x), y)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values for generation (gpt-fast style): positions are written in place."""
 
@@ -170,23 +206,35 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_lora = self.k_lora = self.v_lora = self.o_lora = None  # PLoRA, once an adapter is added
         self.kv_cache = None
 
-    def forward(self, x, cos, sin, mask, input_pos):
+    def forward(self, x, cos, sin, mask, input_pos, image_rows):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = plora(self.q_proj(x), x, self.q_lora, image_rows).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = plora(self.k_proj(x), x, self.k_lora, image_rows).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = plora(self.v_proj(x), x, self.v_lora, image_rows).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # q (B, nh, T, hd), k/v (B, n_kv, T, hd)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
+            k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
+            if mask is not None and mask.shape[-1] == k_all.shape[2]:  # the mask spans the cache: attend to it
+                k, v = k_all, v_all
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
+        return plora(self.o_proj(y), y, self.o_lora, image_rows)  # (B, T, C)
 
 
-def swiglu(x, w1, w2, w3):
-    """One expert: w2(silu(w1 x) * w3 x). w1 = gate proj, w3 = up proj, w2 = down proj."""
-    return (F.silu(x @ w1.T) * (x @ w3.T)) @ w2.T
+def expert(x, experts, e, image_rows=None):
+    """Expert e on its tokens x (n, C): w2(silu(w1 x) * w3 x), with w1 = gate, w3 = up, w2 = down projection.
+    PLoRA: each expert has its own low-rank updates, added on the image rows only."""
+    lora = experts.w1_lora is not None and image_rows is not None
+    gate, up = x @ experts.w1[e].T, x @ experts.w3[e].T  # (n, I)
+    if lora:
+        gate = plora(gate, x, lambda x: experts.w1_lora(x, e), image_rows)
+        up = plora(up, x, lambda x: experts.w3_lora(x, e), image_rows)
+    h = F.silu(gate) * up
+    out = h @ experts.w2[e].T  # (n, C)
+    return plora(out, h, lambda h: experts.w2_lora(h, e), image_rows) if lora else out
 
 
 class MoE(nn.Module):
@@ -200,13 +248,15 @@ class MoE(nn.Module):
         self.experts.w1 = nn.Parameter(torch.empty(cfg.n_experts, cfg.intermediate_size, cfg.dim))
         self.experts.w2 = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.intermediate_size))
         self.experts.w3 = nn.Parameter(torch.empty(cfg.n_experts, cfg.intermediate_size, cfg.dim))
-        self.router_logits = None  # (N, E) of the last forward: load balancing and routing analysis
+        self.gate_lora = self.experts.w1_lora = self.experts.w2_lora = self.experts.w3_lora = None
+        self.router_logits = self.image_rows = None  # of the last forward: load balancing, routing analysis
 
-    def forward(self, x):
+    def forward(self, x, image_rows):
         B, T, C = x.shape
         x = x.view(-1, C)  # (N, C) with N = B * T
-        router_logits = self.gate(x)  # (N, E)
-        self.router_logits = router_logits
+        image_rows = None if image_rows is None else image_rows.view(-1, 1)  # (N, 1)
+        router_logits = plora(self.gate(x), x, self.gate_lora, image_rows)  # (N, E)
+        self.router_logits, self.image_rows = router_logits, image_rows
         # Mixtral's router: float32 softmax over all experts, keep the top k, renormalise them to sum to 1
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
         weights, expert_idx = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
@@ -218,12 +268,13 @@ class MoE(nn.Module):
         token_idx = order // self.top_k  # (N*k,) the token each sorted pair came from
         counts = torch.bincount(flat_expert, minlength=self.gate.out_features).tolist()
         x_sorted = x[token_idx]  # (N*k, C)
+        rows_sorted = None if image_rows is None else image_rows[token_idx]  # (N*k, 1)
         out = torch.empty_like(x_sorted)
-        w1, w2, w3 = self.experts.w1, self.experts.w2, self.experts.w3
         start = 0
         for e, n in enumerate(counts):
             if n:
-                out[start:start + n] = swiglu(x_sorted[start:start + n], w1[e], w2[e], w3[e])
+                rows = None if rows_sorted is None else rows_sorted[start:start + n]
+                out[start:start + n] = expert(x_sorted[start:start + n], self.experts, e, rows)
                 start += n
         out = out * weights.view(-1)[order, None]  # scale by the router weight of each pair
         y = torch.zeros_like(x).index_add_(0, token_idx, out)  # sum each token's k expert outputs
@@ -238,9 +289,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.block_sparse_moe = MoE(cfg)
 
-    def forward(self, x, cos, sin, mask, input_pos):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
-        return x + self.block_sparse_moe(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, input_pos, image_rows):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, image_rows)
+        return x + self.block_sparse_moe(self.post_attention_layernorm(x), image_rows)
 
 # -----------------------------------------------------------------------------
 # The model
@@ -259,29 +310,98 @@ class MMMoE(nn.Module):
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.adapter = self.image_embed = self.image_head = None  # see add_image_adapter
+
+    def add_image_adapter(self, adapter):
+        """Extend the vocabulary with image tokens and add PLoRA. The text embeddings and output rows stay
+        as they are (frozen tensors); the new rows are separate parameters, tied if the base is tied."""
+        cfg, a = self.config, adapter
+        self.adapter = a
+        self.image_embed = nn.Parameter(torch.zeros(a.n_image_codes + 2, cfg.dim))  # codes, <boi>, <eoi>
+        self.image_head = self.image_embed if cfg.tie_word_embeddings else nn.Parameter(torch.zeros_like(self.image_embed))
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        for layer in self.model.layers:
+            attn, moe = layer.self_attn, layer.block_sparse_moe
+            if a.attention:
+                attn.q_lora, attn.k_lora = LoRA(cfg.dim, q, a.rank, a.alpha), LoRA(cfg.dim, kv, a.rank, a.alpha)
+                attn.v_lora, attn.o_lora = LoRA(cfg.dim, kv, a.rank, a.alpha), LoRA(q, cfg.dim, a.rank, a.alpha)
+            moe.experts.w1_lora = LoRA(cfg.dim, cfg.intermediate_size, a.rank, a.alpha, cfg.n_experts)
+            moe.experts.w3_lora = LoRA(cfg.dim, cfg.intermediate_size, a.rank, a.alpha, cfg.n_experts)
+            moe.experts.w2_lora = LoRA(cfg.intermediate_size, cfg.dim, a.rank, a.alpha, cfg.n_experts)
+            if a.router:
+                moe.gate_lora = LoRA(cfg.dim, cfg.n_experts, a.rank, a.alpha)
+        self.to(device=self.lm_head.weight.device)  # the adapter stays float32 (its own master weights)
+        for name, param in self.named_parameters():  # C2: only what the adapter added can learn
+            param.requires_grad_(self.is_adapter_param(name))
+        return self
+
+    @staticmethod
+    def is_adapter_param(name):
+        return "_lora." in name or name.startswith("image_")
+
+    def image_token(self, which):
+        """Token id of image code `which` (int or tensor), or of "boi" / "eoi"."""
+        K, V = self.adapter.n_image_codes, self.config.vocab_size
+        return {"boi": V + K, "eoi": V + K + 1}[which] if isinstance(which, str) else which + V
 
     def forward(self, idx, targets=None, input_pos=None):
-        """idx (B, T) token ids -> (logits (B, T, V), loss or None).
+        """idx (B, T) token ids -> (logits (B, T, V [+ K + 2 with an adapter]), loss or None).
 
         input_pos None: a whole sequence from position 0 (training, scoring). input_pos (T,): the
         positions of idx in the KV cache that setup_caches made (prefill, then one token at a time)."""
-        cfg = self.config
-        T = idx.shape[1]
-        positions = torch.arange(T, device=idx.device) if input_pos is None else input_pos
-        x = self.model.embed_tokens(idx)  # (B, T, C)
+        image = self.adapter is not None and bool((idx >= self.config.vocab_size).any())
+        if input_pos is None and image and not (idx[:, 0] >= self.config.vocab_size).any():
+            return self.forward_text_first(idx, targets)
+        x = self.hidden_states(idx, input_pos)
+        logits = self.lm_head(x)  # (B, T, V): the text rows are the base's
+        if self.adapter is not None:
+            logits = torch.cat([logits, x @ self.image_head.T], dim=-1)  # (B, T, V + K + 2)
+        return logits, None if targets is None else self.loss(logits, targets)
+
+    def hidden_states(self, idx, input_pos=None):
+        """idx (B, T) -> the final normalised hidden states (B, T, C), before any output layer."""
+        cfg, V = self.config, self.config.vocab_size
+        positions = torch.arange(idx.shape[1], device=idx.device) if input_pos is None else input_pos
+        image_rows = (idx >= V)[..., None] if self.adapter is not None else None  # (B, T, 1)
+        if image_rows is not None and not image_rows.any():
+            image_rows = None  # text only: the base model's computation, nothing else
+        x = self.model.embed_tokens(idx.clamp(max=V - 1))  # (B, T, C)
+        if image_rows is not None:
+            x = torch.where(image_rows, self.image_embed[(idx - V).clamp(min=0)], x)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        if input_pos is None and cfg.sliding_window is None:
-            mask = None  # plain causal attention: lets SDPA take its fastest path
-        else:
-            key_pos = positions if input_pos is None else torch.arange(self.max_cache_len(), device=idx.device)
-            mask = attention_mask(positions, key_pos, cfg.sliding_window)  # (T, S)
+        if int(positions[0]) == 0:  # from the start: attend to these tokens only, as the uncached forward does
+            mask = None if cfg.sliding_window is None else attention_mask(positions, positions, cfg.sliding_window)
+        else:  # continuing a cached sequence: attend over the whole cache (unwritten slots are masked)
+            mask = attention_mask(positions, torch.arange(self.max_cache_len(), device=idx.device), cfg.sliding_window)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, input_pos)
-        logits = self.lm_head(self.model.norm(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        return logits, loss
+            x = layer(x, cos, sin, mask, input_pos, image_rows)
+        return self.model.norm(x)
+
+    def forward_text_first(self, idx, targets):
+        """C1 for a sequence that starts with text: the text before the first image token runs alone,
+        exactly as the base model runs it (same shapes, frozen weights, no gradient); the rest then
+        attends to it through a KV cache. So those text logits are the base's bit for bit, whatever
+        follows them, and no backward pass runs through the frozen prefix."""
+        B, T = idx.shape
+        P = int((idx >= self.config.vocab_size).any(dim=0).nonzero()[0])  # first column holding an image token
+        self.setup_caches(B, T)
+        with torch.no_grad():
+            text_logits, _ = self(idx[:, :P], input_pos=torch.arange(P, device=idx.device))
+        rest_logits, _ = self(idx[:, P:], input_pos=torch.arange(P, T, device=idx.device))
+        self.clear_caches()
+        logits = torch.cat([text_logits, rest_logits], dim=1)
+        return logits, None if targets is None else self.loss(logits, targets)
+
+    def loss(self, logits, targets):
+        """Mean cross-entropy over targets >= 0, each over its own modality (the decoding rule): a text
+        target against the text vocabulary only, so text probabilities are exactly the base's; an image
+        target against the image tokens only."""
+        V = self.config.vocab_size
+        logits, targets = logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
+        text, image = (targets >= 0) & (targets < V), targets >= V
+        nll = torch.cat([F.cross_entropy(logits[text, :V], targets[text], reduction="none"),
+                         F.cross_entropy(logits[image, V:], targets[image] - V, reduction="none")])
+        return nll.mean()
 
     def setup_caches(self, batch_size, max_seq_len):
         """Allocate a static KV cache in every layer (replacing any previous one)."""

@@ -1,0 +1,159 @@
+"""PLoRA in mmmoe.py and train.py: the text path provably untouched, training distributed and resumable."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+
+import train
+from mmmoe import AdapterConfig, BadInput, MMMoE
+
+
+def with_random_adapter(base, seed=0, **kw):
+    """The base plus an adapter whose every tensor is non-zero (as after training)."""
+    model = MMMoE.from_pretrained(base).add_image_adapter(AdapterConfig(n_image_codes=16, rank=4, **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def test_text_logits_untouched_bit_for_bit(tiny_ckpt):
+    path, cfg, _ = tiny_ckpt()
+    base, mm = MMMoE.from_pretrained(path), with_random_adapter(path)
+    V = cfg["vocab_size"]
+    text = torch.randint(0, V, (3, 17), generator=torch.Generator().manual_seed(1))
+    base_logits, base_loss = base(text[:, :-1], text[:, 1:])
+    mm_logits, mm_loss = mm(text[:, :-1], text[:, 1:])
+    assert mm_logits.shape[-1] == V + 16 + 2
+    assert torch.equal(mm_logits[..., :V], base_logits) and torch.equal(mm_loss, base_loss)
+    # mixed sequences: text before the first image token is what the base computes on that text alone
+    image = mm.image_token(torch.randint(0, 16, (3, 9), generator=torch.Generator().manual_seed(2)))
+    mixed = torch.cat([text[:, :11], torch.full((3, 1), mm.image_token("boi")), image], dim=1)
+    logits, _ = mm(mixed)
+    assert torch.equal(logits[:, :11, :V], base(text[:, :11])[0])
+    # ... and the adapter does act on the image part
+    plain = MMMoE.from_pretrained(path).add_image_adapter(AdapterConfig(n_image_codes=16, rank=4))
+    plain.load_state_dict(mm.state_dict())
+    with torch.no_grad():
+        for layer in plain.model.layers:
+            layer.block_sparse_moe.experts.w2_lora.B.zero_()
+    assert not torch.allclose(plain(mixed)[0][:, 12:], logits[:, 12:])
+
+
+def test_only_the_adapter_learns(tiny_ckpt):
+    path, _, _ = tiny_ckpt()
+    mm = with_random_adapter(path)
+    idx = torch.cat([torch.randint(0, 97, (2, 5)), mm.image_token(torch.randint(0, 16, (2, 8)))], 1)
+    targets = torch.full_like(idx, -1)
+    targets[:, 5:-1] = idx[:, 6:]
+    _, loss = mm(idx, targets)
+    loss.backward()
+    trainable = {n for n, p in mm.named_parameters() if p.requires_grad}
+    assert all(mm.is_adapter_param(n) for n in trainable)
+    assert {"image_embed", "image_head", "model.layers.0.block_sparse_moe.gate_lora.A",
+            "model.layers.1.self_attn.q_lora.B", "model.layers.1.block_sparse_moe.experts.w2_lora.B"} <= trainable
+    assert all(p.grad is None for n, p in mm.named_parameters() if n not in trainable)
+    assert mm.get_parameter("model.layers.1.block_sparse_moe.experts.w1_lora.B").grad.abs().sum() > 0
+    counts, n_base = train.trainable_budget(mm)
+    assert sum(counts.values()) == sum(p.numel() for n, p in mm.named_parameters() if n in trainable)
+    assert n_base == sum(p.numel() for p in MMMoE.from_pretrained(path).parameters())
+
+
+def test_grouped_plora_equals_per_token(tiny_ckpt):
+    """Per-expert LoRA inside the grouped dispatch equals applying each token's experts one by one."""
+    import mmmoe
+    path, _, _ = tiny_ckpt()
+    moe = with_random_adapter(path).model.layers[0].block_sparse_moe
+    x = torch.randn(2, 9, 64)
+    image_rows = (torch.rand(2, 9) < 0.5)[..., None]
+    y = moe(x, image_rows)
+    flat, rows = x.view(-1, 64), image_rows.view(-1)
+    for t in range(len(flat)):
+        logits = moe.gate.weight @ flat[t] + (moe.gate_lora(flat[t:t + 1])[0] if rows[t] else 0)
+        w, chosen = torch.softmax(logits, 0).topk(2)
+        expected = sum(wi / w.sum() * mmmoe.expert(flat[t:t + 1], moe.experts, e, rows[t:t + 1, None])[0]
+                       for wi, e in zip(w, chosen.tolist()))
+        assert torch.allclose(y.view(-1, 64)[t], expected, rtol=1e-5, atol=1e-4)
+
+
+def run_train(setup, out, *extra, env=None):
+    args = ["--base=" + str(setup["base"]), "--shards=" + str(setup["shards"]), "--out_dir=" + str(out), "--rank=4",
+            "--batch_size=4", "--steps=4", "--warmup=1", "--eval_every=2", "--eval_batches=1", "--save_every=2",
+            "--caption_dropout=0.3", "--init=gw", *extra]
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_ddp_two_processes_equal_one(tiny_setup):
+    one = run_train(tiny_setup, tiny_setup["tmp"] / "one", "--steps=3", "--aux_loss_coef=0")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_train(tiny_setup, tiny_setup["tmp"] / "two", "--steps=3", "--aux_loss_coef=0", "--batch_size=2", "--nproc", "2")
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = load_file(tiny_setup["tmp"] / "one" / "adapter.safetensors"), load_file(tiny_setup["tmp"] / "two" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    # float32 sums in a different order for one batch of 4 than for two of 2 (~1e-7); Adam turns that into
+    # ~1e-6 on LoRA A matrices, whose gradient is exactly 0 at step 1 (B = 0) and tiny after (measured 1.6e-6)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert "trainable:" in one.stderr and "% of the" in one.stderr  # C2, printed at start
+
+
+def test_resume_equals_uninterrupted_and_survives_a_killed_save(tiny_setup, monkeypatch):
+    tc = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), rank=4, batch_size=4, steps=4,
+                           warmup=1, eval_every=2, eval_batches=1, save_every=2, caption_dropout=0.3)
+    straight = train.train(train.TrainConfig(**{**tc.__dict__, "out_dir": str(tiny_setup["tmp"] / "a")}))
+    tc.out_dir = str(tiny_setup["tmp"] / "b")
+    real_save = train.save_checkpoint
+    calls = []
+
+    def killed_at_second_save(out_dir, *a):  # the process dies while writing the step-4 checkpoint
+        calls.append(1)
+        if len(calls) == 2:
+            monkeypatch.setattr(train, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        real_save(out_dir, *a)
+    monkeypatch.setattr(train, "save_checkpoint", killed_at_second_save)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tc)
+    monkeypatch.undo()
+    state = json.loads((tiny_setup["tmp"] / "b" / "state.json").read_text())
+    assert state["step"] == 2  # the step-2 checkpoint is intact
+    assert not list(tiny_setup["tmp"].glob(".b.tmp*"))
+    resumed = train.train(tc, resume=True)
+    for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(p, q), n
+    log = [json.loads(line) for line in (tiny_setup["tmp"] / "b" / "log.jsonl").read_text().splitlines()]
+    assert any("text_ppl" in r for r in log) and any("val_image_loss" in r for r in log)
+
+
+def test_text_perplexity_during_training_is_the_base(tiny_setup):
+    tc = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(tiny_setup["tmp"] / "c"),
+                           rank=4, batch_size=4, steps=2, warmup=1, eval_every=1, eval_batches=1, save_every=2)
+    model = train.train(tc)
+    text = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(text[:, :-1], text[:, 1:])[1], MMMoE.from_pretrained(tiny_setup["base"])(text[:, :-1], text[:, 1:])[1])
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_setup, monkeypatch):
+    tc = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(tiny_setup["tmp"] / "n"),
+                           rank=4, batch_size=4, steps=6, warmup=1, eval_every=10, save_every=2)
+    real, calls = MMMoE.loss, []
+
+    def loss_that_blows_up(self, logits, targets):  # training's 4th step (step index 3) diverges
+        calls.append(self.training)
+        return real(self, logits, targets) * (float("nan") if sum(calls) == 4 and self.training else 1.0)
+    monkeypatch.setattr(MMMoE, "loss", loss_that_blows_up)
+    with pytest.raises(BadInput, match=r"loss became nan at step 3; stopped. The last good checkpoint \(step 2\)"):
+        train.train(tc)
+    assert json.loads((tiny_setup["tmp"] / "n" / "state.json").read_text())["step"] == 2
+
+
+def test_command_line_mistakes_are_one_line(tiny_setup):
+    r = run_train(tiny_setup, tiny_setup["tmp"] / "x", "--learning_rate=3")
+    assert r.returncode == 1 and "unknown setting --learning_rate" in r.stderr and r.stderr.strip().count("\n") == 0
+    env = dict(__import__("os").environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # what `torchrun train.py --nproc 8` gives
+    r = run_train(tiny_setup, tiny_setup["tmp"] / "y", "--nproc", "8", env=env)
+    assert r.returncode == 1 and "torchrun --nproc_per_node 8 train.py" in r.stderr

@@ -1,0 +1,375 @@
+"""
+train.py: Partial-LoRA multimodal fine-tuning, the paper's method. A frozen text MoE learns to write
+image codes; every text token keeps going through the frozen weights.
+
+    python train.py config/demo.json                      # the built-in demo (wants a GPU)
+    python train.py config/tiny.json --steps=20           # a smoke test on CPU
+    python train.py config/demo.json --resume             # continue exactly where the last checkpoint stopped
+    torchrun --nproc_per_node 8 train.py config/demo.json # DDP; add --fsdp for bases that do not fit a GPU
+    python train.py --nproc 8 config/demo.json            # the same, started without torchrun
+
+Each example is the sequence  <bos> caption <boi> code_1 ... code_n <eoi> <eos>  from the token shards
+(data.py). The loss is on the image codes: the caption runs through the frozen model (C1), so a loss
+on it would have nothing to train. With probability caption_dropout the caption is replaced by pad
+tokens of the same length: that is the unconditional prompt classifier-free guidance uses (Janus).
+"""
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from mmmoe import AdapterConfig, BadInput, MMMoE, atomic_dir, load_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    base: str = ""  # Mixtral-layout checkpoint directory; "" = the built-in upcycled SmolLM2-135M
+    shards: str = "out/openmoji/shards"
+    out_dir: str = "out/train"
+    init: str = "gw"  # new image rows: gw | random | mean
+    rank: int = 8
+    alpha: float = 16.0
+    attention: bool = True
+    router: bool = True
+    batch_size: int = 16  # sequences per process per micro-step
+    grad_accum: int = 1
+    steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    caption_dropout: float = 0.1
+    aux_loss_coef: float = 0.01  # router load balancing, over image tokens
+    eval_every: int = 100
+    eval_batches: int = 4
+    save_every: int = 100
+    dtype: str = "auto"  # bfloat16 autocast on CUDA, float32 on CPU
+    compile: bool = False
+    fsdp: bool = False
+    seed: int = 0
+
+
+def parse_args(argv):
+    """A config/*.json preset, then --key=value overrides; --resume and --nproc N are flags."""
+    values, resume, nproc = {}, False, None
+    rest = list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--resume":
+            resume = True
+        elif arg.startswith("--nproc"):
+            nproc = int(arg.split("=", 1)[1] if "=" in arg else rest.pop(0))
+        elif arg.startswith("--"):
+            key, _, value = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            types = {f.name: f.type for f in fields(TrainConfig)}
+            if key not in types:
+                raise BadInput(f"unknown setting --{key} (settings: {', '.join(types)})")
+            values[key] = value.lower() in ("1", "true", "yes") if types[key] is bool else types[key](value)
+        elif arg.endswith(".json"):
+            if not Path(arg).exists():
+                raise BadInput(f"no config file {arg}")
+            values = json.loads(Path(arg).read_text()) | values
+        else:
+            raise BadInput(f"unexpected argument {arg!r}: a config/*.json file, --key=value, --resume or --nproc N")
+    return TrainConfig(**values), resume, nproc
+
+# -----------------------------------------------------------------------------
+# Batches: a pure function of (seed, step), so resuming and DDP see exactly the right examples
+
+
+def global_batch(n, size, step, seed):
+    """Example indices of one optimiser step across all processes."""
+    per_epoch = max(1, n // size)
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[(i * size + np.arange(size)) % n]  # wraps around a dataset smaller than one batch
+
+
+def make_batch(shards, indices, drop, model, bos, pad):
+    """-> idx (B, T), targets (B, T): targets are the next image code at every position that predicts
+    one, -1 elsewhere. drop[i]: example i gets the unconditional prompt (caption -> pad tokens)."""
+    seqs, tgts = [], []
+    boi, eoi, eos = model.image_token("boi"), model.image_token("eoi"), model.config.eos_token_id
+    for i, d in zip(indices, drop):
+        text, codes = shards[i]
+        text = np.full_like(text, pad) if d else text
+        image = model.image_token(codes)
+        seq = np.concatenate([[bos], text, [boi], image, [eoi, eos]])
+        tgt = np.full(len(seq), -1)
+        start = 1 + len(text)  # the <boi> position predicts the first code
+        tgt[start:start + len(codes)] = image
+        seqs.append(seq)
+        tgts.append(tgt)
+    T = max(map(len, seqs))
+    idx = torch.tensor(np.stack([np.pad(s, (0, T - len(s)), constant_values=pad) for s in seqs]))
+    targets = torch.tensor(np.stack([np.pad(t, (0, T - len(t)), constant_values=-1) for t in tgts]))
+    return idx, targets
+
+
+def load_balancing_loss(model):
+    """Switch-style auxiliary loss on image tokens, averaged over layers: E * sum_e f_e * P_e, with f_e
+    the share of routed slots that went to expert e and P_e its mean router probability."""
+    losses = []
+    for layer in model.model.layers:
+        moe = layer.block_sparse_moe
+        if moe.image_rows is None:
+            continue
+        logits = moe.router_logits[moe.image_rows.view(-1)]  # (n_image_tokens, E)
+        probs = F.softmax(logits.float(), dim=-1)
+        chosen = F.one_hot(probs.topk(moe.top_k, dim=-1).indices, probs.shape[-1]).sum(1).float()  # (n, E)
+        losses.append(probs.shape[-1] * (chosen.mean(0) / moe.top_k * probs.mean(0)).sum())
+    return torch.stack(losses).mean() if losses else torch.zeros((), device=model.lm_head.weight.device)
+
+# -----------------------------------------------------------------------------
+# Model, checkpoints
+
+
+def build_model(tc, device, n_codes=None):
+    from upcycle import builtin_base
+    base = Path(tc.base) if tc.base else builtin_base()
+    # the frozen base in bfloat16 only when asked (a base too big for float32); the adapter is float32 always
+    model = MMMoE.from_pretrained(base, dtype=torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32, device=device)
+    adapter = AdapterConfig(n_image_codes=n_codes, rank=tc.rank, alpha=tc.alpha, attention=tc.attention, router=tc.router)
+    return model.add_image_adapter(adapter), base
+
+
+def init_image_rows(model, tc, vq_dir):
+    """The new embeddings and output rows: Gromov-Wasserstein matching of the codebook to the text
+    embeddings (gw_init.py), or a plain baseline."""
+    from gw_init import init_image_rows as init
+    from vq import load_vq
+    codebook = load_vq(vq_dir).quantize.codebook().detach()
+    head = None if model.config.tie_word_embeddings else model.lm_head.weight.detach().cpu()
+    embed, out = init(codebook, model.model.embed_tokens.weight.detach().cpu(), head, tc.init, seed=tc.seed)
+    with torch.no_grad():
+        model.image_embed.copy_(embed)
+        if out is not None:
+            model.image_head.copy_(out)
+
+
+def adapter_tensors(model):
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def trainable_budget(model):
+    """C2: trainable parameters by component, and as a share of the base."""
+    parts = {"LoRA experts": "experts.w", "LoRA attention": "self_attn.", "LoRA router": "gate_lora", "image rows": "image_"}
+    counts = {k: sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and v in n) for k, v in parts.items()}
+    base = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad)
+    return counts, base
+
+
+def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir):
+    """Only what training changed (adapter tensors) + optimizer + RNG + step, atomically."""
+    opt_sd = opt.state_dict()
+    opt_tensors = {f"{i}.{k}": v.contiguous().cpu() for i, st in opt_sd["state"].items() for k, v in st.items()}
+    state = {"step": step, "train_config": asdict(tc), "adapter": asdict(model.adapter), "param_groups": opt_sd["param_groups"],
+             "vocab_size": model.config.vocab_size, "vq": str(vq_dir), "log": log[-1000:]}
+    with atomic_dir(out_dir) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in adapter_tensors(model).items()}, tmp / "adapter.safetensors")
+        save_file(opt_tensors | {"rng": torch.get_rng_state()}, tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+
+
+def load_adapter(model, ckpt_dir):
+    """Put a trained adapter onto a base model (built without one) -> the state dict of the run."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        state = json.loads((ckpt_dir / "state.json").read_text())
+        tensors = load_file(ckpt_dir / "adapter.safetensors")
+    except FileNotFoundError:
+        raise BadInput(f"no trained adapter in {ckpt_dir} (expected state.json and adapter.safetensors)") from None
+    except Exception as e:  # truncated JSON or safetensors
+        raise BadInput(f"damaged checkpoint in {ckpt_dir}: {e}") from None
+    if state["vocab_size"] != model.config.vocab_size:
+        raise BadInput(f"{ckpt_dir} was trained on a base with {state['vocab_size']} text tokens, this one has {model.config.vocab_size}")
+    if model.adapter is None:
+        model.add_image_adapter(AdapterConfig(**state["adapter"]))
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    if missing:
+        raise BadInput(f"damaged checkpoint in {ckpt_dir}: adapter tensor {missing[0]} is missing")
+    for name, t in tensors.items():
+        if name not in params or params[name].shape != t.shape:
+            raise BadInput(f"adapter tensor {name} {tuple(t.shape)} does not fit this base")
+        with torch.no_grad():
+            params[name].copy_(t)
+    return state
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+def english_text(tokenizer, n_tokens=4096):
+    """Held-out English for the C1 check: CPython's own documentation, which ships with every Python."""
+    from pydoc_data.topics import topics
+    ids = tokenizer.encode(" ".join(topics[k] for k in sorted(topics))).ids
+    return torch.tensor(ids[:n_tokens])
+
+
+@torch.no_grad()
+def evaluate(model, tc, val, text_ids, device, bos, pad, autocast):
+    model.eval()
+    losses = []
+    for b in range(tc.eval_batches):
+        idx = np.arange(b * tc.batch_size, (b + 1) * tc.batch_size) % len(val)
+        x, y = make_batch(val, idx, np.zeros(len(idx), bool), model, bos, pad)
+        with autocast:
+            losses.append(model(x.to(device), y.to(device))[1].item())
+    seq = text_ids.view(-1, 256).to(device)  # (n, 256) chunks of English
+    with autocast:
+        text_loss = model(seq[:, :-1], seq[:, 1:])[1].item()
+    model.train()
+    return {"val_image_loss": sum(losses) / len(losses), "text_ppl": math.exp(text_loss)}
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def lr_at(step, tc):
+    if step < tc.warmup:
+        return tc.lr * (step + 1) / tc.warmup
+    progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
+    return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(tc, resume=False):
+    from data import TokenShards
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(tc.seed)
+    out_dir, main_process = Path(tc.out_dir), rank == 0
+    train_set, val = TokenShards(tc.shards, "train"), TokenShards(tc.shards, "val")
+    model, base = build_model(tc, device, train_set.index["codebook_size"])
+    tokenizer = load_tokenizer(base)
+    bos = model.config.bos_token_id if model.config.bos_token_id is not None else model.config.eos_token_id
+    pad = model.config.eos_token_id  # the unconditional prompt's filler; also pads batches
+    step, log, state = 0, [], None
+    if resume and (out_dir / "state.json").exists():
+        state = load_adapter(model, out_dir)
+        step, log = state["step"], state["log"]
+    elif tc.init in ("gw", "random", "mean"):
+        init_image_rows(model, tc, train_set.index["vq"])
+    else:
+        raise BadInput(f"unknown --init {tc.init!r}: gw, random or mean")
+    counts, n_base = trainable_budget(model)
+    if main_process:
+        total = sum(counts.values())
+        print(f"trainable: {total:,} parameters = {100 * total / n_base:.2f}% of the {n_base:,}-parameter base ("
+              + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + ")", file=sys.stderr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+    if state is not None:
+        tensors = load_file(out_dir / "optimizer.safetensors")
+        torch.set_rng_state(tensors.pop("rng"))
+        opt_state = {}
+        for key, v in tensors.items():
+            i, k = key.split(".", 1)
+            opt_state.setdefault(int(i), {})[k] = v.to(device)
+        opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    trained = model
+    if tc.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if tc.compile:
+        trained = torch.compile(trained)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tc.dtype in ("auto", "bfloat16") else nullcontext()
+    text_ids = english_text(tokenizer)
+    global_size = tc.batch_size * world * tc.grad_accum
+    bar = tqdm(total=tc.steps, initial=step, desc="training", unit="step", disable=not main_process)
+    t0, tokens = time.time(), 0
+    model.train()
+    while step < tc.steps:
+        indices = global_batch(len(train_set), global_size, step, tc.seed)
+        drop = np.random.default_rng([tc.seed, step, 1]).random(len(indices)) < tc.caption_dropout
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, tc)
+        for micro in range(tc.grad_accum):
+            part = slice((micro * world + rank) * tc.batch_size, (micro * world + rank + 1) * tc.batch_size)
+            idx, targets = make_batch(train_set, indices[part], drop[part], model, bos, pad)
+            idx, targets = idx.to(device), targets.to(device)
+            sync = nullcontext() if micro == tc.grad_accum - 1 or world == 1 or tc.fsdp else trained.no_sync()
+            with sync, autocast:
+                _, loss = trained(idx, targets)
+                aux = load_balancing_loss(model)
+                # every trainable tensor takes part in every step, even with no image token in the batch,
+                # so DDP's gradient all-reduce always sees the same set of parameters
+                total = (loss + tc.aux_loss_coef * aux) / tc.grad_accum + 0.0 * sum(p.sum() for p in params)
+            total.backward()
+            tokens += idx.numel()
+        if not torch.isfinite(loss):  # stop before a bad update reaches the weights; the last checkpoint stays good
+            saved = json.loads((out_dir / "state.json").read_text())["step"] if (out_dir / "state.json").exists() else None
+            raise BadInput(f"the loss became {loss.item()} at step {step}; stopped. " + (
+                f"The last good checkpoint (step {saved}) is in {out_dir}" if saved is not None else "No checkpoint was written yet"))
+        norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if main_process and (step % 10 == 0 or step == tc.steps):
+            log.append({"step": step, "loss": loss.item(), "aux": aux.item(), "grad_norm": norm.item(), "lr": lr_at(step - 1, tc),
+                        "tokens_per_s": tokens * world / (time.time() - t0)})
+        if step % tc.eval_every == 0 or step == tc.steps:
+            result = evaluate(model, tc, val, text_ids, device, bos, pad, autocast)
+            if main_process:
+                log.append({"step": step} | result)
+                bar.write(json.dumps(log[-1]))
+        if main_process and (step % tc.save_every == 0 or step == tc.steps):
+            save_checkpoint(out_dir, model, opt, step, tc, log, train_set.index["vq"])
+            with open(out_dir / "log.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in log)
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return model
+
+
+def main(argv=None):
+    tc, resume, nproc = parse_args(sys.argv[1:] if argv is None else argv)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if nproc is not None and "RANK" in os.environ and nproc != world:
+        raise BadInput(f"--nproc {nproc} asks for {nproc} processes but torchrun started {world}: "
+                       f"use `torchrun --nproc_per_node {nproc} train.py ...` or `python train.py --nproc {nproc} ...`")
+    if nproc is not None and nproc > 1 and "RANK" not in os.environ:
+        from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
+                              rdzv_endpoint="localhost:0", run_id=f"mmmoe-{os.getpid()}", max_restarts=0)
+        elastic_launch(config, worker)(tc, resume)
+    else:
+        train(tc, resume)
+
+
+def worker(tc, resume):  # what each process started by --nproc runs
+    try:
+        train(tc, resume)
+    except BadInput as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BadInput as e:
+        raise SystemExit(f"error: {e}")
