@@ -112,5 +112,5 @@ def test_dominant_hue():
         x[:, 6:26, 6:26] = -1
         x[:, 8:24, 8:24] = torch.tensor(rgb).view(3, 1, 1) / 127.5 - 1
         return x
-    images = torch.stack([square((220, 30, 30)), square((40, 200, 40)), square((30, 60, 220)), torch.ones(3, 32, 32)])
+    images = torch.stack([square((220, 30, 30)), square((40, 200, 40)), square((60, 30, 220)), torch.ones(3, 32, 32)])  # hues 356°, 120°, 249°
     assert data.dominant_hue(images).tolist() == [0, 4, 8, -1]  # red, green, blue; white has none
