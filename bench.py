@@ -3,6 +3,7 @@ Speed figures, one line each. Nothing here is a test: run it when you want numbe
 
     python bench.py model     # prefill and KV-cached decode tokens/s, loader peak memory
     python bench.py gw        # GW initialisation at Mixtral scale: time and peak memory
+    python bench.py train     # PLoRA training tokens/s (CPU: a tiny model; CUDA: the upcycled SmolLM2 at bf16, MFU)
 
 On CPU it uses 2 threads (this project's reference machine). If transformers happens to be installed,
 `model` also times its MixtralForCausalLM on the same weights; transformers is not a dependency.
@@ -19,7 +20,17 @@ from pathlib import Path
 
 import torch
 
-from mmmoe import MMMoE, MMMoEConfig, flops_per_token
+from mmmoe import MMMoE, MMMoEConfig
+
+
+def flops_per_token(config, seq_len):
+    """Matmul FLOPs of one token's forward pass with seq_len tokens of context (routed experts only:
+    each token runs top_k of them). Backward costs twice this."""
+    c = config
+    attn_proj = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    experts = c.top_k * 3 * c.dim * c.intermediate_size + c.dim * c.n_experts
+    attn_scores = 2 * c.n_heads * c.head_dim * seq_len  # q.k and p.v over seq_len keys
+    return 2 * (c.n_layers * (attn_proj + experts + attn_scores) + c.dim * c.vocab_size)
 
 
 def best_of(fn, repeats=3):
@@ -113,11 +124,56 @@ def bench_gw(args):
           f"growth {(peak_rss_mb() - before) / 1024:.2f} GB)")
 
 
+def bench_train(args):
+    """Training steps of PLoRA on sequences shaped like the demo's (8 caption tokens, <boi>, 64 codes,
+    <eoi>, <eos>). FLOPs counted: 4N per token of the image part (forward, and gradients flowing back
+    through the frozen weights), 2N per caption token (forward only: it runs without gradient), N the
+    active matmul parameters per token (flops_per_token above); LoRA's own work is left out."""
+    from mmmoe import AdapterConfig
+    cuda = torch.cuda.is_available()
+    if cuda:
+        from upcycle import builtin_base
+        model = MMMoE.from_pretrained(builtin_base(), dtype=torch.bfloat16, device="cuda")
+    else:
+        model = random_model(MMMoEConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32,
+                                         intermediate_size=896, n_experts=8, top_k=2, max_seq_len=4096))
+    model.add_image_adapter(AdapterConfig(n_image_codes=1024, rank=16, alpha=32)).train()
+    B, caption, codes = (32, 8, 64) if cuda else (8, 8, 64)
+    V, dev = model.config.vocab_size, model.lm_head.weight.device
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, V, (B, 1 + caption), generator=g)
+    image = model.image_token(torch.randint(0, 1024, (B, codes), generator=g))
+    idx = torch.cat([text, torch.full((B, 1), model.image_token("boi")), image], 1).to(dev)
+    targets = torch.full_like(idx, -1)
+    targets[:, caption + 1:-1] = idx[:, caption + 2:]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with autocast:
+            loss = model(idx, targets)[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+    t = best_of(step, 5 if cuda else 3)
+    T = idx.shape[1]
+    n_image = T - (caption + 1)
+    flops = B * (4 * n_image + 2 * (caption + 1)) * flops_per_token(model.config, T / 2) / 2
+    line = f"PLoRA training, batch {B} x {T} tokens: {B * T / t:,.0f} tokens/s, {flops / t / 1e12:.2f} TFLOP/s"
+    if cuda:
+        peak = 989e12 if "H100" in torch.cuda.get_device_name() else float(args.peak_tflops) * 1e12
+        line += f", MFU {100 * flops / t / peak:.1f}% of {peak / 1e12:.0f} TFLOP/s bf16 dense ({torch.cuda.get_device_name()})"
+    print(line)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "gw"])
+    p.add_argument("what", choices=["model", "gw", "train"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--anchors", type=int, default=1024, help="gw: anchors per side")
+    p.add_argument("--peak-tflops", type=float, default=989, help="train on CUDA: the GPU's bf16 dense peak")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    {"model": bench_model, "gw": bench_gw}[args.what](args)
+    {"model": bench_model, "gw": bench_gw, "train": bench_train}[args.what](args)

@@ -248,7 +248,8 @@ def write_shards(data, vq_dir, tokenizer_file, out, augment_copies=0, seed=0, ba
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     rows, images = load_images(rows, vq.config.image_size)
     index = {"fingerprint": key, "codebook_size": vq.config.codebook_size, "grid": vq.config.grid,
-             "image_size": vq.config.image_size, "vq": str(Path(vq_dir).resolve()), "splits": {}}
+             "image_size": vq.config.image_size, "vq": str(Path(vq_dir).resolve()), "data": str(Path(data).resolve()),
+             "splits": {}}
     dtype = np.uint16 if vq.config.codebook_size <= 2**16 else np.int32
     g = torch.Generator().manual_seed(seed)
     with atomic_dir(out) as tmp:

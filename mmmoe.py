@@ -225,16 +225,15 @@ class Attention(nn.Module):
 
 
 def expert(x, experts, e, image_rows=None):
-    """Expert e on its tokens x (n, C): w2(silu(w1 x) * w3 x), with w1 = gate, w3 = up, w2 = down projection.
-    PLoRA: each expert has its own low-rank updates, added on the image rows only."""
-    lora = experts.w1_lora is not None and image_rows is not None
+    """Expert e on its tokens x (n, C): w2(silu(w1 x) * w3 x), with w1 = gate, w3 = up, w2 = down projection."""
+    lora = image_rows is not None and experts.w1_lora is not None
     gate, up = x @ experts.w1[e].T, x @ experts.w3[e].T  # (n, I)
-    if lora:
-        gate = plora(gate, x, lambda x: experts.w1_lora(x, e), image_rows)
-        up = plora(up, x, lambda x: experts.w3_lora(x, e), image_rows)
+    if lora:  # PLoRA: this expert's own low-rank updates, on its image rows only (C1: text rows untouched)
+        gate = torch.where(image_rows, gate + experts.w1_lora(x, e), gate)
+        up = torch.where(image_rows, up + experts.w3_lora(x, e), up)
     h = F.silu(gate) * up
     out = h @ experts.w2[e].T  # (n, C)
-    return plora(out, h, lambda h: experts.w2_lora(h, e), image_rows) if lora else out
+    return torch.where(image_rows, out + experts.w2_lora(h, e), out) if lora else out
 
 
 class MoE(nn.Module):
@@ -266,7 +265,7 @@ class MoE(nn.Module):
         flat_expert = expert_idx.view(-1)  # (N*k,)
         order = torch.argsort(flat_expert, stable=True)  # pair indices grouped by expert
         token_idx = order // self.top_k  # (N*k,) the token each sorted pair came from
-        counts = torch.bincount(flat_expert, minlength=self.gate.out_features).tolist()
+        counts = torch.bincount(flat_expert, minlength=router_logits.shape[-1]).tolist()
         x_sorted = x[token_idx]  # (N*k, C)
         rows_sorted = None if image_rows is None else image_rows[token_idx]  # (N*k, 1)
         out = torch.empty_like(x_sorted)
@@ -468,16 +467,6 @@ class MMMoE(nn.Module):
         return torch.cat(out, dim=1)
 
 
-def flops_per_token(config, seq_len):
-    """Matmul FLOPs of one token's forward pass with seq_len tokens of context (routed experts only:
-    each token runs top_k of them). Backward costs twice this."""
-    c = config
-    attn_proj = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
-    experts = c.top_k * 3 * c.dim * c.intermediate_size + c.dim * c.n_experts
-    attn_scores = 2 * c.n_heads * c.head_dim * seq_len  # q.k and p.v over seq_len keys
-    return 2 * (c.n_layers * (attn_proj + experts + attn_scores) + c.dim * c.vocab_size)
-
-
 def attention_mask(q_pos, k_pos, window):
     """(Tq, Tk) bool, True where a query may attend: causal, and within the sliding window if any.
     A key is visible from query q when k <= q and q - k < window (Mistral/Mixtral's convention)."""
@@ -512,7 +501,7 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 
 
 def read_safetensors_header(path):
-    """-> ({name: (dtype, shape, begin, end)}, data_start). Offsets are absolute positions in the file.
+    """-> {name: (dtype, shape, begin, end)}, with begin/end absolute positions in the file.
 
     The format is 8 bytes of little-endian header length, a JSON header, then raw tensor bytes."""
     size = path.stat().st_size
@@ -533,7 +522,7 @@ def read_safetensors_header(path):
         if e - b != math.prod(info["shape"]) * dtype.itemsize or start + e > size:
             raise BadInput(f"corrupt safetensors file {path}: data of {name} out of bounds")
         tensors[name] = (dtype, tuple(info["shape"]), start + b, start + e)
-    return tensors, start
+    return tensors
 
 
 def checkpoint_files(path):
@@ -548,7 +537,7 @@ def checkpoint_files(path):
     for f in files:
         if not (path / f).exists():
             raise BadInput(f"missing shard {f} listed in {index}")
-    return {path / f: read_safetensors_header(path / f)[0] for f in files}
+    return {path / f: read_safetensors_header(path / f) for f in files}
 
 
 def checkpoint_targets(name, config):

@@ -1,0 +1,264 @@
+"""
+analyze.py: measure the paper's claims on a trained model, and write them up.
+
+    python analyze.py --ckpt out/demo --out out/report          # report.md + PNGs
+    python analyze.py --out out/report                          # the built-in demo model
+    python analyze.py --ckpt out/demo --out out/report --samples 64   # also draw and score held-out prompts
+
+What it measures, each before training (the same adapter, initialised, untrained) and after:
+- routing by modality: for every layer and expert, the share of text and of image tokens routed there
+  (heatmap), each expert's image-specificity (p_img - p_text) / (p_img + p_text) in [-1, 1] (1: only
+  image tokens reach it, -1: only text), and the entropy of each modality's expert usage;
+- redundancy: linear CKA between experts' outputs on the same inputs, per layer. Copy-upcycled
+  experts start at exactly 1.0 (identical); PLoRA lets them diverge on image tokens;
+- C1: perplexity of held-out English and a few greedy chat answers, base vs multimodal (identical);
+- C2: trainable parameters against the base, by component;
+- images (--samples N): pictures drawn for held-out captions against the real emoji: a Frechet
+  distance on the project's own VQ-encoder features (not Inception FID), how often the dominant hue
+  matches, and retrieval of the intended emoji among all emoji by VQ-feature distance (top-1/top-5).
+"""
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from mmmoe import BadInput, MMMoE
+
+# -----------------------------------------------------------------------------
+# Routing and redundancy
+
+
+@torch.no_grad()
+def routing(model, batches):
+    """Run the model over batches of token ids -> routed-slot counts (2, L, E) for text [0] and image [1]
+    tokens, and each layer's MoE inputs at image tokens (the redundancy probe). A hook sees every MoE call:
+    a sequence that starts with text runs in two (the text prefix alone, then the rest)."""
+    L, E = model.config.n_layers, model.config.n_experts
+    counts = torch.zeros(2, L, E)
+    probe = [[] for _ in range(L)]
+
+    def count(i):
+        def hook(moe, args, output):
+            x, image_rows = args
+            chosen = torch.softmax(moe.router_logits.float(), -1).topk(moe.top_k, dim=-1).indices  # (N, k)
+            image = image_rows.reshape(-1) if image_rows is not None else torch.zeros(len(chosen), dtype=torch.bool)
+            for m, rows in ((0, ~image), (1, image)):
+                counts[m, i] += torch.bincount(chosen[rows].flatten(), minlength=E).float()
+            probe[i].append(x.reshape(-1, x.shape[-1])[image])
+        return hook
+    hooks = [layer.block_sparse_moe.register_forward_hook(count(i)) for i, layer in enumerate(model.model.layers)]
+    try:
+        for idx in batches:
+            model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts, [torch.cat(p) if p else None for p in probe]
+
+
+def routing_stats(counts):
+    """counts (2, L, E) -> shares (2, L, E), specificity (L, E), usage entropy (2, L) in [0, 1]."""
+    shares = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    spec = (shares[1] - shares[0]) / (shares[1] + shares[0]).clamp_min(1e-12)
+    entropy = -(shares * shares.clamp_min(1e-12).log()).sum(-1) / math.log(counts.shape[-1])
+    return shares, spec, entropy
+
+
+def linear_cka(a, b):
+    """Linear CKA between two sets of features of the same N examples (N, D): 1 means the same up to
+    rotation and scale."""
+    a, b = a - a.mean(0), b - b.mean(0)
+    return ((a.T @ b).norm() ** 2 / ((a.T @ a).norm() * (b.T @ b).norm()).clamp_min(1e-12)).item()
+
+
+@torch.no_grad()
+def redundancy(model, probe):
+    """Mean pairwise linear CKA of the experts' outputs (with their PLoRA updates) on each layer's probe."""
+    from mmmoe import expert
+    out = []
+    for layer, x in zip(model.model.layers, probe):
+        if x is None or len(x) < 2:
+            out.append(float("nan"))
+            continue
+        experts = layer.block_sparse_moe.experts
+        rows = torch.ones(len(x), 1, dtype=torch.bool)
+        ys = [expert(x.float(), experts, e, rows) for e in range(len(experts.w1))]
+        pairs = [linear_cka(ys[i], ys[j]) for i in range(len(ys)) for j in range(i + 1, len(ys))]
+        out.append(sum(pairs) / len(pairs))
+    return out
+
+# -----------------------------------------------------------------------------
+# Pictures: heatmaps with Pillow
+
+
+def heatmap(values, path, title, lo=-1.0, hi=1.0, cell=18):
+    """(rows, cols) values -> a PNG, blue (lo) - white - red (hi), rows = layers, cols = experts."""
+    rows, cols = values.shape
+    im = Image.new("RGB", (cols * cell + 60, rows * cell + 40), "white")
+    d = ImageDraw.Draw(im)
+    d.text((4, 4), title, fill="black")
+    for r in range(rows):
+        d.text((4, 30 + r * cell), f"L{r}", fill="black")
+        for c in range(cols):
+            v = float(values[r, c])
+            t = 0.0 if math.isnan(v) else max(-1.0, min(1.0, (2 * (v - lo) / (hi - lo)) - 1))
+            colour = (255, int(255 * (1 - t)), int(255 * (1 - t))) if t > 0 else (int(255 * (1 + t)), int(255 * (1 + t)), 255)
+            x0, y0 = 50 + c * cell, 28 + r * cell
+            d.rectangle([x0, y0, x0 + cell - 2, y0 + cell - 2], fill=colour)
+    im.save(path)
+
+# -----------------------------------------------------------------------------
+# The report
+
+
+def probe_batches(model, val, n, bos, pad, english):
+    """Held-out caption+image sequences, and English text, as token-id batches."""
+    from train import make_batch
+    idx, _ = make_batch(val, np.arange(min(n, len(val))), np.zeros(min(n, len(val)), bool), model, bos, pad)
+    return [idx[i:i + 8] for i in range(0, len(idx), 8)] + [english.view(-1, 256)[:4]]
+
+
+def frechet(a, b):
+    """Frechet distance between Gaussians fitted to two feature sets (N, D). tr(sqrt(Ca Cb)) is the sum of
+    the square roots of the eigenvalues of Ca Cb, which are real and >= 0 for covariance matrices."""
+    a, b = a.double(), b.double()
+    ca, cb = torch.cov(a.T), torch.cov(b.T)
+    sqrt_trace = torch.linalg.eigvals(ca @ cb).real.clamp_min(0).sqrt().sum()
+    return float((a.mean(0) - b.mean(0)).pow(2).sum() + ca.trace() + cb.trace() - 2 * sqrt_trace)
+
+
+def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
+    from data import TokenShards, dominant_hue, load_images, read_folder
+    from sample import generate_codes, load_pipeline, prompt_ids
+    from train import english_text, init_image_rows, trainable_budget, TrainConfig
+    from upcycle import chat_prompt
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer, vq = load_pipeline(ckpt)
+    state = json.loads((Path(ckpt) / "state.json").read_text()) if ckpt else json.loads((Path(__file__).parent / "demo" / "state.json").read_text())
+    tc = TrainConfig(**state["train_config"])
+    # "before": the same adapter, initialised as train.py initialises it, untrained
+    before = MMMoE.from_pretrained(model_base(model, tc), dtype=torch.float32)
+    before.add_image_adapter(model.adapter)
+    torch.manual_seed(tc.seed)
+    init_image_rows(before, tc, vq_dir(ckpt, state))
+    base = MMMoE.from_pretrained(model_base(model, tc), dtype=torch.float32)
+    bos = model.config.bos_token_id if model.config.bos_token_id is not None else model.config.eos_token_id
+    pad = model.config.eos_token_id
+    english = english_text(tokenizer, 4096)
+    val = TokenShards(tc.shards, "val")
+    report = {}
+    lines = [f"# mmmoe report: {ckpt or 'the built-in demo'}", ""]
+
+    # routing and redundancy, before and after
+    for name, m in (("before", before), ("after", model)):
+        counts, probe = routing(m, probe_batches(m, val, n_probe, bos, pad, english))
+        shares, spec, entropy = routing_stats(counts)
+        heatmap(spec, out / f"specificity_{name}.png", f"image-specificity {name} (red: image, blue: text)")
+        report[name] = {"specificity": spec.tolist(), "entropy_text": entropy[0].tolist(), "entropy_image": entropy[1].tolist(),
+                        "cka": redundancy(m, probe)}
+    spec = torch.tensor(report["after"]["specificity"])
+    kinds = {"image-specific": (spec > 0.5).nonzero().tolist(), "text-only": (spec < -0.5).nonzero().tolist()}
+    lines += ["## Routing by modality", "",
+              "| | before | after |", "| --- | --- | --- |",
+              f"| mean routing entropy, text (0..1) | {np.mean(report['before']['entropy_text']):.3f} | {np.mean(report['after']['entropy_text']):.3f} |",
+              f"| mean routing entropy, image (0..1) | {np.mean(report['before']['entropy_image']):.3f} | {np.mean(report['after']['entropy_image']):.3f} |",
+              f"| experts with image-specificity > 0.5 | {int((torch.tensor(report['before']['specificity']) > 0.5).sum())} | {len(kinds['image-specific'])} |",
+              f"| experts with image-specificity < -0.5 | {int((torch.tensor(report['before']['specificity']) < -0.5).sum())} | {len(kinds['text-only'])} |",
+              "", "Image-specific experts after training (layer, expert): " + (", ".join(map(str, kinds["image-specific"][:24])) or "none"),
+              "", "![before](specificity_before.png) ![after](specificity_after.png)", "",
+              "## Redundancy (mean pairwise linear CKA of expert outputs on image tokens)", "",
+              "| layer | before | after |", "| --- | --- | --- |"]
+    lines += [f"| {i} | {b:.4f} | {a:.4f} |" for i, (b, a) in enumerate(zip(report["before"]["cka"], report["after"]["cka"]))]
+
+    # C1: text untouched
+    seq = english.view(-1, 256)[:8]
+    with torch.no_grad():
+        ppl_base = math.exp(base(seq[:, :-1], seq[:, 1:])[1].item())
+        ppl_mm = math.exp(model(seq[:, :-1], seq[:, 1:])[1].item())
+    answers = []
+    for q in ("What is the capital of France?", "Name three colours.", "What is 2 + 3?"):
+        ids = torch.tensor([tokenizer.encode(chat_prompt(q)).ids])
+        a = [tokenizer.decode(m.generate(ids, 24, temperature=0, stop_at_eos=True,
+                                         allowed_ids=torch.arange(model.config.vocab_size))[0, ids.shape[1]:].tolist())
+             for m in (base, model)]
+        answers.append((q, a[0], a[0] == a[1]))
+    report["c1"] = {"ppl_base": ppl_base, "ppl_multimodal": ppl_mm, "answers_identical": all(x[2] for x in answers)}
+    lines += ["", "## C1: text ability", "", f"Perplexity of held-out English (CPython docs, 8 x 256 tokens): base {ppl_base:.4f}, "
+              f"multimodal {ppl_mm:.4f} ({'identical' if ppl_base == ppl_mm else 'DIFFERENT'}).", ""]
+    lines += [f"- {q} -> {a!r} ({'identical' if same else 'DIFFERENT'})" for q, a, same in answers]
+
+    # C2: budget
+    counts, n_base = trainable_budget(model)
+    report["c2"] = {"base": n_base} | counts
+    lines += ["", "## C2: trainable budget", "", f"Base: {n_base:,} parameters (frozen).", ""]
+    lines += [f"- {k}: {v:,} ({100 * v / n_base:.2f}%)" for k, v in counts.items()]
+    lines += [f"- total: {sum(counts.values()):,} ({100 * sum(counts.values()) / n_base:.2f}%)"]
+
+    # images
+    if samples:
+        dataset = read_folder(val.index["data"])
+        rows, real = load_images([r for r in dataset if r["split"] == "val"][:samples], vq.config.image_size)
+        _, everything = load_images(dataset, vq.config.image_size)
+        g = torch.Generator().manual_seed(seed)
+        n_codes = vq.config.grid ** 2
+        fake = []
+        for r in rows:
+            codes = generate_codes(model, prompt_ids(model, tokenizer, r["caption"], n_codes), n_codes, 3.0, 1.0, None, None, g, pad)
+            with torch.no_grad():
+                fake.append(vq.decode_codes(codes.view(1, vq.config.grid, vq.config.grid))[0].clamp(-1, 1))
+        fake = torch.stack(fake)
+        feats = lambda x: F.normalize(vq.quant_conv(vq.encoder(x)).flatten(1), dim=-1)  # noqa: E731
+        with torch.no_grad():
+            f_fake, f_real, f_all = feats(fake), feats(real), feats(everything)
+        hue_real, hue_fake = dominant_hue(real), dominant_hue(fake)
+        coloured = hue_real >= 0
+        own = torch.tensor([next(i for i, x in enumerate(everything) if torch.equal(x, r)) for r in real])
+        rank = (f_fake @ f_all.T).argsort(dim=1, descending=True)
+        top = lambda k: (rank[:, :k] == own[:, None]).any(1).float().mean().item()  # noqa: E731
+        report["images"] = {"vq_frechet": frechet(f_fake, f_real), "hue_match": (hue_real == hue_fake)[coloured].float().mean().item(),
+                            "retrieval_top1": top(1), "retrieval_top5": top(5), "n": len(rows)}
+        from vq import save_grid
+        save_grid(torch.stack([real[:16], fake[:16]]), out / "samples.png")
+        lines += ["", "## Pictures for held-out captions", "", f"{len(rows)} held-out captions, cfg 3, temperature 1:", "",
+                  f"- VQ-feature Frechet distance (not Inception FID): {report['images']['vq_frechet']:.2f}",
+                  f"- dominant hue matches the real emoji: {100 * report['images']['hue_match']:.1f}%",
+                  f"- retrieval of the intended emoji among {len(everything)}: top-1 {100 * top(1):.1f}%, top-5 {100 * top(5):.1f}%",
+                  "", "![real over generated](samples.png)"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def model_base(model, tc):
+    from upcycle import builtin_base
+    return Path(tc.base) if tc.base else builtin_base()
+
+
+def vq_dir(ckpt, state):
+    ckpt = Path(ckpt) if ckpt else Path(__file__).parent / "demo"
+    return ckpt / "vq" if (ckpt / "vq").exists() else state["vq"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="a train.py output directory (default: the built-in demo)")
+    p.add_argument("--out", default="out/report")
+    p.add_argument("--probe", type=int, default=32, help="held-out sequences for routing and redundancy")
+    p.add_argument("--samples", type=int, default=0, help="held-out captions to draw and score (slow on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    analyze(args.ckpt, args.out, args.probe, args.samples, args.seed)
+    print((Path(args.out) / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BadInput as e:
+        raise SystemExit(f"error: {e}")

@@ -1,0 +1,70 @@
+"""analyze.py: routing specificity, redundancy and the report, on known cases and a tiny trained model."""
+import json
+
+import torch
+
+import analyze
+import train
+from mmmoe import AdapterConfig, MMMoE
+
+
+class FixedRouter(torch.nn.Module):
+    """Every token scores experts [-100, 5, 4, 0]: text goes to experts 1 and 2."""
+
+    def forward(self, x):
+        return x.new_tensor([-100.0, 5.0, 4.0, 0.0]).expand(len(x), 4)
+
+
+class ImageBoost(torch.nn.Module):
+    """In place of the router's PLoRA: +200 for expert 0, so image tokens go to experts 0 and 1."""
+
+    def forward(self, x):
+        return x.new_tensor([200.0, 0.0, 0.0, 0.0]).expand(len(x), 4)
+
+
+def test_a_router_that_sends_image_tokens_to_expert_0(tiny_ckpt):
+    path, _, _ = tiny_ckpt(experts=4, top_k=2)
+    model = MMMoE.from_pretrained(path).add_image_adapter(AdapterConfig(n_image_codes=16, rank=4))
+    for layer in model.model.layers:
+        layer.block_sparse_moe.gate = FixedRouter()
+        layer.block_sparse_moe.gate_lora = ImageBoost()
+    idx = torch.cat([torch.randint(0, 97, (3, 6)), model.image_token(torch.randint(0, 16, (3, 10)))], 1)
+    counts, _ = analyze.routing(model, [idx])
+    shares, spec, entropy = analyze.routing_stats(counts)
+    assert torch.allclose(spec[:, 0], torch.ones(2))  # expert 0: image tokens only
+    assert torch.allclose(spec[:, 1], torch.zeros(2))  # expert 1: half of both
+    assert torch.allclose(spec[:, 2], -torch.ones(2))  # expert 2: text only
+    assert torch.allclose(shares.sum(-1), torch.ones(2, 2)) and ((0 <= entropy) & (entropy <= 1)).all()
+
+
+def test_copied_experts_are_fully_redundant_until_their_lora_differs(tiny_ckpt):
+    path, cfg, sd = tiny_ckpt(experts=3, top_k=2)
+    model = MMMoE.from_pretrained(path).add_image_adapter(AdapterConfig(n_image_codes=16, rank=4))
+    with torch.no_grad():
+        for layer in model.model.layers:  # make the experts copies of expert 0, as copy-upcycling does
+            for w in ("w1", "w2", "w3"):
+                p = getattr(layer.block_sparse_moe.experts, w)
+                p[1:] = p[0]
+    probe = [torch.randn(40, 64) for _ in model.model.layers]
+    assert all(abs(c - 1) < 1e-5 for c in analyze.redundancy(model, probe))
+    with torch.no_grad():
+        model.model.layers[1].block_sparse_moe.experts.w2_lora.B[2].normal_()
+    cka = analyze.redundancy(model, probe)
+    assert abs(cka[0] - 1) < 1e-5 and cka[1] < 0.999
+
+
+def test_report_on_a_tiny_trained_model(tiny_setup, tmp_path):
+    tc = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(tmp_path / "run"),
+                           rank=4, batch_size=4, steps=3, warmup=1, eval_every=3, eval_batches=1, save_every=3, lr=1e-2)
+    train.train(tc)
+    report = analyze.analyze(tmp_path / "run", tmp_path / "report", n_probe=4, samples=3)
+    assert report["c1"]["ppl_base"] == report["c1"]["ppl_multimodal"] and report["c1"]["answers_identical"]
+    for when in ("before", "after"):
+        spec = torch.tensor(report[when]["specificity"])
+        assert spec.shape == (2, 4) and ((-1 <= spec) & (spec <= 1)).all()
+        assert all(0 <= c <= 1 + 1e-6 for c in report[when]["cka"])
+    assert 0 <= report["images"]["hue_match"] <= 1 and report["images"]["retrieval_top1"] <= report["images"]["retrieval_top5"]
+    assert report["c2"]["LoRA router"] > 0 and report["c2"]["base"] > 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## Routing by modality" in text and "identical" in text and (tmp_path / "report" / "specificity_after.png").exists()
+    json.loads((tmp_path / "report" / "report.json").read_text())
