@@ -1,19 +1,12 @@
 """
-mmmoe.py: a Mixtral-layout Mixture-of-Experts transformer in one file.
+mmmoe.py: a Mixtral-layout Mixture-of-Experts transformer in one file, with Partial LoRA for images.
 
-This is the language model of mmmoe, a reference implementation of "Generating images with a
-text-only MoE LLM" in the manner of Dutt et al. (arXiv 2503.22517): a pretrained text MoE learns to
-emit discrete image codes while every text token keeps flowing through the frozen weights.
+Part of mmmoe, a reference implementation of Dutt et al. (arXiv 2503.22517): a pretrained text MoE
+learns to write discrete image codes while every text token keeps flowing through the frozen weights.
+Top to bottom: configs -> RMSNorm, RoPE, PLoRA, KV cache, attention, routed SwiGLU experts with grouped
+dispatch -> the model (text and image tokens) -> Hugging Face checkpoints -> the command line.
 
-The file reads top to bottom: config -> building blocks (RMSNorm, RoPE, attention with a static KV
-cache, the routed SwiGLU experts with grouped dispatch) -> the model -> loading and saving real
-Hugging Face checkpoints -> generation.
-
-    from mmmoe import MMMoE, load_tokenizer
-    model = MMMoE.from_pretrained("path/to/mixtral-dir", dtype=torch.float32)
-    tok = load_tokenizer("path/to/mixtral-dir")
-    ids = torch.tensor([tok.encode("The capital of France is").ids])
-    print(tok.decode(model.generate(ids, 20, temperature=0)[0].tolist()))
+    python mmmoe.py CHECKPOINT_DIR "The capital of France is"     # continue a text prompt
 """
 import json
 import math
@@ -21,7 +14,7 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -344,10 +337,9 @@ class MMMoE(nn.Module):
         return {"boi": V + K, "eoi": V + K + 1}[which] if isinstance(which, str) else which + V
 
     def forward(self, idx, targets=None, input_pos=None):
-        """idx (B, T) token ids -> (logits (B, T, V [+ K + 2 with an adapter]), loss or None).
-
-        input_pos None: a whole sequence from position 0 (training, scoring). input_pos (T,): the
-        positions of idx in the KV cache that setup_caches made (prefill, then one token at a time)."""
+        """idx (B, T) token ids -> (logits (B, T, V [+ K + 2 with an adapter]), loss or None). input_pos None:
+        a whole sequence from position 0 (training, scoring); input_pos (T,): the positions of idx in the
+        KV cache that setup_caches made (prefill, then one token at a time)."""
         image = self.adapter is not None and bool((idx >= self.config.vocab_size).any())
         if input_pos is None and image and not (idx[:, 0] >= self.config.vocab_size).any():
             return self.forward_text_first(idx, targets)
@@ -361,9 +353,8 @@ class MMMoE(nn.Module):
         """idx (B, T) -> the final normalised hidden states (B, T, C), before any output layer."""
         cfg, V = self.config, self.config.vocab_size
         positions = torch.arange(idx.shape[1], device=idx.device) if input_pos is None else input_pos
-        image_rows = (idx >= V)[..., None] if self.adapter is not None else None  # (B, T, 1)
-        if image_rows is not None and not image_rows.any():
-            image_rows = None  # text only: the base model's computation, nothing else
+        # (B, T, 1), or None for text only: then this is exactly the base model's computation
+        image_rows = (idx >= V)[..., None] if self.adapter is not None and bool((idx >= V).any()) else None
         x = self.model.embed_tokens(idx.clamp(max=V - 1))  # (B, T, C)
         if image_rows is not None:
             x = torch.where(image_rows, self.image_embed[(idx - V).clamp(min=0)], x)
@@ -371,7 +362,8 @@ class MMMoE(nn.Module):
         if int(positions[0]) == 0:  # from the start: attend to these tokens only, as the uncached forward does
             mask = None if cfg.sliding_window is None else attention_mask(positions, positions, cfg.sliding_window)
         else:  # continuing a cached sequence: attend over the whole cache (unwritten slots are masked)
-            mask = attention_mask(positions, torch.arange(self.max_cache_len(), device=idx.device), cfg.sliding_window)
+            cache_len = self.model.layers[0].self_attn.kv_cache.k.shape[2]  # needs setup_caches() first
+            mask = attention_mask(positions, torch.arange(cache_len, device=idx.device), cfg.sliding_window)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos, image_rows)
         return self.model.norm(x)
@@ -412,12 +404,6 @@ class MMMoE(nn.Module):
     def clear_caches(self):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
-
-    def max_cache_len(self):
-        cache = self.model.layers[0].self_attn.kv_cache
-        if cache is None:
-            raise RuntimeError("forward with input_pos needs setup_caches() first")
-        return cache.k.shape[2]
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu"):
@@ -477,10 +463,8 @@ def attention_mask(q_pos, k_pos, window):
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, allowed_ids=None, generator=None):
     """logits (B, V) -> next token ids (B,)."""
     logits = logits.float()
-    if allowed_ids is not None:
-        keep = torch.full_like(logits, float("-inf"))
-        keep[:, allowed_ids] = 0.0
-        logits = logits + keep
+    if allowed_ids is not None:  # every other token gets probability 0
+        logits = torch.full_like(logits, float("-inf")).index_copy(1, allowed_ids, logits[:, allowed_ids])
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -699,18 +683,12 @@ def main(argv=None):
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not args.prompt.strip():
         raise BadInput("empty prompt")
-    model = MMMoE.from_pretrained(args.ckpt, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.ckpt)
+    model, tokenizer = MMMoE.from_pretrained(args.ckpt, dtype=torch.float32), load_tokenizer(args.ckpt)
     idx = torch.tensor([tokenizer.encode(args.prompt).ids])
-    out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, stop_at_eos=True,
-                         generator=torch.Generator().manual_seed(args.seed))
+    out = model.generate(idx, args.max_new_tokens, args.temperature, stop_at_eos=True)
     print(tokenizer.decode(out[0, idx.shape[1]:].tolist()))
 
 
