@@ -3,7 +3,7 @@ gw_init.py: where should the new image tokens start? Initialise their embeddings
 that the codebook's geometry matches the geometry of the LLM's text embeddings (Gromov-Wasserstein).
 
     python gw_init.py --base BASE_DIR --vq demo/vq --out image_init.safetensors [--method gw|random|mean]
-                      [--anchors 1024] [--epsilon 0.005] [--seed 0]
+                      [--anchors 1024] [--epsilon 0.05] [--seed 0]
 
 The codes of a VQ codebook and the tokens of an LLM live in different spaces (8-d unit vectors vs
 576-d embeddings), so they cannot be compared directly. What CAN be compared is their internal
@@ -23,6 +23,7 @@ soft mix of its nearest code anchors' projections, and every text anchor stands 
 """
 import argparse
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,12 +61,19 @@ def gw_coupling(code_anchors, text_anchors, code_mass, text_mass, epsilon):
     import ot
     C1, C2 = cosine_distances(code_anchors).double(), cosine_distances(text_anchors).double()
     p, q = (code_mass / code_mass.sum()).double(), (text_mass / text_mass.sum()).double()
-    if epsilon == 0:  # exact (conditional gradient): fine for a few hundred points
-        return ot.gromov.gromov_wasserstein(C1, C2, p, q, "square_loss").float()
-    return ot.gromov.entropic_gromov_wasserstein(C1, C2, p, q, "square_loss", epsilon=epsilon, max_iter=200).float()
+    if epsilon > 0:
+        # POT's entropic solver works in the plain (not log) domain: for too small an epsilon its kernel
+        # underflows, it warns and returns the product coupling, which would give every code the same row
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            plan = ot.gromov.entropic_gromov_wasserstein(C1, C2, p, q, "square_loss", epsilon=epsilon, max_iter=200)
+        if any("failed to produce a transport plan" in str(w.message) for w in caught):
+            raise BadInput(f"entropic GW found no transport plan at epsilon {epsilon}: use a larger --epsilon")
+        return plan.float()
+    return ot.gromov.gromov_wasserstein(C1, C2, p, q, "square_loss").float()  # exact (conditional gradient)
 
 
-def gw_embeddings(codebook, text, anchors=1024, epsilon=5e-3, seed=0, temperature=0.05, extra_text=()):
+def gw_embeddings(codebook, text, anchors=1024, epsilon=0.05, seed=0, temperature=0.05, extra_text=()):
     """codebook (K, d), text embeddings (V, D) -> image-code embeddings (K, D) by GW matching.
     Tensors in `extra_text` (each (V, D), e.g. an untied output matrix) are projected with the same
     coupling, so the new output rows sit where the matching says too. Returns a list: [embeddings, *extras]."""
@@ -92,7 +100,7 @@ def gw_embeddings(codebook, text, anchors=1024, epsilon=5e-3, seed=0, temperatur
     return outs
 
 
-def init_image_rows(codebook, embed, head=None, method="gw", anchors=1024, epsilon=5e-3, seed=0):
+def init_image_rows(codebook, embed, head=None, method="gw", anchors=1024, epsilon=0.05, seed=0):
     """-> (input embeddings (K + 2, D), output rows (K + 2, D) or None if tied) for K codes, <boi>, <eoi>.
 
     <boi> and <eoi> start at the mean of the new code embeddings plus a little noise: inside the image
@@ -126,7 +134,7 @@ def main():
     p.add_argument("--out", required=True, help="output .safetensors with image_embed (and image_head if untied)")
     p.add_argument("--method", default="gw", choices=["gw", "random", "mean"])
     p.add_argument("--anchors", type=int, default=1024)
-    p.add_argument("--epsilon", type=float, default=5e-3, help="entropic regularisation (0 = exact GW)")
+    p.add_argument("--epsilon", type=float, default=0.05, help="entropic regularisation (0 = exact GW)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     t0 = time.time()
