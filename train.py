@@ -174,9 +174,10 @@ def trainable_budget(model):
 
 def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir):
     """Only what training changed (adapter tensors) + optimizer + RNG + step, atomically."""
-    opt_sd = opt.state_dict()
-    opt_tensors = {f"{i}.{k}": v.contiguous().cpu() for i, st in opt_sd["state"].items() for k, v in st.items()}
-    state = {"step": step, "train_config": asdict(tc), "adapter": asdict(model.adapter), "param_groups": opt_sd["param_groups"],
+    from vq import flatten_optimizer
+    opt_tensors, opt_meta = flatten_optimizer(opt)
+    opt_tensors = {k: v.contiguous().cpu() for k, v in opt_tensors.items()}
+    state = {"step": step, "train_config": asdict(tc), "adapter": asdict(model.adapter), "param_groups": opt_meta["param_groups"],
              "vocab_size": model.config.vocab_size, "vq": str(vq_dir), "log": log[-1000:]}
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.contiguous().cpu() for k, v in adapter_tensors(model).items()}, tmp / "adapter.safetensors")
@@ -277,13 +278,10 @@ def train(tc, resume=False):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     if state is not None:
-        tensors = load_file(out_dir / "optimizer.safetensors")
-        torch.set_rng_state(tensors.pop("rng"))
-        opt_state = {}
-        for key, v in tensors.items():
-            i, k = key.split(".", 1)
-            opt_state.setdefault(int(i), {})[k] = v.to(device)
-        opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        from vq import unflatten_optimizer
+        tensors = load_file(out_dir / "optimizer.safetensors", device=str(device))
+        torch.set_rng_state(tensors.pop("rng").cpu())
+        opt.load_state_dict(unflatten_optimizer(tensors, state))
     trained = model
     if tc.fsdp:
         from torch.distributed.fsdp import fully_shard
