@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from mmmoe import BadInput, MMMoE
 
@@ -99,16 +100,18 @@ def redundancy(model, probe):
 def heatmap(values, path, title, lo=-1.0, hi=1.0, cell=18):
     """(rows, cols) values -> a PNG, blue (lo) - white - red (hi), rows = layers, cols = experts."""
     rows, cols = values.shape
-    im = Image.new("RGB", (cols * cell + 60, rows * cell + 40), "white")
+    im = Image.new("RGB", (max(cols * cell + 60, 6 * len(title) + 8), rows * cell + 56), "white")
     d = ImageDraw.Draw(im)
     d.text((4, 4), title, fill="black")
+    for c in range(cols):
+        d.text((52 + c * cell, 28), f"{c}", fill="black")
     for r in range(rows):
-        d.text((4, 30 + r * cell), f"L{r}", fill="black")
+        d.text((4, 46 + r * cell), f"L{r}", fill="black")
         for c in range(cols):
             v = float(values[r, c])
             t = 0.0 if math.isnan(v) else max(-1.0, min(1.0, (2 * (v - lo) / (hi - lo)) - 1))
             colour = (255, int(255 * (1 - t)), int(255 * (1 - t))) if t > 0 else (int(255 * (1 + t)), int(255 * (1 + t)), 255)
-            x0, y0 = 50 + c * cell, 28 + r * cell
+            x0, y0 = 50 + c * cell, 44 + r * cell
             d.rectangle([x0, y0, x0 + cell - 2, y0 + cell - 2], fill=colour)
     im.save(path)
 
@@ -134,34 +137,48 @@ def frechet(a, b):
 
 def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
     from data import TokenShards, dominant_hue, load_images, read_folder
-    from sample import generate_codes, load_pipeline, prompt_ids
-    from train import english_text, init_image_rows, trainable_budget, TrainConfig
+    from mmmoe import AdapterConfig, load_tokenizer
+    from sample import generate_codes, prompt_ids, resolve_checkpoint
+    from train import english_text, init_image_rows, load_adapter, trainable_budget, TrainConfig
     from upcycle import chat_prompt
+    from vq import load_vq
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, vq = load_pipeline(ckpt)
-    state = json.loads((Path(ckpt) / "state.json").read_text()) if ckpt else json.loads((Path(__file__).parent / "demo" / "state.json").read_text())
+    ckpt, state, base_dir, vq_dir = resolve_checkpoint(ckpt)
     tc = TrainConfig(**state["train_config"])
-    # "before": the same adapter, initialised as train.py initialises it, untrained
-    before = MMMoE.from_pretrained(model_base(model, tc), dtype=torch.float32)
-    before.add_image_adapter(model.adapter)
-    torch.manual_seed(tc.seed)
-    init_image_rows(before, tc, vq_dir(ckpt, state))
-    base = MMMoE.from_pretrained(model_base(model, tc), dtype=torch.float32)
+    # One copy of the base serves all three models in turn: the plain base (C1's reference), "before" (the
+    # same adapter initialised as train.py initialises it, untrained) and "after" (the trained adapter).
+    model, tokenizer, vq = MMMoE.from_pretrained(base_dir, dtype=torch.float32).eval(), load_tokenizer(base_dir), load_vq(vq_dir)
     bos = model.config.bos_token_id if model.config.bos_token_id is not None else model.config.eos_token_id
     pad = model.config.eos_token_id
     english = english_text(tokenizer, 4096)
     val = TokenShards(tc.shards, "val")
+    questions = ("What is the capital of France?", "Name three colours.", "What is 2 + 3?")
+    text_only = torch.arange(model.config.vocab_size)
+
+    def c1():  # perplexity of held-out English and greedy chat answers of the model as it is now
+        seq = english.view(-1, 256)[:8]
+        with torch.no_grad():
+            ppl = math.exp(model(seq[:, :-1], seq[:, 1:])[1].item())
+        prompts = [torch.tensor([tokenizer.encode(chat_prompt(q)).ids]) for q in questions]
+        return ppl, [tokenizer.decode(model.generate(ids, 24, temperature=0, stop_at_eos=True, allowed_ids=text_only)[0, ids.shape[1]:].tolist())
+                     for ids in prompts]
+    ppl_base, answers_base = c1()
+    torch.manual_seed(tc.seed)
+    model.add_image_adapter(AdapterConfig(**state["adapter"]))
+    init_image_rows(model, tc, vq_dir)
     report = {}
-    lines = [f"# mmmoe report: {ckpt or 'the built-in demo'}", ""]
+    lines = [f"# mmmoe report: {ckpt}", ""]
 
     # routing and redundancy, before and after
-    for name, m in (("before", before), ("after", model)):
-        counts, probe = routing(m, probe_batches(m, val, n_probe, bos, pad, english))
+    for name in ("before", "after"):
+        if name == "after":
+            load_adapter(model, ckpt)
+        counts, probe = routing(model, probe_batches(model, val, n_probe, bos, pad, english))
         shares, spec, entropy = routing_stats(counts)
         heatmap(spec, out / f"specificity_{name}.png", f"image-specificity {name} (red: image, blue: text)")
         report[name] = {"specificity": spec.tolist(), "entropy_text": entropy[0].tolist(), "entropy_image": entropy[1].tolist(),
-                        "cka": redundancy(m, probe)}
+                        "cka": redundancy(model, probe)}
     spec = torch.tensor(report["after"]["specificity"])
     kinds = {"image-specific": (spec > 0.5).nonzero().tolist(), "text-only": (spec < -0.5).nonzero().tolist()}
     lines += ["## Routing by modality", "",
@@ -177,17 +194,8 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
     lines += [f"| {i} | {b:.4f} | {a:.4f} |" for i, (b, a) in enumerate(zip(report["before"]["cka"], report["after"]["cka"]))]
 
     # C1: text untouched
-    seq = english.view(-1, 256)[:8]
-    with torch.no_grad():
-        ppl_base = math.exp(base(seq[:, :-1], seq[:, 1:])[1].item())
-        ppl_mm = math.exp(model(seq[:, :-1], seq[:, 1:])[1].item())
-    answers = []
-    for q in ("What is the capital of France?", "Name three colours.", "What is 2 + 3?"):
-        ids = torch.tensor([tokenizer.encode(chat_prompt(q)).ids])
-        a = [tokenizer.decode(m.generate(ids, 24, temperature=0, stop_at_eos=True,
-                                         allowed_ids=torch.arange(model.config.vocab_size))[0, ids.shape[1]:].tolist())
-             for m in (base, model)]
-        answers.append((q, a[0], a[0] == a[1]))
+    ppl_mm, answers_mm = c1()
+    answers = [(q, a, a == b) for q, a, b in zip(questions, answers_base, answers_mm)]
     report["c1"] = {"ppl_base": ppl_base, "ppl_multimodal": ppl_mm, "answers_identical": all(x[2] for x in answers)}
     lines += ["", "## C1: text ability", "", f"Perplexity of held-out English (CPython docs, 8 x 256 tokens): base {ppl_base:.4f}, "
               f"multimodal {ppl_mm:.4f} ({'identical' if ppl_base == ppl_mm else 'DIFFERENT'}).", ""]
@@ -204,11 +212,11 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
     if samples:
         dataset = read_folder(val.index["data"])
         rows, real = load_images([r for r in dataset if r["split"] == "val"][:samples], vq.config.image_size)
-        _, everything = load_images(dataset, vq.config.image_size)
+        all_rows, everything = load_images(dataset, vq.config.image_size)
         g = torch.Generator().manual_seed(seed)
         n_codes = vq.config.grid ** 2
         fake = []
-        for r in rows:
+        for r in tqdm(rows, desc="drawing held-out captions", unit="image", leave=False):
             codes = generate_codes(model, prompt_ids(model, tokenizer, r["caption"], n_codes), n_codes, 3.0, 1.0, None, None, g, pad)
             with torch.no_grad():
                 fake.append(vq.decode_codes(codes.view(1, vq.config.grid, vq.config.grid))[0].clamp(-1, 1))
@@ -221,28 +229,23 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
         own = torch.tensor([next(i for i, x in enumerate(everything) if torch.equal(x, r)) for r in real])
         rank = (f_fake @ f_all.T).argsort(dim=1, descending=True)
         top = lambda k: (rank[:, :k] == own[:, None]).any(1).float().mean().item()  # noqa: E731
-        report["images"] = {"vq_frechet": frechet(f_fake, f_real), "hue_match": (hue_real == hue_fake)[coloured].float().mean().item(),
+        # the same distance between two sets of real emoji of the same size: a reference at this sample size
+        train_idx = torch.tensor([i for i, r in enumerate(all_rows) if r["split"] == "train"])
+        f_ref = f_all[train_idx[torch.randperm(len(train_idx), generator=g)[:len(rows)]]]
+        report["images"] = {"vq_frechet": frechet(f_fake, f_real), "vq_frechet_real_vs_real": frechet(f_ref, f_real),
+                            "hue_match": (hue_real == hue_fake)[coloured].float().mean().item(),
                             "retrieval_top1": top(1), "retrieval_top5": top(5), "n": len(rows)}
         from vq import save_grid
         save_grid(torch.stack([real[:16], fake[:16]]), out / "samples.png")
         lines += ["", "## Pictures for held-out captions", "", f"{len(rows)} held-out captions, cfg 3, temperature 1:", "",
-                  f"- VQ-feature Frechet distance (not Inception FID): {report['images']['vq_frechet']:.2f}",
+                  f"- VQ-feature Frechet distance (not Inception FID): {report['images']['vq_frechet']:.2f}; between the held-out "
+                  f"emoji and as many random training emoji: {report['images']['vq_frechet_real_vs_real']:.2f}",
                   f"- dominant hue matches the real emoji: {100 * report['images']['hue_match']:.1f}%",
                   f"- retrieval of the intended emoji among {len(everything)}: top-1 {100 * top(1):.1f}%, top-5 {100 * top(5):.1f}%",
                   "", "![real over generated](samples.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
-
-
-def model_base(model, tc):
-    from upcycle import builtin_base
-    return Path(tc.base) if tc.base else builtin_base()
-
-
-def vq_dir(ckpt, state):
-    ckpt = Path(ckpt) if ckpt else Path(__file__).parent / "demo"
-    return ckpt / "vq" if (ckpt / "vq").exists() else state["vq"]
 
 
 def main():

@@ -56,20 +56,26 @@ def generate_codes(model, prompt_ids, n_codes, cfg=3.0, temperature=1.0, top_k=N
     return torch.stack(codes, dim=1)
 
 
-def load_pipeline(ckpt=None, device="cpu"):
-    """-> (model with adapter, tokenizer, VQ) for a train.py checkpoint directory, or the built-in demo.
-    The VQ is the checkpoint's own vq/ folder if it has one, else the one it was trained with."""
-    from train import load_adapter
+def resolve_checkpoint(ckpt=None):
+    """-> (checkpoint dir, its state.json, base model dir, VQ dir) for a train.py output directory, or the
+    built-in demo. The VQ is the checkpoint's own vq/ folder if it has one, else the one it was trained with."""
     from upcycle import builtin_base
-    from vq import load_vq
     ckpt = Path(ckpt) if ckpt else DEMO
     if not (ckpt / "state.json").exists():
         raise BadInput(f"no trained model in {ckpt} (expected state.json and adapter.safetensors from train.py)")
     state = json.loads((ckpt / "state.json").read_text())
     base = Path(state["train_config"]["base"]) if state["train_config"]["base"] else builtin_base()
+    return ckpt, state, base, ckpt / "vq" if (ckpt / "vq").exists() else Path(state["vq"])
+
+
+def load_pipeline(ckpt=None, device="cpu"):
+    """-> (model with adapter, tokenizer, VQ) for a train.py checkpoint directory, or the built-in demo."""
+    from train import load_adapter
+    from vq import load_vq
+    ckpt, state, base, vq_dir = resolve_checkpoint(ckpt)
     model = MMMoE.from_pretrained(base, dtype=torch.float32, device=device)
     load_adapter(model, ckpt)
-    vq = load_vq(ckpt / "vq" if (ckpt / "vq").exists() else state["vq"], device)
+    vq = load_vq(vq_dir, device)
     if vq.config.codebook_size != model.adapter.n_image_codes:
         raise BadInput(f"the VQ has {vq.config.codebook_size} codes but the adapter was trained for {model.adapter.n_image_codes}")
     return model.eval(), load_tokenizer(base), vq

@@ -63,6 +63,7 @@ def test_report_on_a_tiny_trained_model(tiny_setup, tmp_path):
         spec = torch.tensor(report[when]["specificity"])
         assert spec.shape == (2, 4) and ((-1 <= spec) & (spec <= 1)).all()
         assert all(0 <= c <= 1 + 1e-6 for c in report[when]["cka"])
+    assert min(report["images"]["vq_frechet"], report["images"]["vq_frechet_real_vs_real"]) > -1e-6
     assert 0 <= report["images"]["hue_match"] <= 1 and report["images"]["retrieval_top1"] <= report["images"]["retrieval_top5"]
     assert report["c2"]["LoRA router"] > 0 and report["c2"]["base"] > 0
     text = (tmp_path / "report" / "report.md").read_text()
