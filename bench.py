@@ -121,7 +121,7 @@ def bench_gw(args):
     e, h = init_image_rows(codebook, embed, head, method="gw", anchors=args.anchors)
     print(f"gw init, 32,000 x 4,096 (untied) vs 16,384 codes, {args.anchors} anchors: {time.perf_counter() - t0:.0f} s, "
           f"peak RSS {peak_rss_mb() / 1024:.2f} GB (inputs {(embed.nbytes + head.nbytes) / 2**30:.2f} GB; "
-          f"growth {(peak_rss_mb() - before) / 1024:.2f} GB)")
+          f"growth {(peak_rss_mb() - before) / 1024:.2f} GB); {len(torch.unique(e, dim=0)):,} distinct code rows")
 
 
 def bench_train(args):
