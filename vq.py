@@ -59,6 +59,9 @@ PRESETS = {
     # enough for CPU sampling (seconds per image) while 8 px cells still hold an emoji's outline and hues.
     "demo": VQConfig(image_size=64, codebook_size=1024, codebook_dim=8, ch=32, ch_mult=(1, 2, 2, 4),
                      num_res_blocks=1, z_channels=128),
+    # The same at 16 x 16 = 256 codes: +4 dB PSNR in the same 28 CPU minutes (README), 4x the sequence length.
+    "demo-16x16": VQConfig(image_size=64, codebook_size=1024, codebook_dim=8, ch=32, ch_mult=(1, 2, 4),
+                           num_res_blocks=1, z_channels=128),
 }
 
 # -----------------------------------------------------------------------------
