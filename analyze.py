@@ -139,7 +139,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
     from data import TokenShards, dominant_hue, load_images, read_folder
     from mmmoe import AdapterConfig, load_tokenizer
     from sample import generate_codes, prompt_ids, resolve_checkpoint
-    from train import english_text, init_image_rows, load_adapter, trainable_budget, TrainConfig
+    from train import english_text, init_image_rows, load_adapter, start_token, trainable_budget, TrainConfig
     from upcycle import chat_prompt
     from vq import load_vq
     out = Path(out)
@@ -149,7 +149,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
     # One copy of the base serves all three models in turn: the plain base (C1's reference), "before" (the
     # same adapter initialised as train.py initialises it, untrained) and "after" (the trained adapter).
     model, tokenizer, vq = MMMoE.from_pretrained(base_dir, dtype=torch.float32).eval(), load_tokenizer(base_dir), load_vq(vq_dir)
-    bos = model.config.bos_token_id if model.config.bos_token_id is not None else model.config.eos_token_id
+    bos = start_token(model.config)
     pad = model.config.eos_token_id
     english = english_text(tokenizer, 4096)
     val = TokenShards(tc.shards, "val")

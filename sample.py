@@ -85,8 +85,8 @@ def prompt_ids(model, tokenizer, prompt, n_codes):
     """<bos> prompt <boi> as a (1, T) tensor, after checking the prompt is usable."""
     if not prompt.strip():
         raise BadInput("empty prompt")
-    bos = model.config.bos_token_id if model.config.bos_token_id is not None else model.config.eos_token_id
-    ids = [bos] + tokenizer.encode(prompt.strip()).ids + [model.image_token("boi")]
+    from train import start_token
+    ids = [start_token(model.config)] + tokenizer.encode(prompt.strip()).ids + [model.image_token("boi")]
     if len(ids) + n_codes > model.config.max_seq_len:
         raise BadInput(f"prompt too long: {len(ids)} tokens + {n_codes} image codes exceed the model's context of "
                        f"{model.config.max_seq_len}")

@@ -98,6 +98,11 @@ def global_batch(n, size, step, seed):
     return order[(i * size + np.arange(size)) % n]  # wraps around a dataset smaller than one batch
 
 
+def start_token(config):
+    """<bos>, or <eos> for a base that has no <bos>: the first token of every sequence and prompt."""
+    return config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
+
+
 def make_batch(shards, indices, drop, model, bos, pad):
     """-> idx (B, T), targets (B, T): targets are the next image code at every position that predicts
     one, -1 elsewhere. drop[i]: example i gets the unconditional prompt (caption -> pad tokens)."""
@@ -260,7 +265,7 @@ def train(tc, resume=False):
     train_set, val = TokenShards(tc.shards, "train"), TokenShards(tc.shards, "val")
     model, base = build_model(tc, device, train_set.index["codebook_size"])
     tokenizer = load_tokenizer(base)
-    bos = model.config.bos_token_id if model.config.bos_token_id is not None else model.config.eos_token_id
+    bos = start_token(model.config)
     pad = model.config.eos_token_id  # the unconditional prompt's filler; also pads batches
     step, log, state = 0, [], None
     if resume and (out_dir / "state.json").exists():

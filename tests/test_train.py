@@ -70,6 +70,7 @@ def test_grouped_plora_equals_per_token(tiny_ckpt):
     import mmmoe
     path, _, _ = tiny_ckpt()
     moe = with_random_adapter(path).model.layers[0].block_sparse_moe
+    torch.manual_seed(0)
     x = torch.randn(2, 9, 64)
     image_rows = (torch.rand(2, 9) < 0.5)[..., None]
     y = moe(x, image_rows)
@@ -79,7 +80,9 @@ def test_grouped_plora_equals_per_token(tiny_ckpt):
         w, chosen = torch.softmax(logits, 0).topk(2)
         expected = sum(wi / w.sum() * mmmoe.expert(flat[t:t + 1], moe.experts, e, rows[t:t + 1, None])[0]
                        for wi, e in zip(w, chosen.tolist()))
-        assert torch.allclose(y.view(-1, 64)[t], expected, rtol=1e-5, atol=1e-4)
+        # float32 summation order differs between a grouped and a single-row matmul: outputs here are ~1e3,
+        # so compare at 1e-5 of the row's scale (a wrong expert or weight is off by O(1) of it)
+        assert (y.view(-1, 64)[t] - expected).abs().max() <= 1e-5 * expected.abs().max()
 
 
 def run_train(setup, out, *extra, env=None):
