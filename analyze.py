@@ -217,7 +217,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
         n_codes = vq.config.grid ** 2
         fake = []
         for r in tqdm(rows, desc="drawing held-out captions", unit="image", leave=False):
-            codes = generate_codes(model, prompt_ids(model, tokenizer, r["caption"], n_codes), n_codes, 3.0, 1.0, None, None, g, pad)
+            codes = generate_codes(model, prompt_ids(model, tokenizer, r["caption"], n_codes), n_codes, 3.0, 1.0, None, None, g)
             with torch.no_grad():
                 fake.append(vq.decode_codes(codes.view(1, vq.config.grid, vq.config.grid))[0].clamp(-1, 1))
         fake = torch.stack(fake)

@@ -22,20 +22,20 @@ import torch.nn.functional as F
 
 from mmmoe import BadInput, MMMoE, load_tokenizer, sample_next
 
-DEMO = Path(__file__).parent / "demo"  # the committed demo: adapter/ (PLoRA + image rows) and vq/
+DEMO = Path(__file__).parent / "demo"  # the committed demo: adapter.safetensors + state.json, and vq/
 
 
 @torch.no_grad()
-def generate_codes(model, prompt_ids, n_codes, cfg=3.0, temperature=1.0, top_k=None, top_p=None, generator=None,
-                   pad=None):
+def generate_codes(model, prompt_ids, n_codes, cfg=3.0, temperature=1.0, top_k=None, top_p=None, generator=None):
     """prompt_ids (B, T) ending in <boi> -> image codes (B, n_codes). With cfg, each row gets an
-    unconditional twin: the same prompt with everything between <bos> and <boi> replaced by `pad`."""
+    unconditional twin: the same prompt with everything between <bos> and <boi> replaced by <eos>, the
+    filler of train.py's caption dropout."""
     B, T = prompt_ids.shape
     K = model.adapter.n_image_codes
     idx = prompt_ids
     if cfg:
         uncond = prompt_ids.clone()
-        uncond[:, 1:-1] = pad
+        uncond[:, 1:-1] = model.config.eos_token_id
         idx = torch.cat([prompt_ids, uncond])  # (2B, T): cond rows, then their unconditional twins
     model.setup_caches(idx.shape[0], T + n_codes)
     pos = torch.arange(T, device=idx.device)
@@ -116,8 +116,7 @@ def main():
     t1 = time.time()
     for prompt in args.prompts:
         ids = prompt_ids(model, tokenizer, prompt, n_codes).repeat(args.n, 1)
-        codes = generate_codes(model, ids, n_codes, args.cfg, args.temperature, args.top_k, args.top_p, generator,
-                               pad=model.config.eos_token_id)
+        codes = generate_codes(model, ids, n_codes, args.cfg, args.temperature, args.top_k, args.top_p, generator)
         with torch.no_grad():
             rows.append(vq.decode_codes(codes.view(-1, vq.config.grid, vq.config.grid)))
     from vq import save_grid
