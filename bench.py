@@ -48,6 +48,12 @@ def matmul_peak_gflops(n=2048):
     return 2 * n**3 / best_of(lambda: a @ b, 5) / 1e9
 
 
+def read_bandwidth_gbs(mb=256):
+    """How fast this machine streams memory: sum a tensor far larger than the caches."""
+    big = torch.ones(mb * 2**20 // 4)
+    return big.nbytes / best_of(big.sum, 5) / 1e9
+
+
 def random_model(config, seed=0):
     torch.manual_seed(seed)
     model = MMMoE(config)
@@ -86,7 +92,11 @@ def bench_model(args):
     print(f"mmmoe prefill {B}x{T}: {B * T / t:,.0f} tokens/s ({gflops:.1f} GFLOP/s, {100 * gflops / peak:.0f}% of peak)")
     prompt = idx[:1, :16]
     t = best_of(lambda: model.generate(prompt, n_new, temperature=0))
-    print(f"mmmoe KV-cached greedy decode of {n_new} tokens: {n_new / t:,.0f} tokens/s ({1000 * t / n_new:.2f} ms/token)")
+    # batch-1 decode is bound by memory, not arithmetic: every token streams each weight it uses once
+    weight_mb = flops_per_token(cfg, 0) / 2 * 4 / 1e6  # fp32 bytes of the weights one token touches
+    print(f"mmmoe KV-cached greedy decode of {n_new} tokens: {n_new / t:,.0f} tokens/s ({1000 * t / n_new:.2f} ms/token; "
+          f"{weight_mb:.0f} MB of weights a token = {weight_mb * n_new / t / 1e3:.1f} GB/s, "
+          f"this machine reads {read_bandwidth_gbs():.1f} GB/s)")
 
     with tempfile.TemporaryDirectory() as tmp:
         if importlib.util.find_spec("transformers"):  # optional comparison, same weights
