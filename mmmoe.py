@@ -340,8 +340,8 @@ class MMMoE(nn.Module):
         """idx (B, T) token ids -> (logits (B, T, V [+ K + 2 with an adapter]), loss or None). input_pos None:
         a whole sequence from position 0 (training, scoring); input_pos (T,): the positions of idx in the
         KV cache that setup_caches made (prefill, then one token at a time)."""
-        image = self.adapter is not None and bool((idx >= self.config.vocab_size).any())
-        if input_pos is None and image and not (idx[:, 0] >= self.config.vocab_size).any():
+        V = self.config.vocab_size
+        if input_pos is None and self.adapter is not None and (idx >= V).any() and not (idx[:, 0] >= V).any():
             return self.forward_text_first(idx, targets)
         x = self.hidden_states(idx, input_pos)
         logits = self.lm_head(x)  # (B, T, V): the text rows are the base's
