@@ -8,7 +8,7 @@ sample.py: draw pictures from text with a multimodal MoE.
 The prompt becomes  <bos> prompt <boi>; the model then writes the image codes one at a time with the
 KV cache, and the VQ decoder turns them into pixels. Inside an image only image codes can be sampled
 (the decoding rule of the paper's setup). Classifier-free guidance runs the prompt and the
-unconditional prompt (the same length, caption replaced by pad tokens, as in training) as two rows
+unconditional prompt (the same length, caption replaced by <eos>, train.py's filler) as two rows
 of one batch and mixes their logits: uncond + cfg * (cond - uncond).
 """
 import argparse
