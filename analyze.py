@@ -88,7 +88,7 @@ def redundancy(model, probe):
             continue
         experts = layer.block_sparse_moe.experts
         rows = torch.ones(len(x), 1, dtype=torch.bool)
-        ys = [expert(x.float(), experts, e, rows) for e in range(len(experts.w1))]
+        ys = [expert(x.float(), experts, e, rows) for e in range(model.config.n_experts)]
         pairs = [linear_cka(ys[i], ys[j]) for i in range(len(ys)) for j in range(i + 1, len(ys))]
         out.append(sum(pairs) / len(pairs))
     return out

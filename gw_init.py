@@ -126,7 +126,7 @@ def init_image_rows(codebook, embed, head=None, method="gw", anchors=1024, epsil
 
 
 def main():
-    from mmmoe import MMMoEConfig, checkpoint_files, read_tensor
+    from mmmoe import MMMoEConfig, TensorReader, checkpoint_index
     from vq import load_vq
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="Mixtral-layout checkpoint directory")
@@ -139,9 +139,9 @@ def main():
     args = p.parse_args()
     t0 = time.time()
     cfg = MMMoEConfig.from_hf(args.base)
-    tensors = {n: (f, e) for f, entries in checkpoint_files(Path(args.base)).items() for n, e in entries.items()}
-    embed = read_tensor(*tensors["model.embed_tokens.weight"])
-    head = None if cfg.tie_word_embeddings else read_tensor(*tensors["lm_head.weight"])
+    read = TensorReader(checkpoint_index(Path(args.base)))
+    embed = read("model.embed_tokens.weight").float()
+    head = None if cfg.tie_word_embeddings else read("lm_head.weight").float()
     codebook = load_vq(args.vq).quantize.codebook().detach()
     image_embed, image_head = init_image_rows(codebook, embed, head, args.method, args.anchors, args.epsilon, args.seed)
     out = {"image_embed": image_embed.contiguous()} | ({"image_head": image_head.contiguous()} if image_head is not None else {})

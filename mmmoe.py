@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
@@ -140,6 +141,15 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def linear(x, w):
+    """x (..., in) @ w.T for a weight w (out, in). For the few rows of a decoding step it is computed as
+    (w @ x^T)^T, the same product, which CPU BLAS runs ~1.5-2x faster there; with many rows (and for
+    the backward pass) x @ w.T is the faster one."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = (w @ rows.T).T if len(rows) <= 16 else rows @ w.T
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
 def rope_cos_sin(positions, head_dim, theta, dtype):
     """RoPE tables for integer positions (T,) -> cos, sin of shape (T, head_dim), in float32 then dtype."""
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
@@ -204,9 +214,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos, image_rows):
         B, T, _ = x.shape
-        q = plora(self.q_proj(x), x, self.q_lora, image_rows).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = plora(self.k_proj(x), x, self.k_lora, image_rows).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = plora(self.v_proj(x), x, self.v_lora, image_rows).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = plora(linear(x, self.q_proj.weight), x, self.q_lora, image_rows).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = plora(linear(x, self.k_proj.weight), x, self.k_lora, image_rows).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = plora(linear(x, self.v_proj.weight), x, self.v_lora, image_rows).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # q (B, nh, T, hd), k/v (B, n_kv, T, hd)
         if self.kv_cache is not None:
             k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
@@ -214,23 +224,40 @@ class Attention(nn.Module):
                 k, v = k_all, v_all
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
-        return plora(self.o_proj(y), y, self.o_lora, image_rows)  # (B, T, C)
+        return plora(linear(y, self.o_proj.weight), y, self.o_lora, image_rows)  # (B, T, C)
 
 
 def expert(x, experts, e, image_rows=None):
     """Expert e on its tokens x (n, C): w2(silu(w1 x) * w3 x), with w1 = gate, w3 = up, w2 = down projection."""
     lora = image_rows is not None and experts.w1_lora is not None
-    gate, up = x @ experts.w1[e].T, x @ experts.w3[e].T  # (n, I)
+    b = e if len(experts.w1) > 1 else 0  # a shared base holds one copy for every expert
+    gate, up = linear(x, experts.w1[b]), linear(x, experts.w3[b])  # (n, I)
     if lora:  # PLoRA: this expert's own low-rank updates, on its image rows only (C1: text rows untouched)
         gate = torch.where(image_rows, gate + experts.w1_lora(x, e), gate)
         up = torch.where(image_rows, up + experts.w3_lora(x, e), up)
     h = F.silu(gate) * up
-    out = h @ experts.w2[e].T  # (n, C)
+    out = linear(h, experts.w2[b])  # (n, C)
     return torch.where(image_rows, out + experts.w2_lora(h, e), out) if lora else out
 
 
+def routed_lora(lora, x, mix):
+    """Each slot's own expert's low-rank update, for all rows at once, with no sort and no loop: every
+    expert's A x in one matmul (all A's stacked as one (E*r, in) matrix), mix (N, k, E) keeps each slot's
+    expert (and may weigh it), and one matmul with all B's stacked sums over experts and ranks.
+    x (N, 1 or k, in) -> (N, k, E*r), to be finished by lora_b."""
+    E, r, _ = lora.A.shape
+    a = linear(x, lora.A.view(E * r, -1)).view(*x.shape[:2], E, r) * (mix * lora.scale)[..., None]
+    return a.flatten(2)
+
+
+def lora_b(lora, a):
+    """(..., E*r) -> (..., out): all experts' B matrices as one (out, E*r) matrix."""
+    return linear(a, lora.B.transpose(0, 1).reshape(lora.B.shape[1], -1))
+
+
 class MoE(nn.Module):
-    """Top-k routed SwiGLU experts, stored stacked per layer as (E, out, in) tensors."""
+    """Top-k routed SwiGLU experts, stored stacked per layer as (E, out, in) tensors, or as one (1, out, in)
+    copy when every expert holds the same weights (a copy-upcycled base: the loader keeps one)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -253,12 +280,17 @@ class MoE(nn.Module):
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
         weights, expert_idx = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-        # Grouped dispatch: flatten the N*k (token, slot) pairs and sort them by expert id, so that every
-        # expert sees one contiguous slice and runs one matmul per weight on it.
+        shared = len(self.experts.w1) == 1
+        y = (self.shared_base if shared else self.grouped)(x, weights, expert_idx, image_rows)
+        return y.view(B, T, C)
+
+    def grouped(self, x, weights, expert_idx, image_rows):
+        """Distinct experts. Grouped dispatch: flatten the N*k (token, slot) pairs and sort them by expert
+        id, so that every expert sees one contiguous slice and runs one matmul per weight on it."""
         flat_expert = expert_idx.view(-1)  # (N*k,)
         order = torch.argsort(flat_expert, stable=True)  # pair indices grouped by expert
         token_idx = order // self.top_k  # (N*k,) the token each sorted pair came from
-        counts = torch.bincount(flat_expert, minlength=router_logits.shape[-1]).tolist()
+        counts = torch.bincount(flat_expert, minlength=len(self.experts.w1)).tolist()
         x_sorted = x[token_idx]  # (N*k, C)
         rows_sorted = None if image_rows is None else image_rows[token_idx]  # (N*k, 1)
         out = torch.empty_like(x_sorted)
@@ -269,8 +301,28 @@ class MoE(nn.Module):
                 out[start:start + n] = expert(x_sorted[start:start + n], self.experts, e, rows)
                 start += n
         out = out * weights.view(-1)[order, None]  # scale by the router weight of each pair
-        y = torch.zeros_like(x).index_add_(0, token_idx, out)  # sum each token's k expert outputs
-        return y.view(B, T, C)
+        return torch.zeros_like(x).index_add_(0, token_idx, out)  # sum each token's k expert outputs
+
+    def shared_base(self, x, weights, expert_idx, image_rows):
+        """Experts that are copies of one FFN (the paper's redundant start) and differ only by their PLoRA
+        updates. Then w1 x and w3 x are the same for every expert: computed once per token. The down
+        projection is linear, so sum_s w_s W2 h_s = W2 (sum_s w_s h_s): once per token, not top_k times.
+        A text row has no update at all: with weights summing to 1 it is exactly the dense FFN."""
+        ex = self.experts
+        gate, up = linear(x, ex.w1[0]), linear(x, ex.w3[0])  # (N, I), shared by every expert
+        h = F.silu(gate) * up  # (N, I)
+        if image_rows is None or ex.w1_lora is None:
+            return linear(h, ex.w2[0])  # (N, C)
+        route = F.one_hot(expert_idx, len(ex.w1_lora.A)).to(x.dtype)  # (N, k, E): each slot's expert
+        x = x[:, None]  # (N, 1, C)
+        gate_k = gate[:, None] + lora_b(ex.w1_lora, routed_lora(ex.w1_lora, x, route))  # (N, k, I)
+        up_k = up[:, None] + lora_b(ex.w3_lora, routed_lora(ex.w3_lora, x, route))
+        h_k = F.silu(gate_k) * up_k  # (N, k, I): what each slot's expert computes before w2
+        w = weights[..., None]  # (N, k, 1)
+        h = torch.where(image_rows, (w * h_k).sum(1), h)  # (N, I); C1: text rows keep the base's h
+        y = linear(h, ex.w2[0])  # (N, C)
+        lora = lora_b(ex.w2_lora, routed_lora(ex.w2_lora, h_k, route * w).sum(1))  # sum_s w_s B_s A_s h_s: (N, C)
+        return torch.where(image_rows, y + lora, y)
 
 
 class Block(nn.Module):
@@ -295,7 +347,8 @@ class MMMoE(nn.Module):
         self.config = config
         # module names mirror the Hugging Face checkpoint keys, so loading is a plain name lookup
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.dim),
+            # built uninitialised (weights are loaded); random init on the meta device costs torch a 2-s import
+            embed_tokens=nn.Embedding(config.vocab_size, config.dim, _weight=torch.empty(config.vocab_size, config.dim)),
             layers=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
             norm=RMSNorm(config.dim, config.norm_eps),
         ))
@@ -337,17 +390,34 @@ class MMMoE(nn.Module):
         return {"boi": V + K, "eoi": V + K + 1}[which] if isinstance(which, str) else which + V
 
     def forward(self, idx, targets=None, input_pos=None):
-        """idx (B, T) token ids -> (logits (B, T, V [+ K + 2 with an adapter]), loss or None). input_pos None:
-        a whole sequence from position 0 (training, scoring); input_pos (T,): the positions of idx in the
-        KV cache that setup_caches made (prefill, then one token at a time)."""
-        V = self.config.vocab_size
-        if input_pos is None and self.adapter is not None and (idx >= V).any() and not (idx[:, 0] >= V).any():
-            return self.forward_text_first(idx, targets)
-        x = self.hidden_states(idx, input_pos)
-        logits = self.lm_head(x)  # (B, T, V): the text rows are the base's
-        if self.adapter is not None:
-            logits = torch.cat([logits, x @ self.image_head.T], dim=-1)  # (B, T, V + K + 2)
-        return logits, None if targets is None else self.loss(logits, targets)
+        """idx (B, T) token ids -> (logits (B, T, V [+ K + 2 with an adapter]), None), or with targets
+        (None, loss): a loss needs the output layer only at its targets, and over a 49k text vocabulary
+        the rest would be a large share of a training step. input_pos None: a whole sequence from
+        position 0 (training, scoring); input_pos (T,): the positions of idx in the KV cache that
+        setup_caches made (prefill, then one token at a time)."""
+        B, T = idx.shape
+        image = idx >= self.config.vocab_size
+        if input_pos is None and self.adapter is not None and image.any() and not image[:, 0].any():
+            # C1 for sequences that start with text: the columns before the batch's first image token run
+            # alone, exactly as the base model runs them (same shapes, frozen weights, no gradient); the
+            # rest attends to them through a KV cache. So that text's logits are the base's bit for bit,
+            # whatever follows, and no backward pass runs through the frozen prefix.
+            P = int(image.any(dim=0).nonzero()[0])
+            self.setup_caches(B, T)
+            with torch.no_grad():
+                parts = [self.hidden_states(idx[:, :P], torch.arange(P, device=idx.device))]
+            parts.append(self.hidden_states(idx[:, P:], torch.arange(P, T, device=idx.device)))
+            self.clear_caches()
+        else:
+            parts = [self.hidden_states(idx, input_pos)]
+        if targets is not None:
+            return None, self.loss(torch.cat(parts, dim=1), targets)
+        return torch.cat([self.logits(x) for x in parts], dim=1), None
+
+    def logits(self, x):
+        """Final hidden states (..., C) -> (..., V [+ K + 2]): the text columns are the base's."""
+        logits = linear(x, self.lm_head.weight)
+        return logits if self.adapter is None else torch.cat([logits, linear(x, self.image_head)], dim=-1)
 
     def hidden_states(self, idx, input_pos=None):
         """idx (B, T) -> the final normalised hidden states (B, T, C), before any output layer."""
@@ -368,31 +438,17 @@ class MMMoE(nn.Module):
             x = layer(x, cos, sin, mask, input_pos, image_rows)
         return self.model.norm(x)
 
-    def forward_text_first(self, idx, targets):
-        """C1 for a sequence that starts with text: the text before the first image token runs alone,
-        exactly as the base model runs it (same shapes, frozen weights, no gradient); the rest then
-        attends to it through a KV cache. So those text logits are the base's bit for bit, whatever
-        follows them, and no backward pass runs through the frozen prefix."""
-        B, T = idx.shape
-        P = int((idx >= self.config.vocab_size).any(dim=0).nonzero()[0])  # first column holding an image token
-        self.setup_caches(B, T)
-        with torch.no_grad():
-            text_logits, _ = self(idx[:, :P], input_pos=torch.arange(P, device=idx.device))
-        rest_logits, _ = self(idx[:, P:], input_pos=torch.arange(P, T, device=idx.device))
-        self.clear_caches()
-        logits = torch.cat([text_logits, rest_logits], dim=1)
-        return logits, None if targets is None else self.loss(logits, targets)
-
-    def loss(self, logits, targets):
-        """Mean cross-entropy over targets >= 0, each over its own modality (the decoding rule): a text
-        target against the text vocabulary only, so text probabilities are exactly the base's; an image
-        target against the image tokens only."""
+    def loss(self, x, targets):
+        """Mean cross-entropy over targets >= 0 from the final hidden states x (B, T, C), each target over
+        its own modality (the decoding rule): a text target against the text vocabulary only, so text
+        probabilities are exactly the base's; an image target against the image tokens only."""
         V = self.config.vocab_size
-        logits, targets = logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
+        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
         text, image = (targets >= 0) & (targets < V), targets >= V
-        nll = torch.cat([F.cross_entropy(logits[text, :V], targets[text], reduction="none"),
-                         F.cross_entropy(logits[image, V:], targets[image] - V, reduction="none")])
-        return nll.mean()
+        nll = [F.cross_entropy(linear(x[text], self.lm_head.weight).float(), targets[text], reduction="none")]
+        if self.adapter is not None:
+            nll.append(F.cross_entropy(linear(x[image], self.image_head).float(), targets[image] - V, reduction="none"))
+        return torch.cat(nll).mean()
 
     def setup_caches(self, batch_size, max_seq_len):
         """Allocate a static KV cache in every layer (replacing any previous one)."""
@@ -412,11 +468,8 @@ class MMMoE(nn.Module):
         config = MMMoEConfig.from_hf(path)
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or DTYPES[config.dtype]
         with torch.device("meta"):  # no memory: shapes only
-            model = cls(config).to(dtype)
-        model.to_empty(device=device)  # one uninitialised allocation per parameter, nothing else
-        if config.tie_word_embeddings:
-            model.lm_head.weight = model.model.embed_tokens.weight  # to_empty unties; tie again
-        load_checkpoint_into(model, path)
+            model = cls(config)
+        load_checkpoint(model, path, dtype, device)
         return model.eval()
 
     def save_pretrained(self, path, tokenizer=None, max_shard_bytes=2 * 1024**3):
@@ -439,7 +492,7 @@ class MMMoE(nn.Module):
         eos = self.config.eos_token_id
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         out, pos = [idx], torch.arange(T, device=idx.device)
-        logits = self(idx, input_pos=pos)[0][:, -1]  # prefill
+        logits = self.logits(self.hidden_states(idx, pos)[:, -1])  # prefill
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, allowed_ids, generator)  # (B,)
             if stop_at_eos:
@@ -448,7 +501,7 @@ class MMMoE(nn.Module):
             out.append(nxt[:, None])
             if i + 1 == max_new_tokens or (stop_at_eos and done.all()):
                 break
-            logits = self(nxt[:, None], input_pos=pos[-1:] + 1 + i)[0][:, -1]  # decode one token
+            logits = self.logits(self.hidden_states(nxt[:, None], pos[-1:] + 1 + i)[:, -1])  # decode one token
         self.clear_caches()
         return torch.cat(out, dim=1)
 
@@ -484,123 +537,141 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, allowed_ids=Non
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def read_safetensors_header(path):
-    """-> {name: (dtype, shape, begin, end)}, with begin/end absolute positions in the file.
-
-    The format is 8 bytes of little-endian header length, a JSON header, then raw tensor bytes."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or not 2 <= n <= size - 8:
-            raise BadInput(f"corrupt safetensors header in {path}: header length {n}, file {size} bytes")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BadInput(f"corrupt safetensors header in {path}: not JSON") from None
-    header.pop("__metadata__", None)
-    tensors, start = {}, 8 + n
-    for name, info in header.items():
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise BadInput(f"unsupported dtype {info['dtype']} for {name} in {path}")
-        dtype, (b, e) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-        if e - b != math.prod(info["shape"]) * dtype.itemsize or start + e > size:
-            raise BadInput(f"corrupt safetensors file {path}: data of {name} out of bounds")
-        tensors[name] = (dtype, tuple(info["shape"]), start + b, start + e)
-    return tensors
-
-
-def checkpoint_files(path):
-    """The safetensors files of a checkpoint directory -> {file: {tensor name: header entry}}."""
+def checkpoint_index(path):
+    """{tensor name: (file, shape)} of a checkpoint directory: model.safetensors, or the shards its index
+    lists. safetensors' own reader validates each header (offsets, sizes); we add that shards are plain
+    file names inside the directory, and that no tensor is stored twice."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            raise BadInput(f"{index} is not a safetensors index (JSON with a weight_map)") from None
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
         raise BadInput(f"no model.safetensors or model.safetensors.index.json in {path}")
-    for f in files:
-        if not (path / f).exists():
-            raise BadInput(f"missing shard {f} listed in {index}")
-    return {path / f: read_safetensors_header(path / f) for f in files}
+    tensors = {}
+    for name in files:
+        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+            raise BadInput(f"{index} lists {name!r}: shards must be files in the checkpoint directory")
+        if not (path / name).is_file():
+            raise BadInput(f"missing shard {name} listed in {index}")
+        try:
+            with safe_open(path / name, "pt") as f:
+                for key in f.keys():
+                    if key in tensors:
+                        raise BadInput(f"tensor {key} is stored twice: in {tensors[key][0].name} and {name}")
+                    t = f.get_slice(key)
+                    if t.get_dtype() not in SAFETENSORS_DTYPES:
+                        raise BadInput(f"unsupported dtype {t.get_dtype()} for {key} in {name}")
+                    tensors[key] = (path / name, tuple(t.get_shape()))
+        except SafetensorError as e:
+            raise BadInput(f"corrupt safetensors header in {path / name}: {' '.join(str(e).split())}") from None
+    return tensors
 
 
-def checkpoint_targets(name, config):
+class TensorReader:
+    """read(name, index=()) -> a copy of a tensor of checkpoint_index's files, or of the part `index`
+    selects. safe_open maps a file, and each page touched stays in memory while it is open: the files
+    are closed every 256 MB read, so memory holds the model plus that, never the whole checkpoint."""
+
+    def __init__(self, index):
+        self.index, self.files, self.bytes = index, {}, 0
+
+    def __call__(self, name, idx=()):
+        file = self.index[name][0]
+        self.files[file] = self.files.get(file) or safe_open(file, "pt")
+        t = self.files[file].get_slice(name)[idx].clone()  # a view of the mapped file until copied out
+        self.bytes += t.nbytes
+        if self.bytes > 256 * 2**20:
+            self.files, self.bytes = {}, 0
+        return t
+
+
+def stack_experts(tensors, n):
+    """One layer's expert tensors, in order -> (n, ...), or (1, ...) when all are copies of the first:
+    then one copy is all that is ever held."""
+    first = next(tensors)
+    out = first[None]  # (1, ...): one copy serves every expert, while they are all the same
+    for j, t in enumerate(tensors, 1):
+        if len(out) == 1 and torch.equal(t, first):
+            continue
+        if len(out) == 1:  # they differ: from here on every expert keeps its own weights
+            out = first.expand(n, *first.shape).clone()
+        out[j] = t
+    return out
+
+
+def checkpoint_targets(name, shape, config):
     """Checkpoint tensor name -> [(our parameter name, expert j or None, index into the tensor)].
 
     Experts are stored one tensor per expert in the HF layout (experts.{j}.w1.weight), or fused 3-D
     by newer transformers (experts.gate_up_proj = cat(w1, w3) on dim 1, experts.down_proj = w2); we keep
     them stacked per layer as (E, out, in)."""
     name = name.replace(".mlp.", ".block_sparse_moe.")  # transformers >= 5 calls the MoE block "mlp"
-    every = (slice(None),)
     m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(w[123])\.weight", name)
     if m:
-        return [(f"{m[1]}.{m[3]}", int(m[2]), every)]
+        return [(f"{m[1]}.{m[3]}", int(m[2]), ())]
     if name.endswith(".experts.gate_up_proj"):  # (E, 2I, C)
         prefix, inter = name[: -len("gate_up_proj")], config.intermediate_size
-        return [(prefix + "w1", None, (slice(None), slice(0, inter))),
-                (prefix + "w3", None, (slice(None), slice(inter, None)))]
+        return [(prefix + w, j, (j, part)) for w, part in (("w1", slice(0, inter)), ("w3", slice(inter, None)))
+                for j in range(shape[0])]
     if name.endswith(".experts.down_proj"):  # (E, C, I)
-        return [(name[: -len("down_proj")] + "w2", None, every)]
-    return [(name, None, every)]
+        return [(name[: -len("down_proj")] + "w2", j, (j,)) for j in range(shape[0])]
+    return [(name, None, ())]
 
 
-def load_checkpoint_into(model, path):
-    """Stream every tensor of the checkpoint into the model's preallocated parameters.
+def load_checkpoint(model, path, dtype, device):
+    """Fill a model built on the meta device from a checkpoint, tensor by tensor: memory peaks at the
+    model plus one tensor. Every name and shape is checked before any data is read.
 
-    Each tensor is read with plain file reads into a buffer of its own size, then copied (and cast)
-    into place. safetensors' safe_open would map the file instead, and every page it touches stays
-    resident: peak memory twice the checkpoint. Here it is the model plus the largest single tensor.
-    Every name, shape and dtype is checked before the first byte of data is read."""
+    Copy upcycling makes every expert of a layer the same FFN (the paper's redundant start). Such a
+    layer keeps one copy, and MoE.shared_base computes it once: 1/E of the memory, 1/top_k of the work.
+    The copies are compared, not assumed: experts that differ in one number keep their own weights."""
     cfg = model.config
+    index = checkpoint_index(Path(path))
     params = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens
-    experts = lambda n: range(cfg.n_experts) if ".experts." in n else [None]  # noqa: E731
-    expected = {(n, j) for n in params for j in experts(n)}
-    filled, plan = set(), []
-    for file, tensors in checkpoint_files(path).items():
-        for name, entry in tensors.items():
-            shape = entry[1]
-            if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                continue  # some tied checkpoints store the shared matrix twice
-            targets = []
-            for pname, j, index in checkpoint_targets(name, cfg):
-                if pname not in params or (j is not None and j >= cfg.n_experts):
-                    raise BadInput(f"unexpected tensor {name} in {file.name}")
-                dest = params[pname] if j is None else params[pname][j]
-                got = torch.empty(shape, device="meta")[index].shape
-                if got != dest.shape:
-                    raise BadInput(f"shape mismatch for {name}: checkpoint {tuple(got)}, model {tuple(dest.shape)}")
-                filled |= {(pname, j)} if j is not None else {(pname, k) for k in experts(pname)}
-                targets.append((dest, index))
-            plan.append((file, entry, targets))
-    missing = sorted(expected - filled, key=str)
-    if missing:
-        (pname, j), more = missing[0], len(missing) - 1
-        name = pname if j is None else f"{pname[:-3]}.{j}.{pname[-2:]}.weight"
-        raise BadInput(f"missing tensor {name} in {path}" + (f" (and {more} more)" if more else ""))
+    sources = {n: {} for n in params}  # our name -> {expert j or None: (checkpoint name, index)}
+    for name, (file, shape) in index.items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue  # some tied checkpoints store the shared matrix twice
+        for pname, j, idx in checkpoint_targets(name, shape, cfg):
+            if pname not in params or (j is not None and j >= cfg.n_experts):
+                raise BadInput(f"unexpected tensor {name} in {file.name}")
+            got, want = torch.empty(shape, device="meta")[idx].shape, params[pname].shape[j is not None:]
+            if got != want:
+                raise BadInput(f"shape mismatch for {name}: checkpoint {tuple(got)}, model {tuple(want)}")
+            sources[pname][j] = (name, idx)
+    for pname in params:
+        for j in (range(cfg.n_experts) if ".experts." in pname else [None]):
+            if j not in sources[pname]:
+                name = pname if j is None else f"{pname[:-3]}.{j}.{pname[-2:]}.weight"
+                raise BadInput(f"missing tensor {name} in {path}")
+    read = TensorReader(index)
     with torch.no_grad():
-        for file, entry, targets in plan:
-            buf = read_tensor(file, entry)
-            for dest, index in targets:
-                dest.copy_(buf[index])
-
-
-def read_tensor(file, entry):
-    """One tensor of a safetensors file, given its header entry (dtype, shape, begin, end)."""
-    dtype, shape, begin, _ = entry
-    buf = torch.empty(shape, dtype=dtype)
-    with open(file, "rb") as f:
-        f.seek(begin)
-        f.readinto(buf.view(torch.uint8).numpy().reshape(-1))
-    return buf
+        for pname, p in params.items():
+            parts = (read(*sources[pname][j]).to(dtype=dtype, device=device) for j in sorted(sources[pname], key=lambda j: j or 0))
+            t = stack_experts(parts, cfg.n_experts) if ".experts." in pname else next(parts)
+            module, _, attr = pname.rpartition(".")
+            setattr(model.get_submodule(module), attr, nn.Parameter(t, requires_grad=p.requires_grad))
+            if pname.endswith(".experts.w3"):  # the last of a layer's three expert stacks (w1, w2, w3 order)
+                ex = model.get_submodule(module)
+                if len({len(ex.w1), len(ex.w2), len(ex.w3)}) > 1:  # some are copies, some not: expand the copies
+                    ex.w1, ex.w2, ex.w3 = (nn.Parameter(w.expand(cfg.n_experts, -1, -1).clone(), w.requires_grad)
+                                           for w in (ex.w1, ex.w2, ex.w3))
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
 
 
 def hf_state_dict(model):
-    """Our parameters under Hugging Face Mixtral names, one (E, out, in) slice per expert."""
+    """Our parameters under Hugging Face Mixtral names, one (out, in) tensor per expert (a shared base's
+    one copy written for each), so that any Mixtral loader reads them."""
     for name, p in model.named_parameters():  # a tied lm_head is left out: HF writes it once
         if ".experts." in name:
             prefix, w = name.rsplit(".", 1)
-            for j in range(p.shape[0]):
-                yield f"{prefix}.{j}.{w}.weight", p[j]
+            for j in range(model.config.n_experts):
+                yield f"{prefix}.{j}.{w}.weight", p[j if len(p) > 1 else 0]
         else:
             yield name, p
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmmoe import BadInput, MMMoE, load_tokenizer, sample_next
+from mmmoe import BadInput, MMMoE, linear, load_tokenizer, sample_next
 
 DEMO = Path(__file__).parent / "demo"  # the committed demo: adapter.safetensors + state.json, and vq/
 
@@ -43,7 +43,7 @@ def generate_codes(model, prompt_ids, n_codes, cfg=3.0, temperature=1.0, top_k=N
     hidden = model.hidden_states(idx, pos)[:, -1]  # prefill
     codes = []
     for i in range(n_codes):
-        logits = hidden @ head.T  # (2B or B, K)
+        logits = linear(hidden, head)  # (2B or B, K)
         if cfg:
             cond, uncond = logits[:B], logits[B:]
             logits = uncond + cfg * (cond - uncond)

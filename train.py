@@ -173,7 +173,9 @@ def trainable_budget(model):
     """C2: trainable parameters by component, and as a share of the base."""
     parts = {"LoRA experts": "experts.w", "LoRA attention": "self_attn.", "LoRA router": "gate_lora", "image rows": "image_"}
     counts = {k: sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and v in n) for k, v in parts.items()}
-    base = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad)
+    # a shared base stores one copy of a layer's identical experts; the MoE it stands for has n_experts of them
+    copies = lambda n, p: model.config.n_experts if ".experts.w" in n and len(p) == 1 else 1  # noqa: E731
+    base = sum(p.numel() * copies(n, p) for n, p in model.named_parameters() if not p.requires_grad)
     return counts, base
 
 

