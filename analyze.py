@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from mmmoe import BadInput, MMMoE
+from cli import BadInput, run
+from mmmoe import MMMoE
 
 # -----------------------------------------------------------------------------
 # Routing and redundancy
@@ -115,6 +115,49 @@ def heatmap(values, path, title, lo=-1.0, hi=1.0, cell=18):
             d.rectangle([x0, y0, x0 + cell - 2, y0 + cell - 2], fill=colour)
     im.save(path)
 
+def line_chart(d, box, series, title, ylim, xmax):
+    """Draw series {label: ([x], [y], colour)} into box (x0, y0, x1, y1) of an ImageDraw, with axes and a legend."""
+    x0, y0, x1, y1 = box
+    (lo, hi), xmax = ylim, max(xmax, 1e-9)
+    px = lambda x: x0 + (x1 - x0) * x / xmax  # noqa: E731
+    py = lambda y: y1 - (y1 - y0) * (min(max(y, lo), hi) - lo) / (hi - lo)  # noqa: E731
+    d.rectangle(box, outline="black")
+    d.text((x0, y0 - 14), title, fill="black")
+    for i in range(5):
+        y = lo + (hi - lo) * i / 4
+        d.line([(x0 - 4, py(y)), (x0, py(y))], fill="black")
+        d.text((x0 - 34, py(y) - 6), f"{y:g}"[:5], fill="black")
+        x = xmax * i / 4
+        d.text((px(x) - 8, y1 + 4), f"{x:.1f}", fill="black")
+    for k, (label, (xv, yv, colour)) in enumerate(series.items()):
+        if len(xv) > 1:
+            d.line([(px(x), py(y)) for x, y in zip(xv, yv)], fill=colour, width=2)
+        for x, y in zip(xv, yv) if len(xv) < 50 else ():
+            d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=colour)
+        d.text((x1 - 150, y0 + 6 + 14 * k), label, fill=colour)
+
+
+def plot_curve(log, path, examples_per_epoch, batch):
+    """train.py's log -> a PNG: losses against epochs (top), and the learning curve's scores (bottom)."""
+    epoch = lambda r: r["step"] * batch / examples_per_epoch  # noqa: E731
+    loss = [r for r in log if "loss" in r]
+    val = [r for r in log if "val_image_loss" in r]
+    curve = [r for r in log if "train_top1" in r]
+    xmax = max([epoch(r) for r in loss + val + curve] or [1])
+    im = Image.new("RGB", (720, 620), "white")
+    d = ImageDraw.Draw(im)
+    d.text((12, 4), f"x: epochs over the training examples ({examples_per_epoch:,} = emoji x phrasings)", fill="black")
+    line_chart(d, (60, 40, 700, 290), {
+        "training loss (image codes)": ([epoch(r) for r in loss], [r["loss"] for r in loss], (90, 90, 90)),
+        "held-out loss": ([epoch(r) for r in val], [r["val_image_loss"] for r in val], (200, 40, 40))},
+        "cross-entropy of the image codes (nats; uniform over 1,026 tokens = 6.93)", (0, 8), xmax)
+    line_chart(d, (60, 340, 700, 590), {
+        "training captions: top-1": ([epoch(r) for r in curve], [r["train_top1"] for r in curve], (30, 90, 200)),
+        "training captions: top-5": ([epoch(r) for r in curve], [r["train_top5"] for r in curve], (120, 170, 240)),
+        "held-out: hue right": ([epoch(r) for r in curve], [r["val_hue"] for r in curve], (230, 130, 0))},
+        "drawn pictures: retrieval of the intended emoji, dominant hue", (0, 1), xmax)
+    im.save(path)
+
 # -----------------------------------------------------------------------------
 # The report
 
@@ -137,9 +180,10 @@ def frechet(a, b):
 
 def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
     from data import TokenShards, dominant_hue, load_images, read_folder
-    from mmmoe import AdapterConfig, load_tokenizer
-    from sample import generate_codes, prompt_ids, resolve_checkpoint
-    from train import english_text, init_image_rows, load_adapter, start_token, trainable_budget, TrainConfig
+    from hf import load_tokenizer
+    from mmmoe import AdapterConfig
+    from sample import prompt_ids, resolve_checkpoint
+    from train import english_text, init_image_rows, TrainConfig
     from upcycle import chat_prompt
     from vq import load_vq
     out = Path(out)
@@ -149,7 +193,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
     # One copy of the base serves all three models in turn: the plain base (C1's reference), "before" (the
     # same adapter initialised as train.py initialises it, untrained) and "after" (the trained adapter).
     model, tokenizer, vq = MMMoE.from_pretrained(base_dir, dtype=torch.float32).eval(), load_tokenizer(base_dir), load_vq(vq_dir)
-    bos = start_token(model.config)
+    bos = model.start_token
     pad = model.config.eos_token_id
     english = english_text(tokenizer, 4096)
     val = TokenShards(tc.shards, "val")
@@ -173,7 +217,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
     # routing and redundancy, before and after
     for name in ("before", "after"):
         if name == "after":
-            load_adapter(model, ckpt)
+            model.load_adapter(ckpt)
         counts, probe = routing(model, probe_batches(model, val, n_probe, bos, pad, english))
         shares, spec, entropy = routing_stats(counts)
         heatmap(spec, out / f"specificity_{name}.png", f"image-specificity {name} (red: image, blue: text)")
@@ -202,7 +246,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
     lines += [f"- {q} -> {a!r} ({'identical' if same else 'DIFFERENT'})" for q, a, same in answers]
 
     # C2: budget
-    counts, n_base = trainable_budget(model)
+    counts, n_base = model.trainable_budget()
     report["c2"] = {"base": n_base} | counts
     lines += ["", "## C2: trainable budget", "", f"Base: {n_base:,} parameters (frozen).", ""]
     lines += [f"- {k}: {v:,} ({100 * v / n_base:.2f}%)" for k, v in counts.items()]
@@ -217,11 +261,11 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
         n_codes = vq.config.grid ** 2
         fake = []
         for r in tqdm(rows, desc="drawing held-out captions", unit="image", leave=False):
-            codes = generate_codes(model, prompt_ids(model, tokenizer, r["caption"], n_codes), n_codes, 3.0, 1.0, None, None, g)
+            codes = model.generate_image(prompt_ids(model, tokenizer, r["caption"], n_codes), n_codes, 3.0, 1.0, None, None, g)
             with torch.no_grad():
                 fake.append(vq.decode_codes(codes.view(1, vq.config.grid, vq.config.grid))[0].clamp(-1, 1))
         fake = torch.stack(fake)
-        feats = lambda x: F.normalize(vq.quant_conv(vq.encoder(x)).flatten(1), dim=-1)  # noqa: E731
+        feats = vq.features
         with torch.no_grad():
             f_fake, f_real, f_all = feats(fake), feats(real), feats(everything)
         hue_real, hue_fake = dominant_hue(real), dominant_hue(fake)
@@ -255,13 +299,18 @@ def main():
     p.add_argument("--probe", type=int, default=32, help="held-out sequences for routing and redundancy")
     p.add_argument("--samples", type=int, default=0, help="held-out captions to draw and score (slow on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--curve", metavar="PNG", help="only plot the checkpoint's learning curve (train.py's log) to PNG")
     args = p.parse_args()
+    if args.curve:
+        from data import TokenShards
+        from sample import resolve_checkpoint
+        ckpt, state, _, _ = resolve_checkpoint(args.ckpt)
+        n = len(TokenShards(state["train_config"]["shards"], "train"))
+        plot_curve(state["log"], args.curve, n, state["train_config"]["batch_size"])
+        return
     analyze(args.ckpt, args.out, args.probe, args.samples, args.seed)
     print((Path(args.out) / "report.md").read_text())
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BadInput as e:
-        raise SystemExit(f"error: {e}")
+    run(main)

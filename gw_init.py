@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from mmmoe import BadInput
+from cli import BadInput, run
 
 
 def kmeans(x, k, iters=10, seed=0):
@@ -126,7 +126,8 @@ def init_image_rows(codebook, embed, head=None, method="gw", anchors=1024, epsil
 
 
 def main():
-    from mmmoe import MMMoEConfig, TensorReader, checkpoint_index
+    from hf import TensorReader, checkpoint_index
+    from mmmoe import MMMoEConfig
     from vq import load_vq
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="Mixtral-layout checkpoint directory")
@@ -151,7 +152,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BadInput as e:
-        raise SystemExit(f"error: {e}")
+    run(main)

@@ -3,31 +3,24 @@ mmmoe.py: a Mixtral-layout Mixture-of-Experts transformer in one file, with Part
 
 Part of mmmoe, a reference implementation of Dutt et al. (arXiv 2503.22517): a pretrained text MoE
 learns to write discrete image codes while every text token keeps flowing through the frozen weights.
-Top to bottom: configs -> RMSNorm, RoPE, PLoRA, KV cache, attention, routed SwiGLU experts with grouped
-dispatch -> the model (text and image tokens) -> Hugging Face checkpoints -> the command line.
+Top to bottom: configs -> RMSNorm, RoPE, PLoRA, KV cache, attention, routed SwiGLU experts (grouped
+dispatch; one shared computation for copies) -> the model (text and image tokens, the adapter's checkpoint
+format, generation) -> the command line. Hugging Face checkpoint I/O lives in hf.py.
 
     python mmmoe.py CHECKPOINT_DIR "The capital of France is"     # continue a text prompt
 """
 import json
 import math
-import os
-import re
-import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-from tokenizers import Tokenizer
+from safetensors.torch import load_file, save_file
 
-
-class BadInput(Exception):
-    """A problem with what the user gave us. Command-line tools print it as one line and exit 1."""
-
+from cli import BadInput, run
+from hf import hf_state_dict, load_checkpoint, load_tokenizer, write_hf_checkpoint
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -164,19 +157,19 @@ def apply_rope(x, cos, sin):
 
 
 class LoRA(nn.Module):
-    """x -> B(A(x)) * alpha / r, a low-rank update of a frozen (out, in) weight; with n_experts, one per expert.
-    B starts at zero, so an untrained adapter changes nothing."""
+    """x -> B(A(x)) * alpha / r, a low-rank update of a frozen (out, in) weight. With n_experts there is one
+    per expert, side by side: A = [A_1; ...; A_E] is (E*r, in) and B = [B_1 ... B_E] is (out, E*r), so one
+    matmul gives every expert's projection (routed_lora). B starts at zero: an untrained adapter changes nothing."""
 
-    def __init__(self, n_in, n_out, rank, alpha, n_experts=None):
+    def __init__(self, n_in, n_out, rank, alpha, n_experts=1):
         super().__init__()
-        stack = () if n_experts is None else (n_experts,)
-        self.A = nn.Parameter(torch.randn(*stack, rank, n_in) / math.sqrt(n_in))
-        self.B = nn.Parameter(torch.zeros(*stack, n_out, rank))
-        self.scale = alpha / rank
+        self.rank, self.scale = rank, alpha / rank
+        self.A = nn.Parameter(torch.randn(n_experts * rank, n_in) / math.sqrt(n_in))
+        self.B = nn.Parameter(torch.zeros(n_out, n_experts * rank))
 
-    def forward(self, x, expert=None):
-        A, B = (self.A, self.B) if expert is None else (self.A[expert], self.B[expert])
-        return (x @ A.T) @ B.T * self.scale
+    def forward(self, x, expert=0):
+        r = slice(expert * self.rank, (expert + 1) * self.rank)  # this expert's block
+        return linear(linear(x, self.A[r]), self.B[:, r]) * self.scale
 
 
 def plora(y, x, lora, image_rows):
@@ -241,18 +234,13 @@ def expert(x, experts, e, image_rows=None):
 
 
 def routed_lora(lora, x, mix):
-    """Each slot's own expert's low-rank update, for all rows at once, with no sort and no loop: every
-    expert's A x in one matmul (all A's stacked as one (E*r, in) matrix), mix (N, k, E) keeps each slot's
-    expert (and may weigh it), and one matmul with all B's stacked sums over experts and ranks.
-    x (N, 1 or k, in) -> (N, k, E*r), to be finished by lora_b."""
-    E, r, _ = lora.A.shape
-    a = linear(x, lora.A.view(E * r, -1)).view(*x.shape[:2], E, r) * (mix * lora.scale)[..., None]
-    return a.flatten(2)
-
-
-def lora_b(lora, a):
-    """(..., E*r) -> (..., out): all experts' B matrices as one (out, E*r) matrix."""
-    return linear(a, lora.B.transpose(0, 1).reshape(lora.B.shape[1], -1))
+    """Each slot's own expert's low-rank update, for all rows at once, with no sort and no loop: A (all
+    experts' A's) gives every expert's projection in one matmul; mix (N, k, E) keeps each slot's expert
+    (and may weigh it); B (all experts' B's) then sums what is left in one matmul.
+    x (N, 1 or k, in) -> (N, k, E*r), to be multiplied by B."""
+    a = linear(x, lora.A)  # (N, 1 or k, E*r)
+    E = mix.shape[-1]
+    return (a.view(*a.shape[:2], E, lora.rank) * (mix * lora.scale)[..., None]).flatten(2)
 
 
 class MoE(nn.Module):
@@ -261,7 +249,7 @@ class MoE(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.top_k = cfg.top_k
+        self.top_k, self.n_experts = cfg.top_k, cfg.n_experts
         self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)  # the router
         self.experts = nn.Module()
         self.experts.w1 = nn.Parameter(torch.empty(cfg.n_experts, cfg.intermediate_size, cfg.dim))
@@ -290,7 +278,7 @@ class MoE(nn.Module):
         flat_expert = expert_idx.view(-1)  # (N*k,)
         order = torch.argsort(flat_expert, stable=True)  # pair indices grouped by expert
         token_idx = order // self.top_k  # (N*k,) the token each sorted pair came from
-        counts = torch.bincount(flat_expert, minlength=len(self.experts.w1)).tolist()
+        counts = torch.bincount(flat_expert, minlength=self.n_experts).tolist()
         x_sorted = x[token_idx]  # (N*k, C)
         rows_sorted = None if image_rows is None else image_rows[token_idx]  # (N*k, 1)
         out = torch.empty_like(x_sorted)
@@ -313,15 +301,15 @@ class MoE(nn.Module):
         h = F.silu(gate) * up  # (N, I)
         if image_rows is None or ex.w1_lora is None:
             return linear(h, ex.w2[0])  # (N, C)
-        route = F.one_hot(expert_idx, len(ex.w1_lora.A)).to(x.dtype)  # (N, k, E): each slot's expert
+        route = F.one_hot(expert_idx, self.n_experts).to(x.dtype)  # (N, k, E): each slot's expert
         x = x[:, None]  # (N, 1, C)
-        gate_k = gate[:, None] + lora_b(ex.w1_lora, routed_lora(ex.w1_lora, x, route))  # (N, k, I)
-        up_k = up[:, None] + lora_b(ex.w3_lora, routed_lora(ex.w3_lora, x, route))
+        gate_k = gate[:, None] + linear(routed_lora(ex.w1_lora, x, route), ex.w1_lora.B)  # (N, k, I)
+        up_k = up[:, None] + linear(routed_lora(ex.w3_lora, x, route), ex.w3_lora.B)
         h_k = F.silu(gate_k) * up_k  # (N, k, I): what each slot's expert computes before w2
         w = weights[..., None]  # (N, k, 1)
         h = torch.where(image_rows, (w * h_k).sum(1), h)  # (N, I); C1: text rows keep the base's h
         y = linear(h, ex.w2[0])  # (N, C)
-        lora = lora_b(ex.w2_lora, routed_lora(ex.w2_lora, h_k, route * w).sum(1))  # sum_s w_s B_s A_s h_s: (N, C)
+        lora = linear(routed_lora(ex.w2_lora, h_k, route * w).sum(1), ex.w2_lora.B)  # sum_s w_s B_s A_s h_s: (N, C)
         return torch.where(image_rows, y + lora, y)
 
 
@@ -383,6 +371,49 @@ class MMMoE(nn.Module):
     @staticmethod
     def is_adapter_param(name):
         return "_lora." in name or name.startswith("image_")
+
+    def trainable_budget(self):
+        """C2: trainable parameters by component, and the base's parameter count."""
+        parts = {"LoRA experts": "experts.w", "LoRA attention": "self_attn.", "LoRA router": "gate_lora", "image rows": "image_"}
+        params = list(self.named_parameters())
+        counts = {k: sum(p.numel() for n, p in params if p.requires_grad and v in n) for k, v in parts.items()}
+        # a shared base stores one copy of a layer's identical experts; the MoE it stands for has n_experts
+        copies = lambda n, p: self.config.n_experts if ".experts.w" in n and len(p) == 1 else 1  # noqa: E731
+        return counts, sum(p.numel() * copies(n, p) for n, p in params if not p.requires_grad)
+
+    # The adapter's checkpoint format, in a directory: adapter.safetensors holds only what training changed
+    # (the adapter's tensors, by parameter name); state.json its AdapterConfig, the base's vocabulary size
+    # and whatever the trainer adds (step, settings, log).
+
+    def save_adapter(self, path, state):
+        tensors = {n: p.detach().contiguous().cpu() for n, p in self.named_parameters() if self.is_adapter_param(n)}
+        save_file(tensors, Path(path) / "adapter.safetensors")
+        state = state | {"adapter": vars(self.adapter), "vocab_size": self.config.vocab_size}
+        (Path(path) / "state.json").write_text(json.dumps(state, indent=1))
+
+    def load_adapter(self, path):
+        """Put a saved adapter onto this base (adding one if it has none) -> the state.json it came with."""
+        path = Path(path)
+        try:
+            state = json.loads((path / "state.json").read_text())
+            tensors = load_file(path / "adapter.safetensors")
+        except FileNotFoundError:
+            raise BadInput(f"no trained adapter in {path} (expected state.json and adapter.safetensors)") from None
+        except Exception as e:  # truncated JSON or safetensors
+            raise BadInput(f"damaged checkpoint in {path}: {' '.join(str(e).split())}") from None
+        if state.get("vocab_size") != self.config.vocab_size:
+            raise BadInput(f"{path} was trained on a base with {state.get('vocab_size')} text tokens, this one has "
+                           f"{self.config.vocab_size}")
+        if self.adapter is None:
+            self.add_image_adapter(AdapterConfig(**state["adapter"]))
+        params = {n: p for n, p in self.named_parameters() if self.is_adapter_param(n)}
+        for name, p in params.items():
+            if name not in tensors or tensors[name].shape != p.shape:
+                got = tuple(tensors[name].shape) if name in tensors else "missing"
+                raise BadInput(f"adapter tensor {name} in {path}: {got}, this model has {tuple(p.shape)}")
+            with torch.no_grad():
+                p.copy_(tensors[name])
+        return state
 
     def image_token(self, which):
         """Token id of image code `which` (int or tensor), or of "boi" / "eoi"."""
@@ -478,32 +509,59 @@ class MMMoE(nn.Module):
         write_hf_checkpoint(path, config, hf_state_dict(self), tokenizer, max_shard_bytes=max_shard_bytes)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                 allowed_ids=None, stop_at_eos=False, generator=None):
-        """Continue each row of idx (B, T) by max_new_tokens with a static KV cache -> (B, T + n).
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, allowed_ids=None,
+                 stop_at_eos=False, generator=None, head=None, feed=None):
+        """Continue each row of idx (R, T) by max_new_tokens with a static KV cache -> (R, T + n).
 
         temperature 0 is greedy; allowed_ids (a 1-D tensor of token ids) restricts what can be sampled;
-        stop_at_eos ends early once every row has produced eos (finished rows then repeat eos)."""
-        B, T = idx.shape
+        stop_at_eos ends early once every row has produced eos (finished rows then repeat eos).
+        head(hidden (R, C)) -> logits (B, n) to sample from (default: self.logits) and feed(sampled (B,))
+        -> the next tokens (R,) (default: the sampled ones) let a caller steer it: generate_image."""
+        R, T = idx.shape
         if T + max_new_tokens > self.config.max_seq_len:
             raise BadInput(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds the model's context of "
                            f"{self.config.max_seq_len} tokens")
-        self.setup_caches(B, T + max_new_tokens)
+        head, feed = head or self.logits, feed or (lambda t: t)
+        self.setup_caches(R, T + max_new_tokens)
         eos = self.config.eos_token_id
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        done = torch.zeros(R, dtype=torch.bool, device=idx.device)
         out, pos = [idx], torch.arange(T, device=idx.device)
-        logits = self.logits(self.hidden_states(idx, pos)[:, -1])  # prefill
+        logits = head(self.hidden_states(idx, pos)[:, -1])  # prefill
         for i in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, allowed_ids, generator)  # (B,)
+            nxt = feed(sample_next(logits, temperature, top_k, top_p, allowed_ids, generator))  # (R,)
             if stop_at_eos:
                 nxt = torch.where(done, eos, nxt)
                 done |= nxt == eos
             out.append(nxt[:, None])
             if i + 1 == max_new_tokens or (stop_at_eos and done.all()):
                 break
-            logits = self.logits(self.hidden_states(nxt[:, None], pos[-1:] + 1 + i)[:, -1])  # decode one token
+            logits = head(self.hidden_states(nxt[:, None], pos[-1:] + 1 + i)[:, -1])  # decode one token
         self.clear_caches()
         return torch.cat(out, dim=1)
+
+    @property
+    def start_token(self):
+        """<bos>, or <eos> for a base that has no <bos>: the first token of every sequence and prompt."""
+        return self.config.bos_token_id if self.config.bos_token_id is not None else self.config.eos_token_id
+
+    def generate_image(self, prompt_ids, n_codes, cfg=3.0, temperature=1.0, top_k=None, top_p=None, generator=None):
+        """prompt_ids (B, T), each <start> caption <boi> -> image codes (B, n_codes). Inside an image only image
+        codes can be sampled (the decoding rule), so the output layer is the code rows alone. With cfg,
+        each row gets an unconditional twin, the caption replaced by <eos> (train.py's caption dropout),
+        and the two rows' logits mix: uncond + cfg * (cond - uncond) (classifier-free guidance)."""
+        B, K = prompt_ids.shape[0], self.adapter.n_image_codes
+        idx = prompt_ids
+        if cfg:
+            uncond = prompt_ids.clone()
+            uncond[:, 1:-1] = self.config.eos_token_id
+            idx = torch.cat([prompt_ids, uncond])  # (2B, T): cond rows, then their unconditional twins
+
+        def head(x):  # (2B or B, C) -> (B, K)
+            logits = linear(x, self.image_head[:K])
+            return logits[B:] + cfg * (logits[:B] - logits[B:]) if cfg else logits
+        feed = lambda code: self.image_token(code).repeat(2 if cfg else 1)  # noqa: E731  (both twins get it)
+        out = self.generate(idx, n_codes, temperature, top_k, top_p, generator=generator, head=head, feed=feed)
+        return out[:B, prompt_ids.shape[1]:] - self.config.vocab_size
 
 
 def attention_mask(q_pos, k_pos, window):
@@ -532,218 +590,6 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, allowed_ids=Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 # -----------------------------------------------------------------------------
-# Hugging Face checkpoints: config.json, model.safetensors or shards + model.safetensors.index.json
-
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def checkpoint_index(path):
-    """{tensor name: (file, shape)} of a checkpoint directory: model.safetensors, or the shards its index
-    lists. safetensors' own reader validates each header (offsets, sizes); we add that shards are plain
-    file names inside the directory, and that no tensor is stored twice."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-            raise BadInput(f"{index} is not a safetensors index (JSON with a weight_map)") from None
-    elif (path / "model.safetensors").exists():
-        files = ["model.safetensors"]
-    else:
-        raise BadInput(f"no model.safetensors or model.safetensors.index.json in {path}")
-    tensors = {}
-    for name in files:
-        if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
-            raise BadInput(f"{index} lists {name!r}: shards must be files in the checkpoint directory")
-        if not (path / name).is_file():
-            raise BadInput(f"missing shard {name} listed in {index}")
-        try:
-            with safe_open(path / name, "pt") as f:
-                for key in f.keys():
-                    if key in tensors:
-                        raise BadInput(f"tensor {key} is stored twice: in {tensors[key][0].name} and {name}")
-                    t = f.get_slice(key)
-                    if t.get_dtype() not in SAFETENSORS_DTYPES:
-                        raise BadInput(f"unsupported dtype {t.get_dtype()} for {key} in {name}")
-                    tensors[key] = (path / name, tuple(t.get_shape()))
-        except SafetensorError as e:
-            raise BadInput(f"corrupt safetensors header in {path / name}: {' '.join(str(e).split())}") from None
-    return tensors
-
-
-class TensorReader:
-    """read(name, index=()) -> a copy of a tensor of checkpoint_index's files, or of the part `index`
-    selects. safe_open maps a file, and each page touched stays in memory while it is open: the files
-    are closed every 256 MB read, so memory holds the model plus that, never the whole checkpoint."""
-
-    def __init__(self, index):
-        self.index, self.files, self.bytes = index, {}, 0
-
-    def __call__(self, name, idx=()):
-        file = self.index[name][0]
-        self.files[file] = self.files.get(file) or safe_open(file, "pt")
-        t = self.files[file].get_slice(name)[idx].clone()  # a view of the mapped file until copied out
-        self.bytes += t.nbytes
-        if self.bytes > 256 * 2**20:
-            self.files, self.bytes = {}, 0
-        return t
-
-
-def stack_experts(tensors, n):
-    """One layer's expert tensors, in order -> (n, ...), or (1, ...) when all are copies of the first:
-    then one copy is all that is ever held."""
-    first = next(tensors)
-    out = first[None]  # (1, ...): one copy serves every expert, while they are all the same
-    for j, t in enumerate(tensors, 1):
-        if len(out) == 1 and torch.equal(t, first):
-            continue
-        if len(out) == 1:  # they differ: from here on every expert keeps its own weights
-            out = first.expand(n, *first.shape).clone()
-        out[j] = t
-    return out
-
-
-def checkpoint_targets(name, shape, config):
-    """Checkpoint tensor name -> [(our parameter name, expert j or None, index into the tensor)].
-
-    Experts are stored one tensor per expert in the HF layout (experts.{j}.w1.weight), or fused 3-D
-    by newer transformers (experts.gate_up_proj = cat(w1, w3) on dim 1, experts.down_proj = w2); we keep
-    them stacked per layer as (E, out, in)."""
-    name = name.replace(".mlp.", ".block_sparse_moe.")  # transformers >= 5 calls the MoE block "mlp"
-    m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(w[123])\.weight", name)
-    if m:
-        return [(f"{m[1]}.{m[3]}", int(m[2]), ())]
-    if name.endswith(".experts.gate_up_proj"):  # (E, 2I, C)
-        prefix, inter = name[: -len("gate_up_proj")], config.intermediate_size
-        return [(prefix + w, j, (j, part)) for w, part in (("w1", slice(0, inter)), ("w3", slice(inter, None)))
-                for j in range(shape[0])]
-    if name.endswith(".experts.down_proj"):  # (E, C, I)
-        return [(name[: -len("down_proj")] + "w2", j, (j,)) for j in range(shape[0])]
-    return [(name, None, ())]
-
-
-def load_checkpoint(model, path, dtype, device):
-    """Fill a model built on the meta device from a checkpoint, tensor by tensor: memory peaks at the
-    model plus one tensor. Every name and shape is checked before any data is read.
-
-    Copy upcycling makes every expert of a layer the same FFN (the paper's redundant start). Such a
-    layer keeps one copy, and MoE.shared_base computes it once: 1/E of the memory, 1/top_k of the work.
-    The copies are compared, not assumed: experts that differ in one number keep their own weights."""
-    cfg = model.config
-    index = checkpoint_index(Path(path))
-    params = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens
-    sources = {n: {} for n in params}  # our name -> {expert j or None: (checkpoint name, index)}
-    for name, (file, shape) in index.items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # some tied checkpoints store the shared matrix twice
-        for pname, j, idx in checkpoint_targets(name, shape, cfg):
-            if pname not in params or (j is not None and j >= cfg.n_experts):
-                raise BadInput(f"unexpected tensor {name} in {file.name}")
-            got, want = torch.empty(shape, device="meta")[idx].shape, params[pname].shape[j is not None:]
-            if got != want:
-                raise BadInput(f"shape mismatch for {name}: checkpoint {tuple(got)}, model {tuple(want)}")
-            sources[pname][j] = (name, idx)
-    for pname in params:
-        for j in (range(cfg.n_experts) if ".experts." in pname else [None]):
-            if j not in sources[pname]:
-                name = pname if j is None else f"{pname[:-3]}.{j}.{pname[-2:]}.weight"
-                raise BadInput(f"missing tensor {name} in {path}")
-    read = TensorReader(index)
-    with torch.no_grad():
-        for pname, p in params.items():
-            parts = (read(*sources[pname][j]).to(dtype=dtype, device=device) for j in sorted(sources[pname], key=lambda j: j or 0))
-            t = stack_experts(parts, cfg.n_experts) if ".experts." in pname else next(parts)
-            module, _, attr = pname.rpartition(".")
-            setattr(model.get_submodule(module), attr, nn.Parameter(t, requires_grad=p.requires_grad))
-            if pname.endswith(".experts.w3"):  # the last of a layer's three expert stacks (w1, w2, w3 order)
-                ex = model.get_submodule(module)
-                if len({len(ex.w1), len(ex.w2), len(ex.w3)}) > 1:  # some are copies, some not: expand the copies
-                    ex.w1, ex.w2, ex.w3 = (nn.Parameter(w.expand(cfg.n_experts, -1, -1).clone(), w.requires_grad)
-                                           for w in (ex.w1, ex.w2, ex.w3))
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-
-
-def hf_state_dict(model):
-    """Our parameters under Hugging Face Mixtral names, one (out, in) tensor per expert (a shared base's
-    one copy written for each), so that any Mixtral loader reads them."""
-    for name, p in model.named_parameters():  # a tied lm_head is left out: HF writes it once
-        if ".experts." in name:
-            prefix, w = name.rsplit(".", 1)
-            for j in range(model.config.n_experts):
-                yield f"{prefix}.{j}.{w}.weight", p[j if len(p) > 1 else 0]
-        else:
-            yield name, p
-
-
-@contextmanager
-def atomic_dir(path):
-    """Yield a fresh temporary directory beside `path`; on success it replaces `path` by renames, on
-    error it is deleted. Readers never see a half-written checkpoint."""
-    path = Path(path)
-    tmp, old = (path.with_name(f".{path.name}.{tag}-{os.getpid()}") for tag in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_hf_checkpoint(path, hf_config, tensors, tokenizer=None, extra_files=None, max_shard_bytes=2 * 1024**3):
-    """Write (name, tensor) pairs as a Hugging Face checkpoint directory, atomically: config.json,
-    generation_config.json, model.safetensors or shards + index, and tokenizer.json if given.
-
-    `tensors` may be a generator: only one shard is held in memory at a time."""
-    with atomic_dir(path) as tmp:
-        shards, shard, size, total = [], {}, 0, 0
-
-        def flush():
-            fname = f"model-{len(shards) + 1:05d}.safetensors"  # renamed to -of-N once N is known
-            # clone: safetensors refuses tensors that share memory, and expert slices or copies do
-            save_file({k: v.detach().cpu().clone() for k, v in shard.items()}, tmp / fname, metadata={"format": "pt"})
-            shards.append((fname, list(shard)))
-
-        for name, t in tensors:
-            nbytes = t.numel() * t.element_size()
-            if shard and size + nbytes > max_shard_bytes:
-                flush()
-                shard, size = {}, 0
-            shard[name] = t
-            size, total = size + nbytes, total + nbytes
-        flush()
-        if len(shards) == 1:
-            (tmp / shards[0][0]).rename(tmp / "model.safetensors")
-        else:
-            weight_map = {}
-            for i, (fname, names) in enumerate(shards):
-                final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                (tmp / fname).rename(tmp / final)
-                weight_map |= dict.fromkeys(names, final)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        gen = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id") if hf_config.get(k) is not None}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        if tokenizer is not None:
-            tokenizer.save(str(tmp / "tokenizer.json"))
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-
-
-def load_tokenizer(path):
-    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer`."""
-    file = Path(path) / "tokenizer.json"
-    if not file.exists():
-        raise BadInput(f"no tokenizer.json in {path}")
-    return Tokenizer.from_file(str(file))
-
-# -----------------------------------------------------------------------------
 # Command line: continue a text prompt with any Mixtral-layout checkpoint
 
 
@@ -764,7 +610,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BadInput as e:
-        raise SystemExit(f"error: {e}")
+    run(main)

@@ -13,47 +13,18 @@ of one batch and mixes their logits: uncond + cfg * (cond - uncond).
 """
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from mmmoe import BadInput, MMMoE, linear, load_tokenizer, sample_next
+from cli import BadInput, run
+from hf import load_tokenizer
+from mmmoe import MMMoE
 
 DEMO = Path(__file__).parent / "demo"  # the committed demo: adapter.safetensors + state.json, and vq/
-
-
-@torch.no_grad()
-def generate_codes(model, prompt_ids, n_codes, cfg=3.0, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """prompt_ids (B, T) ending in <boi> -> image codes (B, n_codes). With cfg, each row gets an
-    unconditional twin: the same prompt with everything between <bos> and <boi> replaced by <eos>, the
-    filler of train.py's caption dropout."""
-    B, T = prompt_ids.shape
-    K = model.adapter.n_image_codes
-    idx = prompt_ids
-    if cfg:
-        uncond = prompt_ids.clone()
-        uncond[:, 1:-1] = model.config.eos_token_id
-        idx = torch.cat([prompt_ids, uncond])  # (2B, T): cond rows, then their unconditional twins
-    model.setup_caches(idx.shape[0], T + n_codes)
-    pos = torch.arange(T, device=idx.device)
-    head = model.image_head[:K]  # only the code rows can be sampled here: skip the text vocabulary entirely
-    hidden = model.hidden_states(idx, pos)[:, -1]  # prefill
-    codes = []
-    for i in range(n_codes):
-        logits = linear(hidden, head)  # (2B or B, K)
-        if cfg:
-            cond, uncond = logits[:B], logits[B:]
-            logits = uncond + cfg * (cond - uncond)
-        code = sample_next(logits, temperature, top_k, top_p, generator=generator)  # (B,)
-        codes.append(code)
-        if i + 1 < n_codes:
-            nxt = model.image_token(code).repeat(2 if cfg else 1)[:, None]  # the same code goes to both twins
-            hidden = model.hidden_states(nxt, pos[-1:] + 1 + i)[:, -1]  # decode one token
-    model.clear_caches()
-    return torch.stack(codes, dim=1)
 
 
 def resolve_checkpoint(ckpt=None):
@@ -70,11 +41,10 @@ def resolve_checkpoint(ckpt=None):
 
 def load_pipeline(ckpt=None, device="cpu"):
     """-> (model with adapter, tokenizer, VQ) for a train.py checkpoint directory, or the built-in demo."""
-    from train import load_adapter
     from vq import load_vq
     ckpt, state, base, vq_dir = resolve_checkpoint(ckpt)
     model = MMMoE.from_pretrained(base, dtype=torch.float32, device=device)
-    load_adapter(model, ckpt)
+    model.load_adapter(ckpt)
     vq = load_vq(vq_dir, device)
     if vq.config.codebook_size != model.adapter.n_image_codes:
         raise BadInput(f"the VQ has {vq.config.codebook_size} codes but the adapter was trained for {model.adapter.n_image_codes}")
@@ -85,15 +55,33 @@ def prompt_ids(model, tokenizer, prompt, n_codes):
     """<bos> prompt <boi> as a (1, T) tensor, after checking the prompt is usable."""
     if not prompt.strip():
         raise BadInput("empty prompt")
-    from train import start_token
-    ids = [start_token(model.config)] + tokenizer.encode(prompt.strip()).ids + [model.image_token("boi")]
+    ids = [model.start_token] + tokenizer.encode(prompt.strip()).ids + [model.image_token("boi")]
     if len(ids) + n_codes > model.config.max_seq_len:
         raise BadInput(f"prompt too long: {len(ids)} tokens + {n_codes} image codes exceed the model's context of "
                        f"{model.config.max_seq_len}")
     return torch.tensor([ids])
 
 
-def main():
+def check_args(args):
+    from PIL import Image
+    out = Path(args.out)
+    for bad, message in [
+            (any(not p.strip() for p in args.prompts), "empty prompt"),
+            (args.n < 1, f"-n must be at least 1 (got {args.n})"),
+            (not 0 <= args.cfg < math.inf, f"--cfg must be a number >= 0 (got {args.cfg})"),
+            (not 0 <= args.temperature < math.inf, f"--temperature must be a number >= 0 (got {args.temperature})"),
+            (args.top_k is not None and args.top_k < 1, f"--top-k must be at least 1 (got {args.top_k})"),
+            (args.top_p is not None and not 0 < args.top_p <= 1, f"--top-p must be in (0, 1] (got {args.top_p})"),
+            (not 8 <= args.size <= 4096, f"--size must be 8..4096 pixels (got {args.size})"),
+            (args.threads is not None and args.threads < 1, f"--threads must be at least 1 (got {args.threads})"),
+            (out.is_dir(), f"--out {out} is a directory; give a file name such as {out / 'sample.png'}"),
+            (not out.parent.is_dir(), f"--out {out}: no directory {out.parent}"),
+            (out.suffix.lower() not in Image.registered_extensions(), f"--out {out}: not an image file name (.png, .jpg, ...)")]:
+        if bad:
+            raise BadInput(message)
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="+")
     p.add_argument("-n", type=int, default=1, help="images per prompt")
@@ -104,8 +92,10 @@ def main():
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=256, help="pixels per picture in the output (enlarged to be seen)")
     p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    check_args(args)  # before anything slow: a mistake costs a second, not a whole drawing
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -116,17 +106,14 @@ def main():
     t1 = time.time()
     for prompt in args.prompts:
         ids = prompt_ids(model, tokenizer, prompt, n_codes).repeat(args.n, 1)
-        codes = generate_codes(model, ids, n_codes, args.cfg, args.temperature, args.top_k, args.top_p, generator)
+        codes = model.generate_image(ids, n_codes, args.cfg, args.temperature, args.top_k, args.top_p, generator)
         with torch.no_grad():
             rows.append(vq.decode_codes(codes.view(-1, vq.config.grid, vq.config.grid)))
     from vq import save_grid
-    save_grid(torch.stack(rows), args.out)
+    save_grid(torch.stack(rows), args.out, args.size, labels=args.prompts)
     n = len(args.prompts) * args.n
     print(f"wrote {args.out}: {n} image(s) in {time.time() - t1:.1f}s (+{t1 - t0:.1f}s loading)", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BadInput as e:
-        raise SystemExit(f"error: {e}")
+    run(main)

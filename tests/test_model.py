@@ -10,6 +10,7 @@ from reference import reference_greedy, reference_logits
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import hf
 import mmmoe
 from mmmoe import BadInput, MMMoE, MMMoEConfig
 
@@ -207,8 +208,8 @@ def test_failed_save_leaves_previous_checkpoint(tiny_ckpt, tmp_path, monkeypatch
         if len(calls) == 2:
             raise OSError("No space left on device")
         return real_save(*a, **k)
-    real_save = mmmoe.save_file
-    monkeypatch.setattr(mmmoe, "save_file", dying_save)
+    real_save = hf.save_file
+    monkeypatch.setattr(hf, "save_file", dying_save)
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
     with pytest.raises(OSError):

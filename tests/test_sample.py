@@ -27,11 +27,12 @@ def draw(ckpt, out, *args):
 
 
 def test_draws_a_grid_and_the_same_seed_gives_the_same_picture(trained, tmp_path):
-    r = draw(trained, tmp_path / "a.png", "w10 w20", "w11 w21", "-n", "3", "--seed", "3")
+    r = draw(trained, tmp_path / "a.png", "w10 w20", "w11 w21", "-n", "3", "--seed", "3", "--size", "64")
     assert r.returncode == 0, r.stderr
-    assert Image.open(tmp_path / "a.png").size == (3 * 16, 2 * 16)  # a row per prompt, a column per sample
-    draw(trained, tmp_path / "b.png", "w10 w20", "w11 w21", "-n", "3", "--seed", "3")
-    draw(trained, tmp_path / "c.png", "w10 w20", "w11 w21", "-n", "3", "--seed", "4")
+    width, height = Image.open(tmp_path / "a.png").size  # a row per prompt (under its label), a column per sample
+    assert width == 3 * 64 and 2 * 64 < height < 2 * 100
+    draw(trained, tmp_path / "b.png", "w10 w20", "w11 w21", "-n", "3", "--seed", "3", "--size", "64")
+    draw(trained, tmp_path / "c.png", "w10 w20", "w11 w21", "-n", "3", "--seed", "4", "--size", "64")
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "c.png").read_bytes()
 
@@ -39,11 +40,11 @@ def test_draws_a_grid_and_the_same_seed_gives_the_same_picture(trained, tmp_path
 def test_codes_and_guidance(trained):
     model, tokenizer, vq = sample.load_pipeline(trained)
     ids = sample.prompt_ids(model, tokenizer, "w10 w20", 64).repeat(2, 1)
-    codes = sample.generate_codes(model, ids, 64, cfg=3.0, generator=torch.Generator().manual_seed(0))
+    codes = model.generate_image(ids, 64, cfg=3.0, generator=torch.Generator().manual_seed(0))
     assert codes.shape == (2, 64) and 0 <= codes.min() and codes.max() < 16
     # guidance scale 1 is the conditional distribution itself: greedy decoding agrees with no guidance
-    plain = sample.generate_codes(model, ids, 64, cfg=0, temperature=0)
-    assert torch.equal(plain, sample.generate_codes(model, ids, 64, cfg=1.0, temperature=0))
+    plain = model.generate_image(ids, 64, cfg=0, temperature=0)
+    assert torch.equal(plain, model.generate_image(ids, 64, cfg=1.0, temperature=0))
     # the cached loop writes what step-by-step full forwards would pick
     seq = ids[:1]
     for _ in range(5):
@@ -57,6 +58,17 @@ def test_bad_prompts(trained, tmp_path, args, words):
     r = draw(trained, tmp_path / "x.png", *args)
     assert r.returncode == 1 and words in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("args,words", [(("--cfg", "-3"), "--cfg must be"), (("--cfg", "nan"), "--cfg must be"),
+                                        (("--temperature", "-1"), "--temperature must be"), (("--top-p", "2"), "--top-p must be"),
+                                        (("--top-k", "0"), "--top-k must be"), (("-n", "0"), "-n must be at least 1"),
+                                        (("--out", "missing/x.png"), "no directory"), (("--out", "."), "is a directory"),
+                                        (("--out", "x.txt"), "not an image file name")])
+def test_bad_settings_are_refused_before_any_work(tmp_path, args, words):
+    # the checkpoint does not exist either: the setting is named first, because nothing was loaded yet
+    with pytest.raises(BadInput, match=words):
+        sample.main(["w1", "--ckpt", str(tmp_path / "nowhere"), *args])
 
 
 def test_unknown_checkpoint(tmp_path):

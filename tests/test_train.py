@@ -60,7 +60,7 @@ def test_only_the_adapter_learns(tiny_ckpt):
             "model.layers.1.self_attn.q_lora.B", "model.layers.1.block_sparse_moe.experts.w2_lora.B"} <= trainable
     assert all(p.grad is None for n, p in mm.named_parameters() if n not in trainable)
     assert mm.get_parameter("model.layers.1.block_sparse_moe.experts.w1_lora.B").grad.abs().sum() > 0
-    counts, n_base = train.trainable_budget(mm)
+    counts, n_base = mm.trainable_budget()
     assert sum(counts.values()) == sum(p.numel() for n, p in mm.named_parameters() if n in trainable)
     assert n_base == sum(p.numel() for p in MMMoE.from_pretrained(path).parameters())
 
@@ -186,3 +186,21 @@ def test_command_line_mistakes_are_one_line(tiny_setup):
     env = dict(__import__("os").environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")  # what `torchrun train.py --nproc 8` gives
     r = run_train(tiny_setup, tiny_setup["tmp"] / "y", "--nproc", "8", env=env)
     assert r.returncode == 1 and "torchrun --nproc_per_node 8 train.py" in r.stderr
+
+
+def test_learning_curve_and_warm_start(tiny_setup):
+    tc = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(tiny_setup["tmp"] / "w"),
+                           rank=4, batch_size=4, steps=2, warmup=1, eval_every=2, eval_batches=1, save_every=2,
+                           curve_every=2, curve_captions=2)
+    train.train(tc)
+    point = next(r for r in json.loads((tiny_setup["tmp"] / "w" / "state.json").read_text())["log"] if "train_top1" in r)
+    assert 0 <= point["train_top1"] <= point["train_top5"] <= 1 and 0 <= point["val_hue"] <= 1
+    assert 0 <= point["val_median_rank"] < 24 and point["epoch"] == 2 * 4 / 20
+    # a fresh out_dir continues from another run's adapter and step, with a fresh optimizer
+    more = train.TrainConfig(**{**tc.__dict__, "out_dir": str(tiny_setup["tmp"] / "w2"), "steps": 3, "curve_every": 0,
+                                "init_from": str(tiny_setup["tmp"] / "w")})
+    model = train.train(more)
+    state = json.loads((tiny_setup["tmp"] / "w2" / "state.json").read_text())
+    assert state["step"] == 3 and {"step": 2, "warm_start": str(tiny_setup["tmp"] / "w")} in state["log"]
+    assert not torch.equal(model.image_embed, MMMoE.from_pretrained(tiny_setup["base"]).add_image_adapter(
+        AdapterConfig(n_image_codes=16, rank=4)).image_embed)  # it carries trained rows, not a fresh init
