@@ -280,7 +280,8 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
                             "hue_match": (hue_real == hue_fake)[coloured].float().mean().item(),
                             "retrieval_top1": top(1), "retrieval_top5": top(5), "n": len(rows)}
         from vq import save_grid
-        save_grid(torch.stack([real[:16], fake[:16]]), out / "samples.png")
+        save_grid(torch.stack([real[:16], fake[:16]]), out / "samples.png", size=96,
+                  labels=["held-out emoji", "drawn for their captions (never trained)"])
         lines += ["", "## Pictures for held-out captions", "", f"{len(rows)} held-out captions, cfg 3, temperature 1:", "",
                   f"- VQ-feature Frechet distance (not Inception FID): {report['images']['vq_frechet']:.2f}; between the held-out "
                   f"emoji and as many random training emoji: {report['images']['vq_frechet_real_vs_real']:.2f}",

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from tqdm import tqdm
 
 from cli import BadInput, run
-from hf import atomic_dir
+from hf import atomic_dir, check_replaceable
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
@@ -140,6 +140,7 @@ def render_emoji(text, font, size):
 def build_openmoji(out, size=64, skin_tones=False):
     """Render every captionable OpenMoji emoji into a folder dataset at `out`, each with its phrasings.
     skin_tones=False leaves out the ~1,700 skin-tone variants of people and hands (near-copies in shape)."""
+    check_replaceable(out)
     font = ImageFont.truetype(str(openmoji_dir() / "font" / "glyf_colr0.ttf"), 300)
     names = sorted(p.stem for p in (openmoji_dir() / "svg").glob("*.svg"))  # "1F44B-1F3FD": one emoji each
     with atomic_dir(out) as tmp:
@@ -298,6 +299,7 @@ def write_shards(data, vq_dir, tokenizer_file, out, augment_copies=0, seed=0, ba
     if (out / "index.json").exists() and json.loads((out / "index.json").read_text()).get("fingerprint") == key:
         print(f"{out} is up to date")
         return
+    check_replaceable(out)
     vq = load_vq(vq_dir)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     rows, images = load_images(rows, vq.config.image_size)

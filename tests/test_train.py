@@ -204,3 +204,45 @@ def test_learning_curve_and_warm_start(tiny_setup):
     assert state["step"] == 3 and {"step": 2, "warm_start": str(tiny_setup["tmp"] / "w")} in state["log"]
     assert not torch.equal(model.image_embed, MMMoE.from_pretrained(tiny_setup["base"]).add_image_adapter(
         AdapterConfig(n_image_codes=16, rank=4)).image_embed)  # it carries trained rows, not a fresh init
+
+
+@pytest.mark.parametrize("args,words", [(["--lr=abc"], "--lr=abc: expected a number"), (["--attention=flase"], "expected true or false"),
+                                        (["--steps=-1"], "steps >= 1"), (["--batch_size=0"], "batch_size >= 1"),
+                                        (["--nproc=abc"], "--nproc=abc: expected an integer"), (["--init=magic"], "init: gw"),
+                                        (["--caption_dropout=1"], "caption_dropout"), (["nope.json"], "no config file")])
+def test_bad_settings_are_one_line_before_any_work(args, words):
+    with pytest.raises(BadInput, match=words):
+        train.parse_args(args)
+
+
+def test_bad_config_files(tmp_path):
+    for text, words in [("{nope", "is not valid JSON"), ("[1, 2]", "must hold a JSON object"), ('{"steps": "ten"}', "steps must be int"),
+                        ('{"stepz": 3}', "unknown setting 'stepz'")]:
+        (tmp_path / "c.json").write_text(text)
+        with pytest.raises(BadInput, match=words):
+            train.parse_args([str(tmp_path / "c.json")])
+
+
+def test_a_run_is_never_written_over(tiny_setup):
+    """Without --resume an existing run is refused (not restarted over); a folder of the user's own files is
+    never replaced; a run killed between the two renames of a save resumes from its newest whole checkpoint."""
+    out = tiny_setup["tmp"] / "r"
+    tc = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(out), rank=4,
+                           batch_size=4, steps=2, warmup=1, eval_every=2, eval_batches=1, save_every=1)
+    train.train(tc)
+    with pytest.raises(BadInput, match=r"already holds a run \(step 2\): add --resume"):
+        train.train(tc)
+    mine = tiny_setup["tmp"] / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    with pytest.raises(BadInput, match="holds files that mmmoe did not write there"):
+        train.train(train.TrainConfig(**{**tc.__dict__, "out_dir": str(mine)}))
+    assert (mine / "notes.txt").read_text() == "my notes"
+    # what a kill between `out -> .r.old-PID` and `.r.tmp-PID -> out` leaves: no out, an old and a whole tmp
+    old, tmp = out.with_name(".r.old-999999"), out.with_name(".r.tmp-999999")
+    out.rename(tmp)
+    (old / "x").mkdir(parents=True)
+    train.train(train.TrainConfig(**{**tc.__dict__, "steps": 3}), resume=True)
+    state = json.loads((out / "state.json").read_text())
+    assert state["step"] == 3 and not old.exists() and not tmp.exists()
+    assert [r["step"] for r in state["log"] if "val_image_loss" in r] == [2, 3]  # resumed at 2, not restarted
