@@ -11,8 +11,8 @@ geometry: which codes are near each other, which tokens are near each other. Gro
 soft matching (a coupling) between the two sets that keeps pairwise distances: codes that are alike
 are sent to tokens that are alike. Each code's new embedding is then the coupling-weighted average
 (barycentric projection) of the text embeddings it is matched to, rescaled to the typical norm of a
-text embedding. The paper reports that this speeds up and steadies training; `compare` in train.py
-measures it against the alternatives:
+text embedding. The paper reports that this speeds up and steadies training; `train.py --init=...`
+trains from it or from the alternatives, for the comparison:
   random  normal, with the text embeddings' standard deviation;
   mean    the mean text embedding plus a little noise.
 

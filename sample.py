@@ -74,6 +74,7 @@ def check_args(args):
             (args.top_p is not None and not 0 < args.top_p <= 1, f"--top-p must be in (0, 1] (got {args.top_p})"),
             (not 8 <= args.size <= 4096, f"--size must be 8..4096 pixels (got {args.size})"),
             (args.threads is not None and args.threads < 1, f"--threads must be at least 1 (got {args.threads})"),
+            (args.cols is not None and (args.cols < 1 or args.n != 1), "--cols needs -n 1 and at least one column"),
             (out.is_dir(), f"--out {out} is a directory; give a file name such as {out / 'sample.png'}"),
             (not out.parent.is_dir(), f"--out {out}: no directory {out.parent}"),
             (out.suffix.lower() not in Image.registered_extensions(), f"--out {out}: not an image file name (.png, .jpg, ...)")]:
@@ -93,6 +94,7 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256, help="pixels per picture in the output (enlarged to be seen)")
+    p.add_argument("--cols", type=int, default=None, help="with -n 1: lay the prompts out this many per row")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     check_args(args)  # before anything slow: a mistake costs a second, not a whole drawing
@@ -110,7 +112,13 @@ def main(argv=None):
         with torch.no_grad():
             rows.append(vq.decode_codes(codes.view(-1, vq.config.grid, vq.config.grid)))
     from vq import save_grid
-    save_grid(torch.stack(rows), args.out, args.size, labels=args.prompts)
+    pictures, labels = torch.stack(rows), args.prompts
+    if args.cols:  # a grid of single pictures, each under its own prompt (empty cells stay white)
+        cells = -(-len(args.prompts) // args.cols) * args.cols
+        pictures = torch.cat([pictures[:, 0], torch.ones(cells - len(rows), *pictures.shape[2:])])
+        pictures = pictures.view(-1, args.cols, *pictures.shape[1:])
+        labels = [(args.prompts + [""] * cells)[i:i + args.cols] for i in range(0, cells, args.cols)]
+    save_grid(pictures, args.out, args.size, labels=labels)
     n = len(args.prompts) * args.n
     print(f"wrote {args.out}: {n} image(s) in {time.time() - t1:.1f}s (+{t1 - t0:.1f}s loading)", file=sys.stderr)
 

@@ -479,22 +479,27 @@ def to_pil(x):
 
 def save_grid(rows_of_images, path, size=None, labels=None):
     """(R, C, 3, H, W) -> one image file with R rows of C pictures, each enlarged to size x size pixels
-    (nearest neighbour: every pixel of a 32-px emoji stays a sharp square) and each row under its label."""
+    (nearest neighbour: every pixel of a 32-px emoji stays a sharp square). labels: one per row (above
+    it), or R lists of C (one above each picture)."""
     from PIL import Image, ImageDraw, ImageFont
     R, C, _, H, W = rows_of_images.shape
     size = size or H
-    font = ImageFont.load_default(size=max(10, min(18, size // 12)))
+    font = ImageFont.load_default(size=max(10, min(16, size // 16)))
     band = font.size + 8 if labels else 0
+    if labels and isinstance(labels[0], str):  # one label per row: above its first picture, running on
+        labels = [[label] + [""] * (C - 1) for label in labels]
     canvas = Image.new("RGB", (C * size, R * (size + band)), "white")
+    draw = ImageDraw.Draw(canvas)
     for r in range(R):
-        if labels:
-            ImageDraw.Draw(canvas).text((4, r * (size + band) + 3), labels[r], fill="black", font=font)
         for c in range(C):
-            canvas.paste(to_pil(rows_of_images[r, c]).resize((size, size), Image.NEAREST), (c * size, r * (size + band) + band))
+            y = r * (size + band)
+            if labels:
+                draw.text((c * size + 4, y + 3), labels[r][c], fill="black", font=font)
+            canvas.paste(to_pil(rows_of_images[r, c]).resize((size, size), Image.NEAREST), (c * size, y + band))
     canvas.save(path)
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train a VQ on a folder dataset")
@@ -519,7 +524,7 @@ def main():
     c.add_argument("src")
     c.add_argument("out")
     c.add_argument("--image-size", type=int, default=256)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.cmd == "train":
         if args.preset not in PRESETS:
             raise BadInput(f"unknown preset {args.preset!r}: {', '.join(PRESETS)}")
@@ -537,11 +542,23 @@ def main():
             print(json.dumps({"image": f, "codes": encode_images(model, x[None])[0].tolist()}))
     elif args.cmd == "decode":
         model = load_vq(args.vq)
-        codes = torch.tensor([json.loads(line)["codes"] for line in Path(args.codes).read_text().splitlines() if line.strip()])
-        if codes.min() < 0 or codes.max() >= model.config.codebook_size:
-            raise BadInput(f"codes outside the codebook (0..{model.config.codebook_size - 1})")
+        g, K = model.config.grid, model.config.codebook_size
+        if not Path(args.codes).is_file():
+            raise BadInput(f"no codes file {args.codes}")
+        codes = []
+        for n, line in enumerate(Path(args.codes).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    c = torch.tensor(json.loads(line)["codes"])
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    raise BadInput(f"{args.codes}:{n}: expected a JSON object with \"codes\": a grid of {g} x {g} integers") from None
+                if c.dtype != torch.int64 or c.numel() != g * g or not (0 <= c.min() and c.max() < K):
+                    raise BadInput(f"{args.codes}:{n}: expected {g} x {g} = {g * g} integer codes in 0..{K - 1} for this VQ")
+                codes.append(c.view(g, g))
+        if not codes:
+            raise BadInput(f"no codes in {args.codes}")
         with torch.no_grad():
-            save_grid(model.decode_codes(codes)[None], args.out, size=256)
+            save_grid(model.decode_codes(torch.stack(codes))[None], args.out, size=256)
     elif args.cmd == "convert-llamagen":
         convert_llamagen(args.src, args.out, args.image_size)
 

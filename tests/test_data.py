@@ -149,3 +149,11 @@ def test_a_list_of_captions_makes_one_example_each(tmp_path):
         (root / "captions.jsonl").write_text(bad + "\n")
         with pytest.raises(BadInput, match="captions.jsonl:1: expected"):
             data.read_folder(root)
+
+
+def test_shards_never_replace_the_dataset_they_read(tmp_path):
+    root = colour_dataset(tmp_path / "data")
+    vq.save_vq(vq.VQModel(TINY), tmp_path / "vq")
+    with pytest.raises(BadInput, match="holds files that mmmoe did not write there"):
+        data.write_shards(root, tmp_path / "vq", tiny_tokenizer(tmp_path / "tok.json"), root)  # --out = --data
+    assert (root / "captions.jsonl").exists() and len(list(root.glob("*.png"))) == 12

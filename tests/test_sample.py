@@ -37,6 +37,14 @@ def test_draws_a_grid_and_the_same_seed_gives_the_same_picture(trained, tmp_path
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "c.png").read_bytes()
 
 
+def test_a_grid_of_prompts(trained, tmp_path):
+    sample.main(["w10 w20", "w11 w21", "w12 w22", "--cols", "2", "--size", "32", "--ckpt", str(trained), "--out", str(tmp_path / "g.png")])
+    width, height = Image.open(tmp_path / "g.png").size
+    assert width == 2 * 32 and 2 * 32 < height < 2 * 60  # 3 prompts, 2 per row: 2 rows, each picture under its prompt
+    with pytest.raises(BadInput, match="--cols needs -n 1"):
+        sample.main(["w10", "--cols", "2", "-n", "2", "--ckpt", str(trained)])
+
+
 def test_codes_and_guidance(trained):
     model, tokenizer, vq = sample.load_pipeline(trained)
     ids = sample.prompt_ids(model, tokenizer, "w10 w20", 64).repeat(2, 1)

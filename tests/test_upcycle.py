@@ -207,3 +207,19 @@ def test_bad_input(tmp_path, case):
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
     assert all(w in r.stderr for w in words), r.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))  # nothing half-written
+
+
+def test_out_never_replaces_the_users_files(tmp_path):
+    write_gguf(tmp_path / "m.gguf", dense_llama(3 + 256 + len(MERGES)))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    r = run_cli("--source", tmp_path / "m.gguf", "--out", mine)
+    assert r.returncode == 1 and "holds files that mmmoe did not write there (notes.txt)" in r.stderr, r.stderr
+    assert (mine / "notes.txt").read_text() == "keep me"
+    (tmp_path / "a_file").write_text("x")
+    r = run_cli("--source", tmp_path / "m.gguf", "--out", tmp_path / "a_file")
+    assert r.returncode == 1 and "is a file" in r.stderr and (tmp_path / "a_file").read_text() == "x"
+    # its own output it may replace: a second run over the first one succeeds
+    assert run_cli("--source", tmp_path / "m.gguf", "--out", tmp_path / "moe").returncode == 0
+    assert run_cli("--source", tmp_path / "m.gguf", "--out", tmp_path / "moe").returncode == 0

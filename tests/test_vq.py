@@ -79,6 +79,20 @@ def test_convert_llamagen_checkpoint(tmp_path):
     assert r.returncode == 1 and "does not look like a LlamaGen VQ state dict" in r.stderr and r.stderr.count("\n") == 1
 
 
+def test_decode_checks_its_codes(tmp_path):
+    vq.save_vq(vq.VQModel(TINY), tmp_path / "v")  # 16 px, 8 x 8 codes of 16
+    good = {"codes": [[1, 2, 3, 4] * 2] * 8}
+    (tmp_path / "c.jsonl").write_text(json.dumps(good) + "\n")
+    vq.main(["decode", "--vq", str(tmp_path / "v"), "--codes", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "x.png")])
+    assert Image.open(tmp_path / "x.png").size[0] == 256  # shown at viewing size
+    for bad, words in [({"codes": [[1, 2, 3, 4]] * 4}, "expected 8 x 8 = 64 integer codes"), ({"codes": [[0.5] * 8] * 8}, "integer codes"),
+                       ({"codes": [[1, 2, 3], [4]]}, "a grid of 8 x 8"), ({"codes": [[99] * 8] * 8}, "in 0..15"), ({"code": []}, "with \"codes\"")]:
+        (tmp_path / "c.jsonl").write_text(json.dumps(bad) + "\n")
+        with pytest.raises(BadInput, match=words):
+            vq.main(["decode", "--vq", str(tmp_path / "v"), "--codes", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "y.png")])
+    assert not (tmp_path / "y.png").exists()
+
+
 def test_damaged_checkpoint_is_refused(tmp_path):
     vq.save_vq(vq.VQModel(TINY), tmp_path / "v")
     f = tmp_path / "v" / "model.safetensors"
