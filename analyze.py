@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from cli import BadInput, run
+from data import make_batch
 from mmmoe import MMMoE
 
 # -----------------------------------------------------------------------------
@@ -162,10 +163,9 @@ def plot_curve(log, path, examples_per_epoch, batch):
 # The report
 
 
-def probe_batches(model, val, n, bos, pad, english):
+def probe_batches(model, val, n, english):
     """Held-out caption+image sequences, and English text, as token-id batches."""
-    from train import make_batch
-    idx, _ = make_batch(val, np.arange(min(n, len(val))), np.zeros(min(n, len(val)), bool), model, bos, pad)
+    idx, _ = make_batch(val, np.arange(min(n, len(val))), np.zeros(min(n, len(val)), bool), model)
     return [idx[i:i + 8] for i in range(0, len(idx), 8)] + [english.view(-1, 256)[:4]]
 
 
@@ -179,24 +179,22 @@ def frechet(a, b):
 
 
 def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
-    from data import TokenShards, dominant_hue, load_images, read_folder
+    from data import TokenShards, dominant_hue, english_text, load_images, read_folder
+    from gw_init import init_model
     from hf import load_tokenizer
     from mmmoe import AdapterConfig
     from sample import prompt_ids, resolve_checkpoint
-    from train import english_text, init_image_rows, TrainConfig
     from upcycle import chat_prompt
     from vq import load_vq
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt, state, base_dir, vq_dir = resolve_checkpoint(ckpt)
-    tc = TrainConfig(**state["train_config"])
+    tc = state["train_config"]
     # One copy of the base serves all three models in turn: the plain base (C1's reference), "before" (the
     # same adapter initialised as train.py initialises it, untrained) and "after" (the trained adapter).
     model, tokenizer, vq = MMMoE.from_pretrained(base_dir, dtype=torch.float32).eval(), load_tokenizer(base_dir), load_vq(vq_dir)
-    bos = model.start_token
-    pad = model.config.eos_token_id
     english = english_text(tokenizer, 4096)
-    val = TokenShards(tc.shards, "val")
+    val = TokenShards(tc["shards"], "val")
     questions = ("What is the capital of France?", "Name three colours.", "What is 2 + 3?")
     text_only = torch.arange(model.config.vocab_size)
 
@@ -208,9 +206,9 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
         return ppl, [tokenizer.decode(model.generate(ids, 24, temperature=0, stop_at_eos=True, allowed_ids=text_only)[0, ids.shape[1]:].tolist())
                      for ids in prompts]
     ppl_base, answers_base = c1()
-    torch.manual_seed(tc.seed)
+    torch.manual_seed(tc["seed"])
     model.add_image_adapter(AdapterConfig(**state["adapter"]))
-    init_image_rows(model, tc, vq_dir)
+    init_model(model, vq_dir, tc["init"], tc["seed"])
     report = {}
     lines = [f"# mmmoe report: {ckpt}", ""]
 
@@ -218,7 +216,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
     for name in ("before", "after"):
         if name == "after":
             model.load_adapter(ckpt)
-        counts, probe = routing(model, probe_batches(model, val, n_probe, bos, pad, english))
+        counts, probe = routing(model, probe_batches(model, val, n_probe, english))
         shares, spec, entropy = routing_stats(counts)
         heatmap(spec, out / f"specificity_{name}.png", f"image-specificity {name} (red: image, blue: text)")
         report[name] = {"specificity": spec.tolist(), "entropy_text": entropy[0].tolist(), "entropy_image": entropy[1].tolist(),

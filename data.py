@@ -270,7 +270,7 @@ def augment(x, generator, max_shift=0.06, scale=(0.9, 1.05)):
 
 
 # -----------------------------------------------------------------------------
-# Token shards
+# Token shards, and the sequences made of them
 
 
 def fingerprint(rows, vq_dir, tokenizer_file, augment_copies):
@@ -356,6 +356,37 @@ class TokenShards:
     def __getitem__(self, i):
         text = self.text[self.offsets[i]:self.offsets[i + 1]]
         return np.asarray(text, dtype=np.int64), np.asarray(self.codes[i], dtype=np.int64)
+
+
+def make_batch(shards, indices, drop, model):
+    """-> idx (B, T), targets (B, T): targets are the next image code at every position that predicts
+    one, -1 elsewhere. Each example is  <bos> caption <boi> code_1 ... code_n <eoi> <eos>, padded with <eos>.
+    drop[i]: example i gets the unconditional prompt (its caption's tokens all <eos>: classifier-free
+    guidance's caption dropout)."""
+    seqs, tgts = [], []
+    bos, boi, eoi, eos = model.start_token, model.image_token("boi"), model.image_token("eoi"), model.config.eos_token_id
+    pad = eos
+    for i, d in zip(indices, drop):
+        text, codes = shards[i]
+        text = np.full_like(text, pad) if d else text
+        image = model.image_token(codes)
+        seq = np.concatenate([[bos], text, [boi], image, [eoi, eos]])
+        tgt = np.full(len(seq), -1)
+        start = 1 + len(text)  # the <boi> position predicts the first code
+        tgt[start:start + len(codes)] = image
+        seqs.append(seq)
+        tgts.append(tgt)
+    T = max(map(len, seqs))
+    idx = torch.tensor(np.stack([np.pad(s, (0, T - len(s)), constant_values=pad) for s in seqs]))
+    targets = torch.tensor(np.stack([np.pad(t, (0, T - len(t)), constant_values=-1) for t in tgts]))
+    return idx, targets
+
+
+def english_text(tokenizer, n_tokens=4096):
+    """Held-out English for the C1 check: CPython's own documentation, which ships with every Python."""
+    from pydoc_data.topics import topics
+    ids = tokenizer.encode(" ".join(topics[k] for k in sorted(topics))).ids
+    return torch.tensor(ids[:n_tokens])
 
 
 def main():

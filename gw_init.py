@@ -125,6 +125,19 @@ def init_image_rows(codebook, embed, head=None, method="gw", anchors=1024, epsil
     return out[0], (out[1] if head is not None else None)
 
 
+def init_model(model, vq_dir, method="gw", seed=0):
+    """Give a model's new image rows (model.image_embed, and model.image_head if untied) their start:
+    the codebook of the VQ in vq_dir matched to the model's text embeddings (or a baseline)."""
+    from vq import load_vq
+    codebook = load_vq(vq_dir).quantize.codebook().detach()
+    head = None if model.config.tie_word_embeddings else model.lm_head.weight.detach().cpu()
+    embed, out = init_image_rows(codebook, model.model.embed_tokens.weight.detach().cpu(), head, method, seed=seed)
+    with torch.no_grad():
+        model.image_embed.copy_(embed)
+        if out is not None:
+            model.image_head.copy_(out)
+
+
 def main():
     from hf import TensorReader, checkpoint_index
     from mmmoe import MMMoEConfig

@@ -2,7 +2,7 @@
 train.py: Partial-LoRA multimodal fine-tuning, the paper's method. A frozen text MoE learns to write
 image codes; every text token keeps going through the frozen weights.
 
-    python train.py config/demo.json                      # the built-in demo (wants a GPU)
+    python train.py config/cpu-demo.json --resume         # the built-in demo's recipe (README: its run)
     python train.py config/tiny.json --steps=20           # a smoke test on CPU
     python train.py config/demo.json --resume             # continue exactly where the last checkpoint stopped
     torchrun --nproc_per_node 8 train.py config/demo.json # DDP; add --fsdp for bases that do not fit a GPU
@@ -10,7 +10,7 @@ image codes; every text token keeps going through the frozen weights.
 
 Each example is the sequence  <bos> caption <boi> code_1 ... code_n <eoi> <eos>  from the token shards
 (data.py). The loss is on the image codes: the caption runs through the frozen model (C1), so a loss
-on it would have nothing to train. With probability caption_dropout the caption is replaced by pad
+on it would have nothing to train. With probability caption_dropout the caption is replaced by <eos>
 tokens of the same length: that is the unconditional prompt classifier-free guidance uses (Janus).
 """
 import json
@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from cli import BadInput, run
+from data import TokenShards, english_text, make_batch
 from hf import atomic_dir, check_replaceable, load_tokenizer, recover_dir
 from mmmoe import AdapterConfig, MMMoE
 
@@ -139,27 +140,6 @@ def global_batch(n, size, step, seed):
     return order[(i * size + np.arange(size)) % n]  # wraps around a dataset smaller than one batch
 
 
-def make_batch(shards, indices, drop, model, bos, pad):
-    """-> idx (B, T), targets (B, T): targets are the next image code at every position that predicts
-    one, -1 elsewhere. drop[i]: example i gets the unconditional prompt (caption -> pad tokens)."""
-    seqs, tgts = [], []
-    boi, eoi, eos = model.image_token("boi"), model.image_token("eoi"), model.config.eos_token_id
-    for i, d in zip(indices, drop):
-        text, codes = shards[i]
-        text = np.full_like(text, pad) if d else text
-        image = model.image_token(codes)
-        seq = np.concatenate([[bos], text, [boi], image, [eoi, eos]])
-        tgt = np.full(len(seq), -1)
-        start = 1 + len(text)  # the <boi> position predicts the first code
-        tgt[start:start + len(codes)] = image
-        seqs.append(seq)
-        tgts.append(tgt)
-    T = max(map(len, seqs))
-    idx = torch.tensor(np.stack([np.pad(s, (0, T - len(s)), constant_values=pad) for s in seqs]))
-    targets = torch.tensor(np.stack([np.pad(t, (0, T - len(t)), constant_values=-1) for t in tgts]))
-    return idx, targets
-
-
 def load_balancing_loss(model):
     """Switch-style auxiliary loss on image tokens, averaged over layers: E * sum_e f_e * P_e, with f_e
     the share of routed slots that went to expert e and P_e its mean router probability."""
@@ -187,20 +167,6 @@ def build_model(tc, device, n_codes=None):
     return model.add_image_adapter(adapter), base
 
 
-def init_image_rows(model, tc, vq_dir):
-    """The new embeddings and output rows: Gromov-Wasserstein matching of the codebook to the text
-    embeddings (gw_init.py), or a plain baseline."""
-    from gw_init import init_image_rows as init
-    from vq import load_vq
-    codebook = load_vq(vq_dir).quantize.codebook().detach()
-    head = None if model.config.tie_word_embeddings else model.lm_head.weight.detach().cpu()
-    embed, out = init(codebook, model.model.embed_tokens.weight.detach().cpu(), head, tc.init, seed=tc.seed)
-    with torch.no_grad():
-        model.image_embed.copy_(embed)
-        if out is not None:
-            model.image_head.copy_(out)
-
-
 def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir):
     """Only what training changed (adapter tensors) + optimizer + RNG + step, atomically."""
     from vq import flatten_optimizer
@@ -217,20 +183,13 @@ def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir):
 # Evaluation
 
 
-def english_text(tokenizer, n_tokens=4096):
-    """Held-out English for the C1 check: CPython's own documentation, which ships with every Python."""
-    from pydoc_data.topics import topics
-    ids = tokenizer.encode(" ".join(topics[k] for k in sorted(topics))).ids
-    return torch.tensor(ids[:n_tokens])
-
-
 @torch.no_grad()
-def evaluate(model, tc, val, text_ids, device, bos, pad, autocast):
+def evaluate(model, tc, val, text_ids, device, autocast):
     model.eval()
     losses = []
     for b in range(tc.eval_batches):
         idx = np.arange(b * tc.batch_size, (b + 1) * tc.batch_size) % len(val)
-        x, y = make_batch(val, idx, np.zeros(len(idx), bool), model, bos, pad)
+        x, y = make_batch(val, idx, np.zeros(len(idx), bool), model)
         with autocast:
             losses.append(model(x.to(device), y.to(device))[1].item())
     seq = text_ids.view(-1, 256).to(device)  # (n, 256) chunks of English
@@ -290,7 +249,7 @@ def lr_at(step, tc):
 
 
 def train(tc, resume=False):
-    from data import TokenShards
+    from gw_init import init_model
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if world > 1:
@@ -309,8 +268,6 @@ def train(tc, resume=False):
         raise BadInput(f"{tc.shards} has {len(train_set)} training and {len(val)} held-out examples: training needs both")
     model, base = build_model(tc, device, train_set.index["codebook_size"])
     tokenizer = load_tokenizer(base)
-    bos = model.start_token
-    pad = model.config.eos_token_id  # the unconditional prompt's filler; also pads batches
     step, log, state = 0, [], None
     if resume and (out_dir / "state.json").exists():
         state = model.load_adapter(out_dir)
@@ -323,7 +280,7 @@ def train(tc, resume=False):
     else:
         if resume and main_process:
             print(f"no checkpoint in {out_dir} yet: starting at step 0", file=sys.stderr)
-        init_image_rows(model, tc, train_set.index["vq"])
+        init_model(model, train_set.index["vq"], tc.init, tc.seed)
     counts, n_base = model.trainable_budget()
     if main_process:
         total = sum(counts.values())
@@ -360,7 +317,7 @@ def train(tc, resume=False):
             g["lr"] = lr_at(step, tc)
         for micro in range(tc.grad_accum):
             part = slice((micro * world + rank) * tc.batch_size, (micro * world + rank + 1) * tc.batch_size)
-            idx, targets = make_batch(train_set, indices[part], drop[part], model, bos, pad)
+            idx, targets = make_batch(train_set, indices[part], drop[part], model)
             idx, targets = idx.to(device), targets.to(device)
             sync = nullcontext() if micro == tc.grad_accum - 1 or world == 1 or tc.fsdp else trained.no_sync()
             with sync, autocast:
@@ -385,7 +342,7 @@ def train(tc, resume=False):
             log.append({"step": step, "loss": loss.item(), "aux": aux.item(), "grad_norm": norm.item(), "lr": lr_at(step - 1, tc),
                         "tokens_per_s": tokens * world / (time.time() - t0)})
         if step % tc.eval_every == 0 or step == tc.steps:
-            result = evaluate(model, tc, val, text_ids, device, bos, pad, autocast)
+            result = evaluate(model, tc, val, text_ids, device, autocast)
             if main_process:
                 log.append({"step": step} | result)
                 bar.write(json.dumps(log[-1]))
