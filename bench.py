@@ -180,14 +180,24 @@ def bench_train(args):
 
 
 def bench_base(args):
-    """The built-in base (copy-upcycled SmolLM2-135M, 8 experts, top-2) as the demo uses it: a PLoRA training
-    step on 8 demo-shaped sequences with the shared-base experts, then the same step with the experts forced
-    back to 8 separate copies (grouped dispatch); and `sample.py "a red bicycle"` run as a user runs it."""
+    """The built-in base (copy-upcycled SmolLM2-135M, 8 experts, top-2) as the demo uses it:
+    `sample.py "a red bicycle"` run as a user runs it (first, while this process is small: a child's peak
+    memory counts the parent it was forked from), then a PLoRA training step on 8 demo-shaped sequences
+    with the shared-base experts, and the same step with the experts forced back to 8 separate copies."""
     import resource
     from mmmoe import AdapterConfig
     from upcycle import builtin_base
     print(f"machine: fp32 matmul peak {matmul_peak_gflops():.1f} GFLOP/s, reads {read_bandwidth_gbs():.1f} GB/s "
           f"({torch.get_num_threads()} threads)")
+    if (Path(__file__).parent / "demo" / "state.json").exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, str(Path(__file__).parent / "sample.py"), "a red bicycle", "--out", str(Path(tmp) / "s.png")]
+            for run in ("cold", "warm"):
+                t0 = time.perf_counter()
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                wall = time.perf_counter() - t0
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print(f"sample.py \"a red bicycle\" (warm): {wall:.1f} s wall, peak RSS {peak:,.0f} MB; it says: {out.stderr.strip()}")
     model = MMMoE.from_pretrained(builtin_base(), dtype=torch.float32)
     model.add_image_adapter(AdapterConfig(n_image_codes=1024, rank=args.rank, alpha=2.0 * args.rank)).train()
     B, V, g = 8, model.config.vocab_size, torch.Generator().manual_seed(0)
@@ -209,17 +219,6 @@ def bench_base(args):
     grouped = best_of(step)
     print(f"PLoRA training step, rank {args.rank}, {B} x {idx.shape[1]} tokens: shared base {shared:.2f} s "
           f"({B * idx.shape[1] / shared:.0f} tokens/s), grouped copies {grouped:.2f} s ({grouped / shared:.2f}x slower)")
-    del model, opt
-    demo = Path(__file__).parent / "demo"
-    if (demo / "state.json").exists():
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, str(Path(__file__).parent / "sample.py"), "a red bicycle", "--out", str(Path(tmp) / "s.png")]
-            for run in ("cold", "warm"):
-                t0 = time.perf_counter()
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                wall = time.perf_counter() - t0
-            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        print(f"sample.py \"a red bicycle\" (warm): {wall:.1f} s wall, peak RSS {peak:,.0f} MB; it says: {out.stderr.strip()}")
 
 
 if __name__ == "__main__":

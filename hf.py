@@ -62,7 +62,7 @@ def checkpoint_index(path):
 class TensorReader:
     """read(name, index=()) -> a copy of a tensor of checkpoint_index's files, or of the part `index`
     selects. safe_open maps a file, and each page touched stays in memory while it is open: the files
-    are closed every 256 MB read, so memory holds the model plus that, never the whole checkpoint."""
+    are closed every 64 MB read, so memory holds the model plus that, never the whole checkpoint."""
 
     def __init__(self, index):
         self.index, self.files, self.bytes = index, {}, 0
@@ -72,7 +72,7 @@ class TensorReader:
         self.files[file] = self.files.get(file) or safe_open(file, "pt")
         t = self.files[file].get_slice(name)[idx].clone()  # a view of the mapped file until copied out
         self.bytes += t.nbytes
-        if self.bytes > 256 * 2**20:
+        if self.bytes > 64 * 2**20:
             self.files, self.bytes = {}, 0
         return t
 
