@@ -92,23 +92,17 @@ def colour_word(x):
     """(3, H, W) in [-1, 1] -> the common name of its dominant colour ("red", "brown", ...), or None when
     it has little colour or many (a rainbow). From the saturation-weighted hue histogram (10-degree bins)
     of its coloured pixels."""
-    rgb = ((x.clamp(-1, 1) + 1) / 2).reshape(3, -1)  # (3, HW) in [0, 1]
-    mx, mn = rgb.max(0).values, rgb.min(0).values
-    sat = (mx - mn) / mx.clamp_min(1e-6)
-    r, g, b = rgb
-    delta = (mx - mn).clamp_min(1e-6)
-    hue = torch.where(mx == r, ((g - b) / delta) % 6, torch.where(mx == g, (b - r) / delta + 2, (r - g) / delta + 4)) * 60
-    weight = sat * ((sat > 0.3) & (mx > 0.3))
-    if weight.sum() < 0.02 * rgb.shape[1]:
+    hue, weight, value = (t[0] for t in hue_weights(x[None]))
+    if weight.sum() < 0.02 * len(weight):
         return None
-    hist = torch.zeros(36).scatter_add_(0, (hue / 10).long().clamp(0, 35), weight)
+    bin_of = (hue / 10).long().clamp(0, 35)
+    hist = torch.zeros(36).scatter_add_(0, bin_of, weight)
     peak = int(hist.argmax())
     if hist[[peak - 1, peak, (peak + 1) % 36]].sum() < 0.6 * hist.sum():
         return None  # no one colour dominates
-    degrees = 10 * peak + 5
-    word = next(w for bound, w in HUE_WORDS if degrees < bound)
-    in_peak = (hue / 10).long().clamp(0, 35) == peak
-    if word in ("red", "orange") and (mx * weight)[in_peak].sum() / weight[in_peak].sum() < 0.7:
+    word = next(w for bound, w in HUE_WORDS if 10 * peak + 5 < bound)
+    in_peak = bin_of == peak
+    if word in ("red", "orange") and (value * weight)[in_peak].sum() / weight[in_peak].sum() < 0.7:
         return "brown"  # a dark orange
     return word
 
@@ -241,19 +235,24 @@ def load_images(rows, size, desc="loading images"):
     return kept, torch.stack(images)
 
 
+def hue_weights(x):
+    """(B, 3, H, W) in [-1, 1] -> per pixel (B, HW): hue in degrees, a weight that is its saturation if it is
+    coloured (saturated and bright enough) and 0 for white, black, greys and outlines, and its value."""
+    rgb = ((x.clamp(-1, 1) + 1) / 2).flatten(2)  # (B, 3, HW) in [0, 1]
+    mx, mn = rgb.max(1).values, rgb.min(1).values
+    sat = (mx - mn) / mx.clamp_min(1e-6)
+    r, g, b = rgb.unbind(1)
+    delta = (mx - mn).clamp_min(1e-6)
+    hue = torch.where(mx == r, ((g - b) / delta) % 6, torch.where(mx == g, (b - r) / delta + 2, (r - g) / delta + 4)) * 60
+    return hue, sat * ((sat > 0.3) & (mx > 0.3)), mx
+
+
 def dominant_hue(x, bins=12):
     """(B, 3, H, W) in [-1, 1] -> (B,) index of the hue bin (of `bins` around the colour wheel) holding most
     saturation among coloured pixels, or -1 for an image with no colour (white, black, greys)."""
-    rgb = ((x.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).reshape(len(x), -1, 3)  # (B, HW, 3) in [0, 1]
-    mx, mn = rgb.max(-1).values, rgb.min(-1).values
-    sat = (mx - mn) / mx.clamp_min(1e-6)
-    r, g, b = rgb.unbind(-1)
-    delta = (mx - mn).clamp_min(1e-6)
-    hue = torch.where(mx == r, ((g - b) / delta) % 6, torch.where(mx == g, (b - r) / delta + 2, (r - g) / delta + 4)) / 6
-    coloured = (sat > 0.3) & (mx > 0.3)  # ignore white, black, greys and outlines
-    weight = sat * coloured
-    hist = torch.zeros(len(x), bins).scatter_add_(1, (hue * bins).long().clamp(0, bins - 1), weight)
-    return torch.where(hist.sum(1) > 0.02 * rgb.shape[1], hist.argmax(1), torch.full((len(x),), -1))
+    hue, weight, _ = hue_weights(x)
+    hist = torch.zeros(len(x), bins).scatter_add_(1, (hue / 360 * bins).long().clamp(0, bins - 1), weight)
+    return torch.where(hist.sum(1) > 0.02 * hue.shape[1], hist.argmax(1), torch.full((len(x),), -1))
 
 
 def augment(x, generator, max_shift=0.06, scale=(0.9, 1.05)):

@@ -198,7 +198,8 @@ def evaluate(model, tc, val, text_ids, device, autocast):
     model.train()
     return {"val_image_loss": sum(losses) / len(losses), "text_ppl": math.exp(text_loss)}
 
-def learning_curve_setup(model, tokenizer, train_set, tc):
+
+def learning_curve_setup(tokenizer, train_set, tc):
     """-> curve(model): draws a fixed set of training captions (phrased as people ask) and held-out
     ones, greedily with guidance 3, and scores each picture against its emoji among all of the dataset's
     pictures: the rank by VQ-feature similarity (0 = top-1) and whether the dominant hues agree."""
@@ -347,7 +348,7 @@ def train(tc, resume=False):
                 log.append({"step": step} | result)
                 bar.write(json.dumps(log[-1]))
         if main_process and tc.curve_every and (step % tc.curve_every == 0 or step == tc.steps):
-            curve = curve or learning_curve_setup(model, tokenizer, train_set, tc)
+            curve = curve or learning_curve_setup(tokenizer, train_set, tc)
             log.append({"step": step, "epoch": step * global_size / len(train_set)} | curve(model))
             bar.write(json.dumps(log[-1]))
         if main_process and (step % tc.save_every == 0 or step == tc.steps):
