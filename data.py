@@ -186,13 +186,23 @@ def read_folder(root):
                     raise BadInput(f"{index}:{n}: expected a JSON object with \"image\" and \"caption\" "
                                    "(a non-empty string or list of strings)") from None
     elif root.is_dir():
-        rows = [{"image": p, "captions": [p.with_suffix(".txt").read_text().strip()], "split": None}
-                for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES and p.with_suffix(".txt").exists()]
+        images = [p for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        rows, uncaptioned = [], []
+        for p in images:
+            try:
+                caption = p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").exists() else ""
+            except UnicodeDecodeError:
+                raise BadInput(f"{p.with_suffix('.txt')} is not UTF-8 text") from None
+            (rows if caption else uncaptioned).append({"image": p, "captions": [caption], "split": None})
+        if uncaptioned:
+            print(f"skipped {len(uncaptioned)} image(s) without a caption (first: {uncaptioned[0]['image']})", file=sys.stderr)
     else:
         raise BadInput(f"no dataset folder {root}")
     if not rows:
         raise BadInput(f"no captioned images in {root}: expected captions.jsonl or image files with .txt captions")
     for r in rows:
+        if r["split"] not in (None, "train", "val"):
+            raise BadInput(f"{r['image']}: split {r['split']!r} is neither \"train\" nor \"val\"")
         r["caption"] = r["captions"][0]
         r["split"] = r["split"] or ("val" if held_out(r["caption"]) else "train")
     return rows
@@ -208,7 +218,7 @@ def load_image(path, size):
                 im = im.convert("RGBA")
                 im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im)
             im = im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError):
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return None
     scale = size / min(im.size)
     im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.LANCZOS)

@@ -59,8 +59,17 @@ class MMMoEConfig:
                 raise BadInput(f"no config.json in {path.parent}")
             try:
                 hf = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise BadInput(f"{path} is not valid JSON: {e}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BadInput(f"{path} is not valid JSON: {' '.join(str(e).split())}") from None
+        if not isinstance(hf, dict):
+            raise BadInput("config.json must hold a JSON object")
+        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+                   if not isinstance(hf.get(k), int) or hf[k] < 1]
+        if missing:
+            raise BadInput(f"config.json lacks a positive integer {missing[0]}")
+        if not 1 <= hf.get("num_experts_per_tok", 2) <= hf.get("num_local_experts", 8):
+            raise BadInput(f"config.json: num_experts_per_tok {hf.get('num_experts_per_tok')} must be 1.."
+                           f"num_local_experts ({hf.get('num_local_experts')})")
         archs = hf.get("architectures") or ["MixtralForCausalLM"]
         if archs != ["MixtralForCausalLM"]:
             raise BadInput(f"unsupported architecture {', '.join(archs)}: mmmoe implements MixtralForCausalLM "
@@ -601,6 +610,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.prompt.strip():
         raise BadInput("empty prompt")
+    if args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf:
+        raise BadInput("--max-new-tokens must be at least 1 and --temperature a number >= 0")
     model, tokenizer = MMMoE.from_pretrained(args.ckpt, dtype=torch.float32), load_tokenizer(args.ckpt)
     idx = torch.tensor([tokenizer.encode(args.prompt).ids])
     out = model.generate(idx, args.max_new_tokens, args.temperature, stop_at_eos=True)

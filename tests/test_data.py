@@ -63,9 +63,22 @@ def test_folder_datasets_and_unreadable_images(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(txt / "uncaptioned.png")
     rows = data.read_folder(txt)
     assert [r["caption"] for r in rows] == ["a translucent red bar"] and rows[0]["split"] in ("train", "val")
+    assert "skipped 1 image(s) without a caption" in capsys.readouterr().err  # counted, not silently dropped
+    (txt / "a.txt").write_bytes(b"caf\xe9")  # Latin-1, not UTF-8
+    with pytest.raises(BadInput, match="a.txt is not UTF-8 text"):
+        data.read_folder(txt)
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, 100  # so that this image counts as a decompression bomb
+    try:
+        assert data.load_image(tmp_path / "big.png", 16) is None  # skipped like any unreadable file, no traceback
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "captions.jsonl").write_text('{"image": "x.png", "caption": "ok"}\n{"image": "y.png"}\n')
     with pytest.raises(BadInput, match="captions.jsonl:2"):
+        data.read_folder(tmp_path / "broken")
+    (tmp_path / "broken" / "captions.jsonl").write_text('{"image": "x.png", "caption": "ok", "split": "test"}\n')
+    with pytest.raises(BadInput, match="split 'test' is neither"):
         data.read_folder(tmp_path / "broken")
 
 

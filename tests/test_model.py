@@ -277,3 +277,13 @@ def test_loader_refuses_what_safetensors_or_the_layout_forbids(tiny_ckpt, tmp_pa
     text = json.dumps(header).encode()
     (one / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
     expect_bad(one, "corrupt safetensors header")
+
+
+def test_config_mistakes_are_one_line(tiny_ckpt):
+    path, cfg, _ = tiny_ckpt()
+    for bad, words in [({k: v for k, v in cfg.items() if k != "hidden_size"}, "lacks a positive integer hidden_size"),
+                       (cfg | {"num_experts_per_tok": 9}, "num_experts_per_tok 9 must be 1..num_local_experts (4)")]:
+        (path / "config.json").write_text(json.dumps(bad))
+        expect_bad(path, words)
+    (path / "config.json").write_text("[1, 2]")
+    expect_bad(path, "must hold a JSON object")
