@@ -273,6 +273,14 @@ def train(tc, resume=False):
     if resume and (out_dir / "state.json").exists():
         state = model.load_adapter(out_dir)
         step, log = state["step"], state["log"]
+        # a resumed run continues the same computation: settings that change it must be the run's own
+        math = ("base", "shards", "init", "rank", "alpha", "attention", "router", "batch_size", "grad_accum", "steps", "lr",
+                "min_lr", "warmup", "weight_decay", "grad_clip", "caption_dropout", "aux_loss_coef", "seed")
+        saved = state["train_config"]
+        differ = [f"{k}={getattr(tc, k)} (run: {saved[k]})" for k in math if k in saved and saved[k] != getattr(tc, k)]
+        if differ:
+            raise BadInput(f"{out_dir} is a run with other settings: {', '.join(differ)}; resume it with its own, or "
+                           "start a new --out_dir with --init_from to continue from it")
     elif tc.init_from:  # e.g. the committed demo/ on a machine where the run's own checkpoints are gone
         step, log = (s := model.load_adapter(tc.init_from))["step"], s["log"]
         log.append({"step": step, "warm_start": tc.init_from})
