@@ -27,9 +27,12 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from cli import BadInput, run
+from cli import run
 from data import make_batch
+from hf import run_inputs
 from mmmoe import MMMoE
+
+DEMO = Path(__file__).parent / "demo"  # the committed demo model, as sample.py draws with it
 
 # -----------------------------------------------------------------------------
 # Routing and redundancy
@@ -183,12 +186,13 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
     from gw_init import init_model
     from hf import load_tokenizer
     from mmmoe import AdapterConfig
-    from sample import prompt_ids, resolve_checkpoint
-    from upcycle import chat_prompt
+    from upcycle import builtin_base, chat_prompt
     from vq import load_vq
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt, state, base_dir, vq_dir = resolve_checkpoint(ckpt)
+    ckpt = ckpt or DEMO
+    state, base_dir, vq_dir = run_inputs(ckpt)
+    base_dir = base_dir or builtin_base()
     tc = state["train_config"]
     # One copy of the base serves all three models in turn: the plain base (C1's reference), "before" (the
     # same adapter initialised as train.py initialises it, untrained) and "after" (the trained adapter).
@@ -259,7 +263,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
         n_codes = vq.config.grid ** 2
         fake = []
         for r in tqdm(rows, desc="drawing held-out captions", unit="image", leave=False):
-            codes = model.generate_image(prompt_ids(model, tokenizer, r["caption"], n_codes), n_codes, 3.0, 1.0, None, None, g)
+            codes = model.generate_image(model.image_prompt(tokenizer.encode(r["caption"]).ids, n_codes), n_codes, 3.0, 1.0, None, None, g)
             with torch.no_grad():
                 fake.append(vq.decode_codes(codes.view(1, vq.config.grid, vq.config.grid))[0].clamp(-1, 1))
         fake = torch.stack(fake)
@@ -302,8 +306,7 @@ def main():
     args = p.parse_args()
     if args.curve:
         from data import TokenShards
-        from sample import resolve_checkpoint
-        ckpt, state, _, _ = resolve_checkpoint(args.ckpt)
+        state, _, _ = run_inputs(args.ckpt or DEMO)
         n = len(TokenShards(state["train_config"]["shards"], "train"))
         plot_curve(state["log"], args.curve, n, state["train_config"]["batch_size"])
         return

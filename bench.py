@@ -11,8 +11,6 @@ On CPU it uses 2 threads (this project's reference machine). If transformers hap
 """
 import argparse
 import importlib.util
-import json
-import os
 import subprocess
 import sys
 import tempfile

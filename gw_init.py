@@ -22,6 +22,7 @@ summarised by k-means anchors (default 1024 each): GW matches anchors to anchors
 soft mix of its nearest code anchors' projections, and every text anchor stands for its cluster.
 """
 import argparse
+import os
 import time
 import warnings
 from pathlib import Path
@@ -138,7 +139,7 @@ def init_model(model, vq_dir, method="gw", seed=0):
             model.image_head.copy_(out)
 
 
-def main():
+def main(argv=None):
     from hf import TensorReader, checkpoint_index
     from mmmoe import MMMoEConfig
     from vq import load_vq
@@ -150,7 +151,14 @@ def main():
     p.add_argument("--anchors", type=int, default=1024)
     p.add_argument("--epsilon", type=float, default=0.05, help="entropic regularisation (0 = exact GW)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    out_path = Path(args.out)
+    if args.anchors < 1:
+        raise BadInput(f"--anchors must be at least 1, got {args.anchors}")
+    if not args.epsilon >= 0:
+        raise BadInput(f"--epsilon must be >= 0, got {args.epsilon}")
+    if out_path.is_dir() or not out_path.parent.is_dir():
+        raise BadInput(f"--out {out_path} must be a file in an existing directory")
     t0 = time.time()
     cfg = MMMoEConfig.from_hf(args.base)
     read = TensorReader(checkpoint_index(Path(args.base)))
@@ -159,7 +167,9 @@ def main():
     codebook = load_vq(args.vq).quantize.codebook().detach()
     image_embed, image_head = init_image_rows(codebook, embed, head, args.method, args.anchors, args.epsilon, args.seed)
     out = {"image_embed": image_embed.contiguous()} | ({"image_head": image_head.contiguous()} if image_head is not None else {})
-    save_file(out, args.out)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    save_file(out, tmp)
+    os.replace(tmp, out_path)  # atomic: a kill leaves the old file or the new one, never half of one
     print(f"wrote {args.out}: {len(codebook)} codes + <boi>, <eoi> -> {embed.shape[1]}-d rows ({args.method}) "
           f"in {time.time() - t0:.1f}s")
 

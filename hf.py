@@ -6,18 +6,24 @@ Reading streams tensor by tensor through the safetensors library (which validate
 a model built on the meta device, after every name and shape is checked; writing goes to a temporary
 directory that replaces the target only once complete. The name map from checkpoint keys to the
 model's parameters is checkpoint_targets: the one place that knows a checkpoint's layout.
+
+The same care serves the two trainers (train.py, vq.py): atomic run directories that never replace a
+user's files, damaged files reported in one line, optimizer state as safetensors, the learning-rate
+schedule and the order of examples that make a resumed run equal an uninterrupted one.
 """
 import json
+import math
 import os
 import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from cli import BadInput
@@ -266,8 +272,87 @@ def write_hf_checkpoint(path, hf_config, tensors, tokenizer=None, extra_files=No
 
 
 def load_tokenizer(path):
-    """The checkpoint's tokenizer.json as a `tokenizers.Tokenizer`."""
-    file = Path(path) / "tokenizer.json"
-    if not file.exists():
+    """A checkpoint directory's tokenizer.json (or that file itself) as a `tokenizers.Tokenizer`."""
+    file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
         raise BadInput(f"no tokenizer.json in {path}")
-    return Tokenizer.from_file(str(file))
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises a plain Exception for a file it cannot parse
+        raise BadInput(f"damaged checkpoint file {file}: {' '.join(str(e).split())[:200]}") from None
+
+# -----------------------------------------------------------------------------
+# Training runs: what train.py (the adapter) and vq.py (the image tokenizer) share
+
+
+def read_tensors(file, device="cpu"):
+    """A safetensors file of a checkpoint -> {name: tensor}; a missing or damaged file is one line."""
+    if not Path(file).is_file():
+        raise BadInput(f"missing checkpoint file {file}")
+    try:
+        return load_file(file, device=device)
+    except (SafetensorError, OSError, ValueError) as e:  # truncated, or a header that is not safetensors
+        raise BadInput(f"damaged checkpoint file {file}: {' '.join(str(e).split())}") from None
+
+
+def read_json(file, required=()):
+    """A checkpoint's JSON file -> dict, with `required` keys present; anything else is one line."""
+    try:
+        state = json.loads(Path(file).read_text())
+    except FileNotFoundError:
+        raise BadInput(f"missing checkpoint file {file}") from None
+    except (ValueError, OSError) as e:
+        raise BadInput(f"damaged checkpoint file {file}: {e}") from None
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise BadInput(f"damaged checkpoint file {file}: no {missing[0]!r}")
+    return state
+
+
+def optimizer_tensors(opt):
+    """AdamW's state as named tensors (for safetensors) + the JSON-able rest (its param_groups)."""
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.contiguous().cpu() for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)}
+    return tensors, sd["param_groups"]
+
+
+def load_optimizer(opt, tensors, param_groups):
+    """The inverse of optimizer_tensors, into `opt`."""
+    state = {}
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    try:
+        opt.load_state_dict({"state": state, "param_groups": param_groups})
+    except (ValueError, KeyError, TypeError) as e:
+        raise BadInput(f"the saved optimizer state does not fit this model: {e}") from None
+
+
+def lr_at(step, lr, warmup, steps, min_lr=0.0):
+    """Linear warmup over `warmup` steps, then a cosine from lr down to min_lr at `steps`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def batch_at(n, size, step, seed):
+    """Example indices (size,) of one optimiser step: a fixed function of (seed, step), a fresh
+    permutation of the n examples every epoch, so a resumed run sees exactly the same data."""
+    per_epoch = max(1, n // size)
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[(i * size + np.arange(size)) % n]  # wraps around a dataset smaller than one batch
+
+
+def run_inputs(run_dir):
+    """A train.py output directory -> (its state.json as a dict, the base checkpoint directory it was
+    trained on or None for the built-in base, the VQ directory: the run's own vq/ if it has one)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "state.json").exists():
+        raise BadInput(f"no trained model in {run_dir} (expected state.json and adapter.safetensors from train.py)")
+    state = read_json(run_dir / "state.json", ("train_config", "vq"))
+    if not isinstance(state["train_config"], dict) or not isinstance(state["train_config"].get("base"), str):
+        raise BadInput(f"damaged checkpoint file {run_dir / 'state.json'}: no train_config.base")
+    base = state["train_config"]["base"]
+    return state, Path(base) if base else None, run_dir / "vq" if (run_dir / "vq").exists() else Path(state["vq"])

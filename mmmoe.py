@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from cli import BadInput, run
-from hf import hf_state_dict, load_checkpoint, load_tokenizer, write_hf_checkpoint
+from hf import hf_state_dict, load_checkpoint, load_tokenizer, read_json, read_tensors, write_hf_checkpoint
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -401,18 +401,18 @@ class MMMoE(nn.Module):
     def load_adapter(self, path):
         """Put a saved adapter onto this base (adding one if it has none) -> the state.json it came with."""
         path = Path(path)
-        try:
-            state = json.loads((path / "state.json").read_text())
-            tensors = load_file(path / "adapter.safetensors")
-        except FileNotFoundError:
-            raise BadInput(f"no trained adapter in {path} (expected state.json and adapter.safetensors)") from None
-        except Exception as e:  # truncated JSON or safetensors
-            raise BadInput(f"damaged checkpoint in {path}: {' '.join(str(e).split())}") from None
-        if state.get("vocab_size") != self.config.vocab_size:
-            raise BadInput(f"{path} was trained on a base with {state.get('vocab_size')} text tokens, this one has "
+        if not (path / "state.json").exists():
+            raise BadInput(f"no trained adapter in {path} (expected state.json and adapter.safetensors)")
+        state = read_json(path / "state.json", ("adapter", "vocab_size"))
+        tensors = read_tensors(path / "adapter.safetensors")
+        if state["vocab_size"] != self.config.vocab_size:
+            raise BadInput(f"{path} was trained on a base with {state['vocab_size']} text tokens, this one has "
                            f"{self.config.vocab_size}")
         if self.adapter is None:
-            self.add_image_adapter(AdapterConfig(**state["adapter"]))
+            try:
+                self.add_image_adapter(AdapterConfig(**state["adapter"]))
+            except TypeError as e:
+                raise BadInput(f"damaged checkpoint file {path / 'state.json'}: adapter {e}") from None
         params = {n: p for n, p in self.named_parameters() if self.is_adapter_param(n)}
         for name, p in params.items():
             if name not in tensors or tensors[name].shape != p.shape:
@@ -426,6 +426,14 @@ class MMMoE(nn.Module):
         """Token id of image code `which` (int or tensor), or of "boi" / "eoi"."""
         K, V = self.adapter.n_image_codes, self.config.vocab_size
         return {"boi": V + K, "eoi": V + K + 1}[which] if isinstance(which, str) else which + V
+
+    def image_prompt(self, caption_ids, n_codes):
+        """A caption's token ids -> the (1, T) prompt  <start> caption <boi>  that asks for its picture."""
+        ids = [self.start_token, *caption_ids, self.image_token("boi")]
+        if len(ids) + n_codes > self.config.max_seq_len:
+            raise BadInput(f"prompt too long: {len(ids)} tokens + {n_codes} image codes exceed the model's context of "
+                           f"{self.config.max_seq_len}")
+        return torch.tensor([ids])
 
     def forward(self, idx, targets=None, input_pos=None):
         """idx (B, T) token ids -> (logits (B, T, V [+ K + 2 with an adapter]), None), or with targets

@@ -12,7 +12,6 @@ unconditional prompt (the same length, caption replaced by <eos>, train.py's fil
 of one batch and mixes their logits: uncond + cfg * (cond - uncond).
 """
 import argparse
-import json
 import math
 import sys
 import time
@@ -21,45 +20,25 @@ from pathlib import Path
 import torch
 
 from cli import BadInput, run
-from hf import load_tokenizer
+from hf import load_tokenizer, run_inputs
 from mmmoe import MMMoE
 
 DEMO = Path(__file__).parent / "demo"  # the committed demo: adapter.safetensors + state.json, and vq/
 
 
-def resolve_checkpoint(ckpt=None):
-    """-> (checkpoint dir, its state.json, base model dir, VQ dir) for a train.py output directory, or the
-    built-in demo. The VQ is the checkpoint's own vq/ folder if it has one, else the one it was trained with."""
-    from upcycle import builtin_base
-    ckpt = Path(ckpt) if ckpt else DEMO
-    if not (ckpt / "state.json").exists():
-        raise BadInput(f"no trained model in {ckpt} (expected state.json and adapter.safetensors from train.py)")
-    state = json.loads((ckpt / "state.json").read_text())
-    base = Path(state["train_config"]["base"]) if state["train_config"]["base"] else builtin_base()
-    return ckpt, state, base, ckpt / "vq" if (ckpt / "vq").exists() else Path(state["vq"])
-
-
 def load_pipeline(ckpt=None, device="cpu"):
     """-> (model with adapter, tokenizer, VQ) for a train.py checkpoint directory, or the built-in demo."""
+    from upcycle import builtin_base
     from vq import load_vq
-    ckpt, state, base, vq_dir = resolve_checkpoint(ckpt)
+    ckpt = ckpt or DEMO
+    _, base, vq_dir = run_inputs(ckpt)
+    base = base or builtin_base()
     model = MMMoE.from_pretrained(base, dtype=torch.float32, device=device)
     model.load_adapter(ckpt)
     vq = load_vq(vq_dir, device)
     if vq.config.codebook_size != model.adapter.n_image_codes:
         raise BadInput(f"the VQ has {vq.config.codebook_size} codes but the adapter was trained for {model.adapter.n_image_codes}")
     return model.eval(), load_tokenizer(base), vq
-
-
-def prompt_ids(model, tokenizer, prompt, n_codes):
-    """<bos> prompt <boi> as a (1, T) tensor, after checking the prompt is usable."""
-    if not prompt.strip():
-        raise BadInput("empty prompt")
-    ids = [model.start_token] + tokenizer.encode(prompt.strip()).ids + [model.image_token("boi")]
-    if len(ids) + n_codes > model.config.max_seq_len:
-        raise BadInput(f"prompt too long: {len(ids)} tokens + {n_codes} image codes exceed the model's context of "
-                       f"{model.config.max_seq_len}")
-    return torch.tensor([ids])
 
 
 def check_args(args):
@@ -107,7 +86,7 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)
     t1 = time.time()
     for prompt in args.prompts:
-        ids = prompt_ids(model, tokenizer, prompt, n_codes).repeat(args.n, 1)
+        ids = model.image_prompt(tokenizer.encode(prompt.strip()).ids, n_codes).repeat(args.n, 1)
         codes = model.generate_image(ids, n_codes, args.cfg, args.temperature, args.top_k, args.top_p, generator)
         with torch.no_grad():
             rows.append(vq.decode_codes(codes.view(-1, vq.config.grid, vq.config.grid)))

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from cli import BadInput, run
 from data import TokenShards, english_text, make_batch
-from hf import atomic_dir, check_replaceable, load_tokenizer, recover_dir
+from hf import (atomic_dir, batch_at, check_replaceable, load_optimizer, load_tokenizer, lr_at, optimizer_tensors, read_json,
+                read_tensors, recover_dir)
 from mmmoe import AdapterConfig, MMMoE
 
 
@@ -132,14 +133,6 @@ def setting(key, value, kind):
 # Batches: a pure function of (seed, step), so resuming and DDP see exactly the right examples
 
 
-def global_batch(n, size, step, seed):
-    """Example indices of one optimiser step across all processes."""
-    per_epoch = max(1, n // size)
-    epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[(i * size + np.arange(size)) % n]  # wraps around a dataset smaller than one batch
-
-
 def load_balancing_loss(model):
     """Switch-style auxiliary loss on image tokens, averaged over layers: E * sum_e f_e * P_e, with f_e
     the share of routed slots that went to expert e and P_e its mean router probability."""
@@ -169,14 +162,16 @@ def build_model(tc, device, n_codes=None):
 
 def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir):
     """Only what training changed (adapter tensors) + optimizer + RNG + step, atomically."""
-    from vq import flatten_optimizer
-    opt_tensors, opt_meta = flatten_optimizer(opt)
-    opt_tensors = {k: v.contiguous().cpu() for k, v in opt_tensors.items()}
-    state = {"step": step, "train_config": asdict(tc), "param_groups": opt_meta["param_groups"], "vq": str(vq_dir), "log": log}
-    with atomic_dir(out_dir) as tmp:
-        model.save_adapter(tmp, state)
-        save_file(opt_tensors | {"rng": torch.get_rng_state()}, tmp / "optimizer.safetensors")
-        (tmp / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    opt_tensors, param_groups = optimizer_tensors(opt)
+    state = {"step": step, "train_config": asdict(tc), "param_groups": param_groups, "vq": str(vq_dir), "log": log}
+    try:
+        with atomic_dir(out_dir) as tmp:
+            model.save_adapter(tmp, state)
+            save_file(opt_tensors | {"rng": torch.get_rng_state()}, tmp / "optimizer.safetensors")
+            (tmp / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    except OSError as e:  # e.g. the disk is full: the half-written copy is gone, the previous checkpoint intact
+        raise BadInput(f"could not save step {step} to {out_dir} ({e.strerror or e}); the previous checkpoint there "
+                       "is intact: free the space and add --resume") from None
 
 
 # -----------------------------------------------------------------------------
@@ -242,13 +237,6 @@ def learning_curve_setup(tokenizer, train_set, tc):
 # Training
 
 
-def lr_at(step, tc):
-    if step < tc.warmup:
-        return tc.lr * (step + 1) / tc.warmup
-    progress = (step - tc.warmup) / max(1, tc.steps - tc.warmup)
-    return tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def train(tc, resume=False):
     from gw_init import init_model
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -271,7 +259,8 @@ def train(tc, resume=False):
     tokenizer = load_tokenizer(base)
     step, log, state = 0, [], None
     if resume and (out_dir / "state.json").exists():
-        state = model.load_adapter(out_dir)
+        state = read_json(out_dir / "state.json", ("step", "log", "train_config", "param_groups"))
+        model.load_adapter(out_dir)
         step, log = state["step"], state["log"]
         # a resumed run continues the same computation: settings that change it must be the run's own
         math = ("base", "shards", "init", "rank", "alpha", "attention", "router", "batch_size", "grad_accum", "steps", "lr",
@@ -298,10 +287,11 @@ def train(tc, resume=False):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
     if state is not None:
-        from vq import unflatten_optimizer
-        tensors = load_file(out_dir / "optimizer.safetensors", device=str(device))
+        tensors = read_tensors(out_dir / "optimizer.safetensors", device=str(device))
+        if "rng" not in tensors:
+            raise BadInput(f"damaged checkpoint file {out_dir / 'optimizer.safetensors'}: no 'rng'")
         torch.set_rng_state(tensors.pop("rng").cpu())
-        opt.load_state_dict(unflatten_optimizer(tensors, state))
+        load_optimizer(opt, tensors, state["param_groups"])
     trained = model
     if tc.fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -320,10 +310,10 @@ def train(tc, resume=False):
     t0, tokens = time.time(), 0
     model.train()
     while step < tc.steps:
-        indices = global_batch(len(train_set), global_size, step, tc.seed)
+        indices = batch_at(len(train_set), global_size, step, tc.seed)
         drop = np.random.default_rng([tc.seed, step, 1]).random(len(indices)) < tc.caption_dropout
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc)
+            g["lr"] = lr_at(step, tc.lr, tc.warmup, tc.steps, tc.min_lr)
         for micro in range(tc.grad_accum):
             part = slice((micro * world + rank) * tc.batch_size, (micro * world + rank + 1) * tc.batch_size)
             idx, targets = make_batch(train_set, indices[part], drop[part], model)
@@ -348,7 +338,7 @@ def train(tc, resume=False):
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if main_process and (step % 10 == 0 or step == tc.steps):
-            log.append({"step": step, "loss": loss.item(), "aux": aux.item(), "grad_norm": norm.item(), "lr": lr_at(step - 1, tc),
+            log.append({"step": step, "loss": loss.item(), "aux": aux.item(), "grad_norm": norm.item(), "lr": lr_at(step - 1, tc.lr, tc.warmup, tc.steps, tc.min_lr),
                         "tokens_per_s": tokens * world / (time.time() - t0)})
         if step % tc.eval_every == 0 or step == tc.steps:
             result = evaluate(model, tc, val, text_ids, device, autocast)

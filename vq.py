@@ -4,6 +4,7 @@ can predict, and codes back into an image.
 
     python vq.py train --data out/openmoji --out out/vq --preset demo      # resumable: add --resume
     python vq.py eval --vq demo/vq --data out/openmoji --grid recon.png     # PSNR, code usage, perplexity
+    python vq.py shards --vq demo/vq --data out/openmoji --out out/shards  # a dataset -> token shards
     python vq.py encode --vq demo/vq a.png b.png > codes.jsonl
     python vq.py decode --vq demo/vq --codes codes.jsonl --out decoded.png
     python vq.py convert-llamagen vq_ds16_c2i.pt OUT_DIR                    # LlamaGen's published weights
@@ -29,11 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from cli import BadInput, run
-from hf import atomic_dir, check_replaceable, recover_dir
+from hf import (atomic_dir, batch_at, check_replaceable, load_optimizer, lr_at, optimizer_tensors, read_json, read_tensors,
+                recover_dir)
 
 
 @dataclass
@@ -247,14 +249,13 @@ def load_vq(path, device="cpu"):
     path = Path(path)
     if not (path / "config.json").exists() or not (path / "model.safetensors").exists():
         raise BadInput(f"no VQ model in {path} (expected config.json and model.safetensors)")
-    cfg = VQConfig(**json.loads((path / "config.json").read_text()))
+    try:
+        cfg = VQConfig(**read_json(path / "config.json"))
+    except TypeError as e:
+        raise BadInput(f"damaged checkpoint file {path / 'config.json'}: {e}") from None
     cfg.ch_mult = tuple(cfg.ch_mult)
     model = VQModel(cfg)
-    try:
-        sd = load_file(path / "model.safetensors")
-    except Exception as e:  # safetensors raises its own error type for truncated or corrupt files
-        raise BadInput(f"damaged VQ checkpoint {path / 'model.safetensors'}: {e}") from None
-    load_state_dict_checked(model, sd, path)
+    load_state_dict_checked(model, read_tensors(path / "model.safetensors"), path)
     return model.to(device).eval()
 
 
@@ -274,8 +275,16 @@ def load_state_dict_checked(model, sd, source):
 def convert_llamagen(src, out, image_size=256):
     """LlamaGen's published checkpoint (torch.save of {"model"|"ema"|"state_dict": state dict}) -> our format.
     The architecture (levels, widths, codebook) is read off the tensor shapes."""
-    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    if not Path(src).is_file():
+        raise BadInput(f"no such file: {src}")
+    try:  # weights_only: tensors and plain containers are rebuilt, no code in the file ever runs
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError or EOFError, with advice we do not want
+        why = "it holds Python objects besides tensors" if "Weights only load failed" in str(e) else "not a torch.save file"
+        raise BadInput(f"{src} is not a plain state dict of tensors ({why})") from None
     sd = next((ckpt[k] for k in ("ema", "model", "state_dict") if isinstance(ckpt, dict) and k in ckpt), ckpt)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BadInput(f"{src} is not a plain state dict of tensors (found a {type(sd).__name__})")
     sd = {k: v for k, v in sd.items() if k != "quantize.codebook_used"}  # a training-time usage counter
     try:
         K, d = sd["quantize.embedding.weight"].shape
@@ -311,24 +320,10 @@ class TrainConfig:
     seed: int = 0
 
 
-def batch_indices(n, batch_size, step, seed):
-    """The examples of a step: a fixed function of (seed, step), so a resumed run sees the same data."""
-    per_epoch = max(1, n // batch_size)
-    epoch, i = divmod(step, per_epoch)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return order[i * batch_size:(i + 1) * batch_size]
-
-
 def psnr(x, y):
     """PSNR in dB between image batches in [-1, 1], per image, on the usual [0, 1] scale."""
     mse = ((x.clamp(-1, 1) - y) / 2).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1 / mse.clamp_min(1e-10))
-
-
-def lr_at(step, tc):
-    if step < tc.warmup:
-        return tc.lr * (step + 1) / tc.warmup
-    return tc.lr * 0.5 * (1 + math.cos(math.pi * (step - tc.warmup) / max(1, tc.steps - tc.warmup)))
 
 
 def restart_dead_codes(model, usage, latents, generator):
@@ -354,7 +349,7 @@ def train(data, out, tc, resume=False, device=None, max_minutes=None, vq_config=
     check_replaceable(out)
     resuming = resume and (out / "train_state.json").exists()
     if resuming:  # a resumed run keeps its own settings: say so rather than ignore the command line's
-        saved = json.loads((out / "train_state.json").read_text())["train_config"]
+        saved = read_json(out / "train_state.json", ("train_config",))["train_config"]
         differ = [f"--{k.replace('_', '-')} {v} (run: {saved[k]})" for k, v in asdict(tc).items() if k in saved and saved[k] != v]
         if differ:
             raise BadInput(f"{out} is a run with other settings: {', '.join(differ)}; resume it with its own")
@@ -368,20 +363,22 @@ def train(data, out, tc, resume=False, device=None, max_minutes=None, vq_config=
     step, log = 0, []
     usage = torch.zeros(cfg.codebook_size, device=device)  # how often each code was chosen since the last restart
     if resuming:
-        state = json.loads((out / "train_state.json").read_text())
-        step, log, tc = state["step"], state["log"], TrainConfig(**state["train_config"])
-        tensors = load_file(out / "train_state.safetensors")
+        state = read_json(out / "train_state.json", ("step", "log", "train_config", "optimizer"))
+        step, log = state["step"], state["log"]
+        tensors = read_tensors(out / "train_state.safetensors")
+        if "usage" not in tensors:
+            raise BadInput(f"damaged checkpoint file {out / 'train_state.safetensors'}: no 'usage'")
         usage.copy_(tensors.pop("usage"))
-        opt.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
+        load_optimizer(opt, tensors, state["optimizer"]["param_groups"])
         print(f"resuming {out} at step {step}", file=sys.stderr)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     t0 = time.time()
     bar = tqdm(total=tc.steps, initial=step, desc="training VQ", unit="step")
     while step < tc.steps:
         g = torch.Generator().manual_seed(tc.seed * 1000003 + step)
-        x = augment(images[batch_indices(len(images), tc.batch_size, step, tc.seed)], g).to(device)
+        x = augment(images[torch.from_numpy(batch_at(len(images), tc.batch_size, step, tc.seed))], g).to(device)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, tc)
+            group["lr"] = lr_at(step, tc.lr, tc.warmup, tc.steps)
         with autocast:
             z = model.quant_conv(model.encoder(x))
             z_q, codes, vq_loss = model.quantize(z)
@@ -416,26 +413,11 @@ def train(data, out, tc, resume=False, device=None, max_minutes=None, vq_config=
     return model.eval()
 
 
-def flatten_optimizer(opt):
-    """AdamW state as named tensors (for safetensors) + the JSON-able rest."""
-    sd = opt.state_dict()
-    tensors = {f"{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items() if torch.is_tensor(v)}
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def unflatten_optimizer(tensors, meta):
-    state = {}
-    for key, v in tensors.items():
-        i, k = key.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
 def save_training(model, opt, usage, step, tc, log, out):
     """Model, optimizer, code usage, step and config, in one atomic directory swap."""
-    tensors, meta = flatten_optimizer(opt)
-    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()} | {"usage": usage.cpu()}
-    state = {"step": step, "train_config": asdict(tc), "optimizer": meta, "log": log}
+    tensors, param_groups = optimizer_tensors(opt)
+    tensors |= {"usage": usage.cpu()}
+    state = {"step": step, "train_config": asdict(tc), "optimizer": {"param_groups": param_groups}, "log": log}
     save_vq(model, out, {"train_state.safetensors": lambda p: save_file(tensors, p),
                          "train_state.json": lambda p: p.write_text(json.dumps(state))})
 
@@ -513,6 +495,13 @@ def main(argv=None):
     e.add_argument("--vq", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--grid", help="write originals over reconstructions (held-out) to this PNG")
+    sh = sub.add_parser("shards", help="a folder dataset -> token shards for train.py (data.py's format)")
+    sh.add_argument("--vq", required=True)
+    sh.add_argument("--data", required=True)
+    sh.add_argument("--out", required=True)
+    sh.add_argument("--tokenizer", default=None, help="tokenizer.json, or a checkpoint directory holding one "
+                    "(default: the built-in base's)")
+    sh.add_argument("--augment", type=int, default=0, help="extra augmented copies of each training image")
     en = sub.add_parser("encode", help="images -> one JSON line of codes each")
     en.add_argument("--vq", required=True)
     en.add_argument("images", nargs="+")
@@ -532,6 +521,12 @@ def main(argv=None):
         train(args.data, args.out, tc, resume=args.resume, max_minutes=args.max_minutes)
     elif args.cmd == "eval":
         print(json.dumps(evaluate(load_vq(args.vq), args.data, args.grid), indent=2))
+    elif args.cmd == "shards":
+        from data import write_shards
+        from upcycle import builtin_base
+        tok = Path(args.tokenizer) if args.tokenizer else builtin_base()
+        tok = tok / "tokenizer.json" if tok.is_dir() else tok
+        write_shards(args.data, load_vq(args.vq), args.vq, tok, args.out, args.augment)
     elif args.cmd == "encode":
         from data import load_image
         model = load_vq(args.vq)

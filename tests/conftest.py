@@ -107,5 +107,5 @@ def tiny_setup(tmp_path, tiny_ckpt):
     torch.manual_seed(0)
     vq.save_vq(vq.VQModel(vq.VQConfig(image_size=16, codebook_size=16, codebook_dim=4, ch=32, ch_mult=(1, 2),
                                       num_res_blocks=1, z_channels=32)), tmp_path / "vq")
-    data.write_shards(folder, tmp_path / "vq", base / "tokenizer.json", tmp_path / "shards")
+    data.write_shards(folder, vq.load_vq(tmp_path / "vq"), tmp_path / "vq", base / "tokenizer.json", tmp_path / "shards")
     return {"base": base, "vq": tmp_path / "vq", "shards": tmp_path / "shards", "tmp": tmp_path}

@@ -94,7 +94,7 @@ def test_shards_round_trip_and_rerun_is_a_no_op(tmp_path, capsys):
     root = colour_dataset(tmp_path / "data")
     vq.save_vq(vq.VQModel(TINY), tmp_path / "vq")
     tok = tiny_tokenizer(tmp_path / "tok.json")
-    data.write_shards(root, tmp_path / "vq", tok, tmp_path / "shards", augment_copies=1)
+    data.write_shards(root, vq.load_vq(tmp_path / "vq"), tmp_path / "vq", tok, tmp_path / "shards", augment_copies=1)
     train, val = data.TokenShards(tmp_path / "shards", "train"), data.TokenShards(tmp_path / "shards", "val")
     assert (len(train), len(val)) == (2 * 11, 1)  # 11 training images, each also once augmented
     rows, images = data.load_images([r for r in data.read_folder(root) if r["split"] == "train"], 16)
@@ -105,12 +105,12 @@ def test_shards_round_trip_and_rerun_is_a_no_op(tmp_path, capsys):
         assert text.tolist() == Tokenizer.from_file(str(tok)).encode(rows[i]["caption"]).ids
         assert train.captions[i] == rows[i]["caption"] == train.captions[i + 11]
     stamp = (tmp_path / "shards" / "train.codes.npy").stat().st_mtime_ns
-    data.write_shards(root, tmp_path / "vq", tok, tmp_path / "shards", augment_copies=1)
+    data.write_shards(root, vq.load_vq(tmp_path / "vq"), tmp_path / "vq", tok, tmp_path / "shards", augment_copies=1)
     assert "up to date" in capsys.readouterr().out
     assert (tmp_path / "shards" / "train.codes.npy").stat().st_mtime_ns == stamp
     lines = (root / "captions.jsonl").read_text().replace("red square 4", "crimson square 4")
     (root / "captions.jsonl").write_text(lines)
-    data.write_shards(root, tmp_path / "vq", tok, tmp_path / "shards", augment_copies=1)
+    data.write_shards(root, vq.load_vq(tmp_path / "vq"), tmp_path / "vq", tok, tmp_path / "shards", augment_copies=1)
     assert "crimson square 4" in data.TokenShards(tmp_path / "shards", "train").captions
 
 
@@ -152,7 +152,7 @@ def test_a_list_of_captions_makes_one_example_each(tmp_path):
     rows[0]["caption"] = [rows[0]["caption"], "a " + rows[0]["caption"], "an emoji of " + rows[0]["caption"]]
     (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     vq.save_vq(vq.VQModel(TINY), tmp_path / "vq")
-    data.write_shards(root, tmp_path / "vq", tiny_tokenizer(tmp_path / "tok.json"), tmp_path / "shards")
+    data.write_shards(root, vq.load_vq(tmp_path / "vq"), tmp_path / "vq", tiny_tokenizer(tmp_path / "tok.json"), tmp_path / "shards")
     split = rows[0].get("split") or "train"
     shards = data.TokenShards(tmp_path / "shards", split)
     same = [i for i, c in enumerate(shards.captions) if c.endswith(rows[0]["caption"][0])]
@@ -168,5 +168,5 @@ def test_shards_never_replace_the_dataset_they_read(tmp_path):
     root = colour_dataset(tmp_path / "data")
     vq.save_vq(vq.VQModel(TINY), tmp_path / "vq")
     with pytest.raises(BadInput, match="holds files that mmmoe did not write there"):
-        data.write_shards(root, tmp_path / "vq", tiny_tokenizer(tmp_path / "tok.json"), root)  # --out = --data
+        data.write_shards(root, vq.load_vq(tmp_path / "vq"), tmp_path / "vq", tiny_tokenizer(tmp_path / "tok.json"), root)  # --out = --data
     assert (root / "captions.jsonl").exists() and len(list(root.glob("*.png"))) == 12

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import gw_init
 from mmmoe import BadInput
@@ -58,3 +59,19 @@ def test_bad_input():
         gw_init.gw_embeddings(torch.randn(5, 8, 2), torch.randn(10, 4))
     with pytest.raises(BadInput, match="unknown --method"):
         gw_init.init_image_rows(torch.randn(5, 8), torch.randn(10, 4), method="magic")
+
+
+def test_command_line(tiny_setup):
+    base, vq_dir, tmp = tiny_setup["base"], tiny_setup["vq"], tiny_setup["tmp"]
+    common = ["--base", str(base), "--vq", str(vq_dir), "--anchors", "8"]
+    for extra, words in [(["--out", str(tmp / "nowhere" / "init.safetensors")], "must be a file in an existing directory"),
+                         (["--out", str(tmp)], "must be a file in an existing directory"),
+                         (["--out", str(tmp / "i.safetensors"), "--anchors", "0"], "--anchors must be at least 1"),
+                         (["--out", str(tmp / "i.safetensors"), "--epsilon", "-1"], "--epsilon must be >= 0")]:
+        with pytest.raises(BadInput, match=words):
+            gw_init.main(common + extra)
+    assert not (tmp / "i.safetensors").exists()
+    gw_init.main(common + ["--out", str(tmp / "i.safetensors")])
+    rows = load_file(tmp / "i.safetensors")
+    assert rows["image_embed"].shape == (16 + 2, 64) and rows["image_head"].shape == (16 + 2, 64)  # untied base
+    assert not list(tmp.glob(".i.safetensors.tmp-*"))  # written by a rename, no temporary left behind

