@@ -4,7 +4,7 @@ Speed figures, one line each. Nothing here is a test: run it when you want numbe
     python bench.py model     # prefill and KV-cached decode tokens/s, loader peak memory
     python bench.py gw        # GW initialisation at Mixtral scale: time and peak memory
     python bench.py train     # PLoRA training tokens/s (CPU: a tiny model; CUDA: the upcycled SmolLM2 at bf16, MFU)
-    python bench.py base      # the built-in base on this machine: training step (shared vs grouped), sample.py
+    python bench.py base      # the built-in base: training step (shared vs grouped, float32 vs bfloat16), sample.py
 
 On CPU it uses 2 threads (this project's reference machine). If transformers happens to be installed,
 `model` also times its MixtralForCausalLM on the same weights; transformers is not a dependency.
@@ -42,8 +42,8 @@ def best_of(fn, repeats=3):
     return min(times)
 
 
-def matmul_peak_gflops(n=2048):
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(n=2048, dtype=torch.float32):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n**3 / best_of(lambda: a @ b, 5) / 1e9
 
 
@@ -196,27 +196,34 @@ def bench_base(args):
                 wall = time.perf_counter() - t0
             peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(f"sample.py \"a red bicycle\" (warm): {wall:.1f} s wall, peak RSS {peak:,.0f} MB; it says: {out.stderr.strip()}")
-    model = MMMoE.from_pretrained(builtin_base(), dtype=torch.float32)
-    model.add_image_adapter(AdapterConfig(n_image_codes=1024, rank=args.rank, alpha=2.0 * args.rank)).train()
-    B, V, g = 8, model.config.vocab_size, torch.Generator().manual_seed(0)
-    idx = torch.cat([torch.randint(0, V, (B, 9), generator=g), torch.full((B, 1), model.image_token("boi")),
-                     model.image_token(torch.randint(0, 1024, (B, 64), generator=g)),
-                     torch.full((B, 1), model.image_token("eoi")), torch.full((B, 1), model.config.eos_token_id)], 1)
-    targets = torch.full_like(idx, -1)
-    targets[:, 9:74] = idx[:, 10:75]  # <boi> and the codes predict the codes and <eoi>
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    print(f"machine: bf16 matmul peak {matmul_peak_gflops(dtype=torch.bfloat16):.1f} GFLOP/s")
 
-    def step():
-        model(idx, targets)[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    shared = best_of(step)
-    for layer in model.model.layers:  # the same experts as 8 separate copies: the general (grouped) path
-        ex = layer.block_sparse_moe.experts
-        ex.w1, ex.w2, ex.w3 = (torch.nn.Parameter(w.expand(8, -1, -1).clone(), False) for w in (ex.w1, ex.w2, ex.w3))
-    grouped = best_of(step)
-    print(f"PLoRA training step, rank {args.rank}, {B} x {idx.shape[1]} tokens: shared base {shared:.2f} s "
-          f"({B * idx.shape[1] / shared:.0f} tokens/s), grouped copies {grouped:.2f} s ({grouped / shared:.2f}x slower)")
+    def step_time(dtype, grouped=False):
+        model = MMMoE.from_pretrained(builtin_base(), dtype=dtype)
+        model.add_image_adapter(AdapterConfig(n_image_codes=1024, rank=args.rank, alpha=2.0 * args.rank)).train()
+        B, V, g = 8, model.config.vocab_size, torch.Generator().manual_seed(0)
+        idx = torch.cat([torch.randint(0, V, (B, 9), generator=g), torch.full((B, 1), model.image_token("boi")),
+                         model.image_token(torch.randint(0, 1024, (B, 64), generator=g)),
+                         torch.full((B, 1), model.image_token("eoi")), torch.full((B, 1), model.config.eos_token_id)], 1)
+        targets = torch.full_like(idx, -1)
+        targets[:, 9:74] = idx[:, 10:75]  # <boi> and the codes predict the codes and <eoi>
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        if grouped:  # the same experts as 8 separate copies: the general (grouped) path
+            for layer in model.model.layers:
+                ex = layer.block_sparse_moe.experts
+                ex.w1, ex.w2, ex.w3 = (torch.nn.Parameter(w.expand(8, -1, -1).clone(), False) for w in (ex.w1, ex.w2, ex.w3))
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):  # as train.py's dtype=bfloat16
+                loss = model(idx, targets)[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return best_of(step), B * idx.shape[1]
+    (shared, n), (grouped, _), (bf16, _) = step_time(torch.float32), step_time(torch.float32, True), step_time(torch.bfloat16)
+    print(f"PLoRA training step, rank {args.rank}, {n} tokens (8 demo-shaped sequences): float32 shared base {shared:.2f} s "
+          f"({n / shared:.0f} tokens/s), grouped copies {grouped:.2f} s ({grouped / shared:.2f}x slower); "
+          f"bfloat16 shared base {bf16:.2f} s ({n / bf16:.0f} tokens/s, {shared / bf16:.2f}x faster than float32)")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from safetensors.torch import save_file
 
 from cli import BadInput, run
@@ -195,9 +196,9 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos, k, v):  # input_pos (T,), k/v (B, n_kv, T, hd)
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
+    def update(self, input_pos, k, v):  # input_pos (T,), k/v (B, n_kv, T, hd); under autocast, any dtype
+        self.k[:, :, input_pos] = k.to(self.k.dtype)
+        self.v[:, :, input_pos] = v.to(self.v.dtype)
         return self.k, self.v  # (B, n_kv, S, hd)
 
 
@@ -222,7 +223,8 @@ class Attention(nn.Module):
             k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
             if mask is not None and mask.shape[-1] == k_all.shape[2]:  # the mask spans the cache: attend to it
                 k, v = k_all, v_all
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        with sdpa_kernel(SDPBackend.MATH):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
         return plora(linear(y, self.o_proj.weight), y, self.o_lora, image_rows)  # (B, T, C)
 

@@ -62,7 +62,9 @@ class TrainConfig:
     curve_captions: int = 12  # of each split
     init_from: str = ""  # a checkpoint to warm-start from (adapter and step, fresh optimizer) when out_dir has none
     save_every: int = 100
-    dtype: str = "auto"  # bfloat16 autocast on CUDA, float32 on CPU
+    # bfloat16: the frozen base stored in bf16 and every matmul under bf16 autocast (the adapter keeps float32
+    # master weights), on CUDA or on a CPU with bf16 instructions (AVX512-BF16, AMX); auto: bfloat16 on CUDA
+    dtype: str = "auto"
     compile: bool = False
     fsdp: bool = False
     seed: int = 0
@@ -110,6 +112,7 @@ def parse_args(argv):
                      (tc.warmup >= 0, "warmup >= 0"), (0 <= tc.caption_dropout < 1, "0 <= caption_dropout < 1"),
                      (min(tc.eval_every, tc.eval_batches, tc.save_every) >= 1, "eval_every, eval_batches, save_every >= 1"),
                      (tc.curve_every >= 0 and tc.curve_captions >= 1, "curve_every >= 0, curve_captions >= 1"),
+                     (not (tc.fsdp and tc.curve_every), "curve_every=0 under --fsdp (the curve draws with the whole model in one process)"),
                      (tc.init in ("gw", "random", "mean"), "init: gw, random or mean"),
                      (tc.dtype in ("auto", "float32", "bfloat16"), "dtype: auto, float32 or bfloat16"),
                      (nproc is None or nproc >= 1, "--nproc >= 1")]:
@@ -151,19 +154,23 @@ def load_balancing_loss(model):
 # Model, checkpoints
 
 
+def use_bfloat16(tc, device):
+    return tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
+
+
 def build_model(tc, device, n_codes=None):
     from upcycle import builtin_base
     base = Path(tc.base) if tc.base else builtin_base()
-    # the frozen base in bfloat16 only when asked (a base too big for float32); the adapter is float32 always
-    model = MMMoE.from_pretrained(base, dtype=torch.bfloat16 if tc.dtype == "bfloat16" else torch.float32, device=device)
+    # the adapter is float32 always; under bf16 autocast a float32 base would be rounded to bf16 at every matmul
+    model = MMMoE.from_pretrained(base, dtype=torch.bfloat16 if use_bfloat16(tc, device) else torch.float32, device=device)
     adapter = AdapterConfig(n_image_codes=n_codes, rank=tc.rank, alpha=tc.alpha, attention=tc.attention, router=tc.router)
     return model.add_image_adapter(adapter), base
 
 
-def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir):
+def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir, world=1):
     """Only what training changed (adapter tensors) + optimizer + RNG + step, atomically."""
     opt_tensors, param_groups = optimizer_tensors(opt)
-    state = {"step": step, "train_config": asdict(tc), "param_groups": param_groups, "vq": str(vq_dir), "log": log}
+    state = {"step": step, "train_config": asdict(tc), "world": world, "param_groups": param_groups, "vq": str(vq_dir), "log": log}
     try:
         with atomic_dir(out_dir) as tmp:
             model.save_adapter(tmp, state)
@@ -212,13 +219,14 @@ def learning_curve_setup(tokenizer, train_set, tc):
             picked.append((split, i, caps[-1] if split == "train" else caps[min(1, len(caps) - 1)]))
 
     @torch.no_grad()
-    def curve(model):
+    def curve(model, autocast):
         model.eval()
         device, K = model.lm_head.weight.device, vq.config.grid
         scores = {"train": [], "val": []}
         for split, i, caption in picked:
             ids = torch.tensor([[model.start_token] + tokenizer.encode(caption).ids + [model.image_token("boi")]], device=device)
-            codes = model.generate_image(ids, K * K, cfg=3.0, temperature=0).cpu()
+            with autocast:  # the model as it trains; the VQ in float32
+                codes = model.generate_image(ids, K * K, cfg=3.0, temperature=0).cpu()
             picture = vq.decode_codes(codes.view(1, K, K)).clamp(-1, 1)
             similarity = features @ vq.features(picture)[0]  # (n_gallery,)
             rank = int((similarity > similarity[i]).sum())
@@ -241,6 +249,8 @@ def train(tc, resume=False):
     from gw_init import init_model
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if tc.fsdp and world == 1:
+        raise BadInput("--fsdp shards the base over processes: start it with --nproc N or torchrun --nproc_per_node N")
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -263,10 +273,14 @@ def train(tc, resume=False):
         model.load_adapter(out_dir)
         step, log = state["step"], state["log"]
         # a resumed run continues the same computation: settings that change it must be the run's own
-        math = ("base", "shards", "init", "rank", "alpha", "attention", "router", "batch_size", "grad_accum", "steps", "lr",
-                "min_lr", "warmup", "weight_decay", "grad_clip", "caption_dropout", "aux_loss_coef", "seed")
+        # (the number of processes may change: what counts is the global batch, batch_size x processes x grad_accum)
+        math = ("base", "shards", "init", "rank", "alpha", "attention", "router", "steps", "lr",
+                "min_lr", "warmup", "weight_decay", "grad_clip", "caption_dropout", "aux_loss_coef", "dtype", "seed")
         saved = state["train_config"]
         differ = [f"{k}={getattr(tc, k)} (run: {saved[k]})" for k in math if k in saved and saved[k] != getattr(tc, k)]
+        run_batch = saved.get("batch_size", tc.batch_size) * state.get("world", 1) * saved.get("grad_accum", tc.grad_accum)
+        if run_batch != tc.batch_size * world * tc.grad_accum:
+            differ.append(f"a global batch of {tc.batch_size * world * tc.grad_accum} (run: {run_batch})")
         if differ:
             raise BadInput(f"{out_dir} is a run with other settings: {', '.join(differ)}; resume it with its own, or "
                            "start a new --out_dir with --init_from to continue from it")
@@ -293,16 +307,16 @@ def train(tc, resume=False):
         torch.set_rng_state(tensors.pop("rng").cpu())
         load_optimizer(opt, tensors, state["param_groups"])
     trained = model
-    if tc.fsdp:
+    if tc.fsdp:  # FSDP2 shards the frozen base over the processes; the adapter (~1%) stays whole on every one
         from torch.distributed.fsdp import fully_shard
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, ignored_params=set(params))
+        fully_shard(model, ignored_params=set(params))
     elif world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if tc.compile:
         trained = torch.compile(trained)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and tc.dtype in ("auto", "bfloat16") else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bfloat16(tc, device) else nullcontext()
     text_ids = english_text(tokenizer)
     global_size = tc.batch_size * world * tc.grad_accum
     bar = tqdm(total=tc.steps, initial=step, desc="training", unit="step", disable=not main_process)
@@ -327,6 +341,11 @@ def train(tc, resume=False):
                 total = (loss + tc.aux_loss_coef * aux) / tc.grad_accum + 0.0 * sum(p.sum() for p in params)
             total.backward()
             tokens += idx.numel()
+        if tc.fsdp and world > 1:  # the adapter is not FSDP's: average its gradients in one all-reduce, as DDP would
+            flat = torch.cat([p.grad.flatten() for p in params])
+            dist.all_reduce(flat)
+            for p, g in zip(params, (flat / world).split([p.numel() for p in params])):
+                p.grad.copy_(g.view_as(p))
         if not torch.isfinite(loss):  # stop before a bad update reaches the weights; the last checkpoint stays good
             saved = json.loads((out_dir / "state.json").read_text())["step"] if (out_dir / "state.json").exists() else None
             raise BadInput(f"the loss became {loss.item()} at step {step}; stopped. " + (
@@ -347,10 +366,10 @@ def train(tc, resume=False):
                 bar.write(json.dumps(log[-1]))
         if main_process and tc.curve_every and (step % tc.curve_every == 0 or step == tc.steps):
             curve = curve or learning_curve_setup(tokenizer, train_set, tc)
-            log.append({"step": step, "epoch": step * global_size / len(train_set)} | curve(model))
+            log.append({"step": step, "epoch": step * global_size / len(train_set)} | curve(model, autocast))
             bar.write(json.dumps(log[-1]))
         if main_process and (step % tc.save_every == 0 or step == tc.steps):
-            save_checkpoint(out_dir, model, opt, step, tc, log, train_set.index["vq"])
+            save_checkpoint(out_dir, model, opt, step, tc, log, train_set.index["vq"], world)
     bar.close()
     if world > 1:
         dist.destroy_process_group()
@@ -360,10 +379,12 @@ def train(tc, resume=False):
 def main(argv=None):
     tc, resume, nproc = parse_args(sys.argv[1:] if argv is None else argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if nproc is not None and "RANK" in os.environ and nproc != world:
+    if nproc is not None and world > 1 and nproc != world:
         raise BadInput(f"--nproc {nproc} asks for {nproc} processes but torchrun started {world}: "
-                       f"use `torchrun --nproc_per_node {nproc} train.py ...` or `python train.py --nproc {nproc} ...`")
-    if nproc is not None and nproc > 1 and "RANK" not in os.environ:
+                       f"use `torchrun --nproc_per_node {nproc} train.py ...` or `torchrun train.py --nproc {nproc} ...`")
+    # `python train.py --nproc 8`, and `torchrun train.py --nproc 8` (torchrun's default is one process): that one
+    # process starts the 8 workers on this node with torch's elastic launcher, as torchrun --nproc_per_node 8 would
+    if nproc is not None and nproc > 1 and world == 1:
         from torch.distributed.launcher.api import LaunchConfig, elastic_launch
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
                               rdzv_endpoint="localhost:0", run_id=f"mmmoe-{os.getpid()}", max_restarts=0)
