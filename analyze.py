@@ -13,9 +13,10 @@ What it measures, each before training (the same adapter, initialised, untrained
   experts start at exactly 1.0 (identical); PLoRA lets them diverge on image tokens;
 - C1: perplexity of held-out English and a few greedy chat answers, base vs multimodal (identical);
 - C2: trainable parameters against the base, by component;
-- images (--samples N): pictures drawn for held-out captions against the real emoji: a Frechet
-  distance on the project's own VQ-encoder features (not Inception FID), how often the dominant hue
-  matches, and retrieval of the intended emoji among all emoji by VQ-feature distance (top-1/top-5).
+- images (--samples N): pictures drawn for N captions of training emoji (phrased as people ask: "a red
+  bicycle") and N of held-out emoji, each scored against its emoji: retrieval of the intended emoji among
+  all emoji by VQ-feature similarity (top-1/top-5), whether the dominant hue matches, and for the held-out
+  ones a Frechet distance on the project's own VQ-encoder features (not Inception FID).
 """
 import argparse
 import json
@@ -27,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from cli import run
+from cli import BadInput, run
 from data import make_batch
 from hf import run_inputs
 from mmmoe import MMMoE
@@ -181,7 +182,7 @@ def frechet(a, b):
     return float((a.mean(0) - b.mean(0)).pow(2).sum() + ca.trace() + cb.trace() - 2 * sqrt_trace)
 
 
-def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
+def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=3.0, temperature=1.0, top_k=None):
     from data import TokenShards, dominant_hue, english_text, load_images, read_folder
     from gw_init import init_model
     from hf import load_tokenizer
@@ -254,42 +255,57 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0):
     lines += [f"- {k}: {v:,} ({100 * v / n_base:.2f}%)" for k, v in counts.items()]
     lines += [f"- total: {sum(counts.values()):,} ({100 * sum(counts.values()) / n_base:.2f}%)"]
 
-    # images
+    # images: captions of training emoji (phrased as people ask) and of held-out ones (never trained)
     if samples:
-        dataset = read_folder(val.index["data"])
-        rows, real = load_images([r for r in dataset if r["split"] == "val"][:samples], vq.config.image_size)
-        all_rows, everything = load_images(dataset, vq.config.image_size)
+        all_rows, everything = load_images(read_folder(val.index["data"]), vq.config.image_size)
+        with torch.no_grad():
+            f_all, hue_all = vq.features(everything), dominant_hue(everything)
         g = torch.Generator().manual_seed(seed)
         n_codes = vq.config.grid ** 2
-        fake = []
-        for r in tqdm(rows, desc="drawing held-out captions", unit="image", leave=False):
-            codes = model.generate_image(model.image_prompt(tokenizer.encode(r["caption"]).ids, n_codes), n_codes, 3.0, 1.0, None, None, g)
-            with torch.no_grad():
-                fake.append(vq.decode_codes(codes.view(1, vq.config.grid, vq.config.grid))[0].clamp(-1, 1))
-        fake = torch.stack(fake)
-        feats = vq.features
+        report["images"] = {"n": samples, "cfg": cfg, "temperature": temperature, "top_k": top_k}
+        drawn = {}
+        for split, phrasing in (("train", -1), ("val", 1)):  # "a red bicycle" / "an emoji of ..."; "a lemon"
+            idx = [i for i, r in enumerate(all_rows) if r["split"] == split]
+            own = torch.tensor(idx[:: max(1, len(idx) // samples)][:samples])
+            captions = [all_rows[i]["captions"][min(phrasing, len(all_rows[i]["captions"]) - 1)] for i in own.tolist()]
+            fake = []
+            for caption in tqdm(captions, desc=f"drawing {split} captions", unit="image", leave=False):
+                ids = model.image_prompt(tokenizer.encode(caption).ids, n_codes)
+                codes = model.generate_image(ids, n_codes, cfg, temperature, top_k, None, g)
+                with torch.no_grad():
+                    fake.append(vq.decode_codes(codes.view(1, vq.config.grid, vq.config.grid))[0].clamp(-1, 1))
+            fake = torch.stack(fake)
+            ranks, hue_ok = vq.scores(fake, f_all, hue_all, own)
+            drawn[split] = (everything[own], fake, captions)
+            report["images"][split] = {"top1": (ranks < 1).float().mean().item(), "top5": (ranks < 5).float().mean().item(),
+                                       "median_rank": int(ranks.sort().values[len(ranks) // 2]),
+                                       "hue_match": hue_ok[hue_ok >= 0].float().mean().item(), "captions": captions,
+                                       "ranks": ranks.tolist()}
+        # a Frechet distance on the VQ's features between the held-out pictures and the real ones, next to the same
+        # distance between two real sets of that size (a reference at this sample size)
+        real, fake, _ = drawn["val"]
         with torch.no_grad():
-            f_fake, f_real, f_all = feats(fake), feats(real), feats(everything)
-        hue_real, hue_fake = dominant_hue(real), dominant_hue(fake)
-        coloured = hue_real >= 0
-        own = torch.tensor([next(i for i, x in enumerate(everything) if torch.equal(x, r)) for r in real])
-        rank = (f_fake @ f_all.T).argsort(dim=1, descending=True)
-        top = lambda k: (rank[:, :k] == own[:, None]).any(1).float().mean().item()  # noqa: E731
-        # the same distance between two sets of real emoji of the same size: a reference at this sample size
+            f_fake, f_real = vq.features(fake), vq.features(real)
         train_idx = torch.tensor([i for i, r in enumerate(all_rows) if r["split"] == "train"])
-        f_ref = f_all[train_idx[torch.randperm(len(train_idx), generator=g)[:len(rows)]]]
-        report["images"] = {"vq_frechet": frechet(f_fake, f_real), "vq_frechet_real_vs_real": frechet(f_ref, f_real),
-                            "hue_match": (hue_real == hue_fake)[coloured].float().mean().item(),
-                            "retrieval_top1": top(1), "retrieval_top5": top(5), "n": len(rows)}
+        f_ref = f_all[train_idx[torch.randperm(len(train_idx), generator=g)[:len(real)]]]
+        report["images"] |= {"vq_frechet": frechet(f_fake, f_real), "vq_frechet_real_vs_real": frechet(f_ref, f_real)}
         from vq import save_grid
-        save_grid(torch.stack([real[:16], fake[:16]]), out / "samples.png", size=96,
-                  labels=["held-out emoji", "drawn for their captions (never trained)"])
-        lines += ["", "## Pictures for held-out captions", "", f"{len(rows)} held-out captions, cfg 3, temperature 1:", "",
-                  f"- VQ-feature Frechet distance (not Inception FID): {report['images']['vq_frechet']:.2f}; between the held-out "
-                  f"emoji and as many random training emoji: {report['images']['vq_frechet_real_vs_real']:.2f}",
-                  f"- dominant hue matches the real emoji: {100 * report['images']['hue_match']:.1f}%",
-                  f"- retrieval of the intended emoji among {len(everything)}: top-1 {100 * top(1):.1f}%, top-5 {100 * top(5):.1f}%",
-                  "", "![real over generated](samples.png)"]
+        for split, title in (("train", "training emoji"), ("val", "held-out emoji")):
+            real, fake, _ = drawn[split]
+            save_grid(torch.stack([real[:16], fake[:16]]), out / f"samples_{split}.png", size=96,
+                      labels=[title, "drawn for their captions" + (" (never trained)" if split == "val" else "")])
+        im = report["images"]
+        lines += ["", "## Pictures", "", f"{samples} captions of training emoji and {samples} of held-out ones, cfg {cfg}, "
+                  f"temperature {temperature}, top-k {top_k}; each picture's intended emoji ranked among all {len(everything)} "
+                  "by VQ-feature similarity:", "",
+                  "| | training captions | held-out captions |", "| --- | --- | --- |",
+                  f"| intended emoji top-1 | {100 * im['train']['top1']:.1f}% | {100 * im['val']['top1']:.1f}% |",
+                  f"| intended emoji top-5 | {100 * im['train']['top5']:.1f}% | {100 * im['val']['top5']:.1f}% |",
+                  f"| median rank | {im['train']['median_rank']} | {im['val']['median_rank']} |",
+                  f"| dominant hue matches the emoji's | {100 * im['train']['hue_match']:.1f}% | {100 * im['val']['hue_match']:.1f}% |",
+                  "", f"VQ-feature Frechet distance (not Inception FID), held-out: {im['vq_frechet']:.2f}; between the held-out "
+                  f"emoji and as many random training emoji: {im['vq_frechet_real_vs_real']:.2f}",
+                  "", "![training captions](samples_train.png)", "", "![held-out captions](samples_val.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
@@ -300,8 +316,11 @@ def main():
     p.add_argument("--ckpt", default=None, help="a train.py output directory (default: the built-in demo)")
     p.add_argument("--out", default="out/report")
     p.add_argument("--probe", type=int, default=32, help="held-out sequences for routing and redundancy")
-    p.add_argument("--samples", type=int, default=0, help="held-out captions to draw and score (slow on CPU)")
+    p.add_argument("--samples", type=int, default=0, help="captions of training and of held-out emoji to draw and score (slow on CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg", type=float, default=3.0, help="guidance for --samples (as sample.py's)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--curve", metavar="PNG", help="only plot the checkpoint's learning curve (train.py's log) to PNG")
     args = p.parse_args()
     if args.curve:
@@ -310,7 +329,9 @@ def main():
         n = len(TokenShards(state["train_config"]["shards"], "train"))
         plot_curve(state["log"], args.curve, n, state["train_config"]["batch_size"])
         return
-    analyze(args.ckpt, args.out, args.probe, args.samples, args.seed)
+    if args.samples < 0 or not 0 <= args.cfg < math.inf or not 0 <= args.temperature < math.inf or (args.top_k or 1) < 1:
+        raise BadInput("--samples >= 0, --cfg and --temperature numbers >= 0, --top-k >= 1")
+    analyze(args.ckpt, args.out, args.probe, args.samples, args.seed, args.cfg, args.temperature, args.top_k)
     print((Path(args.out) / "report.md").read_text())
 
 

@@ -202,15 +202,15 @@ def evaluate(model, tc, val, text_ids, device, autocast):
 
 
 def learning_curve_setup(tokenizer, train_set, tc):
-    """-> curve(model): draws a fixed set of training captions (phrased as people ask) and held-out
+    """-> curve(model, autocast): draws a fixed set of training captions (phrased as people ask) and held-out
     ones, greedily with guidance 3, and scores each picture against its emoji among all of the dataset's
-    pictures: the rank by VQ-feature similarity (0 = top-1) and whether the dominant hues agree."""
+    pictures (VQModel.scores): the rank by VQ-feature similarity (0 = top-1) and whether the dominant hues agree."""
     from data import dominant_hue, load_images, read_folder
     from vq import load_vq
     vq = load_vq(train_set.index["vq"])
     rows, gallery = load_images(read_folder(train_set.index["data"]), vq.config.image_size, desc="curve gallery")
     with torch.no_grad():
-        features = vq.features(gallery)
+        features, hues = vq.features(gallery), dominant_hue(gallery)
     picked = []
     for split in ("train", "val"):
         idx = [i for i, r in enumerate(rows) if r["split"] == split]
@@ -222,22 +222,20 @@ def learning_curve_setup(tokenizer, train_set, tc):
     def curve(model, autocast):
         model.eval()
         device, K = model.lm_head.weight.device, vq.config.grid
-        scores = {"train": [], "val": []}
-        for split, i, caption in picked:
-            ids = torch.tensor([[model.start_token] + tokenizer.encode(caption).ids + [model.image_token("boi")]], device=device)
-            with autocast:  # the model as it trains; the VQ in float32
-                codes = model.generate_image(ids, K * K, cfg=3.0, temperature=0).cpu()
-            picture = vq.decode_codes(codes.view(1, K, K)).clamp(-1, 1)
-            similarity = features @ vq.features(picture)[0]  # (n_gallery,)
-            rank = int((similarity > similarity[i]).sum())
-            hue, own = dominant_hue(picture)[0], dominant_hue(gallery[i:i + 1])[0]
-            scores[split].append((rank, None if own < 0 else bool(hue == own)))
-        model.train()
         out = {}
-        for split, s in scores.items():
-            ranks, hues = [r for r, _ in s], [h for _, h in s if h is not None]
-            out |= {f"{split}_top1": sum(r < 1 for r in ranks) / len(ranks), f"{split}_top5": sum(r < 5 for r in ranks) / len(ranks),
-                    f"{split}_median_rank": sorted(ranks)[len(ranks) // 2], f"{split}_hue": sum(hues) / max(1, len(hues))}
+        for split in ("train", "val"):
+            chosen = [(i, caption) for s, i, caption in picked if s == split]
+            pictures = []
+            for i, caption in chosen:
+                ids = model.image_prompt(tokenizer.encode(caption).ids, K * K).to(device)
+                with autocast:  # the model as it trains; the VQ in float32
+                    codes = model.generate_image(ids, K * K, cfg=3.0, temperature=0).cpu()
+                pictures.append(vq.decode_codes(codes.view(1, K, K))[0])
+            ranks, hue_ok = vq.scores(torch.stack(pictures), features, hues, torch.tensor([i for i, _ in chosen]))
+            out |= {f"{split}_top1": (ranks < 1).float().mean().item(), f"{split}_top5": (ranks < 5).float().mean().item(),
+                    f"{split}_median_rank": int(ranks.sort().values[len(ranks) // 2]),
+                    f"{split}_hue": (hue_ok[hue_ok >= 0].float().mean().item() if (hue_ok >= 0).any() else 0.0)}
+        model.train()
         return out
     return curve
 

@@ -235,6 +235,17 @@ class VQModel(nn.Module):
         most similar ones (retrieval in analyze.py and train.py's learning curve)."""
         return F.normalize(self.quant_conv(self.encoder(x)).flatten(1), dim=-1)
 
+    @torch.no_grad()
+    def scores(self, pictures, gallery_features, gallery_hues, own):
+        """Does each picture (B, 3, H, W) show what was asked, the gallery's emoji own (B,)? -> ranks (B,): where
+        that emoji comes among the gallery by feature similarity (0: the most similar, top-1), and hue_ok (B,):
+        1 if the dominant hues agree, 0 if not, -1 where the emoji has no colour to agree with."""
+        from data import dominant_hue
+        similarity = self.features(pictures.clamp(-1, 1)) @ gallery_features.T  # (B, N)
+        ranks = (similarity > similarity.gather(1, own[:, None])).sum(1)
+        want = gallery_hues[own]
+        return ranks, torch.where(want < 0, -1, (dominant_hue(pictures) == want).long())
+
 
 def save_vq(model, path, extra=None):
     """The project's format: config.json + model.safetensors (+ extra files), written atomically."""

@@ -64,7 +64,10 @@ def test_report_on_a_tiny_trained_model(tiny_setup, tmp_path):
         assert spec.shape == (2, 4) and ((-1 <= spec) & (spec <= 1)).all()
         assert all(0 <= c <= 1 + 1e-6 for c in report[when]["cka"])
     assert min(report["images"]["vq_frechet"], report["images"]["vq_frechet_real_vs_real"]) > -1e-6
-    assert 0 <= report["images"]["hue_match"] <= 1 and report["images"]["retrieval_top1"] <= report["images"]["retrieval_top5"]
+    for split in ("train", "val"):
+        im = report["images"][split]
+        assert 0 <= im["hue_match"] <= 1 and 0 <= im["top1"] <= im["top5"] <= 1 and len(im["captions"]) == 3
+        assert all(0 <= r < 24 for r in im["ranks"])  # a rank among the 24 pictures of the tiny dataset
     assert report["c2"]["LoRA router"] > 0 and report["c2"]["base"] > 0
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Routing by modality" in text and "identical" in text and (tmp_path / "report" / "specificity_after.png").exists()

@@ -27,6 +27,20 @@ def test_encode_decode_shapes():
     assert vq.PRESETS["demo"].grid ** 2 == 64 and vq.PRESETS["llamagen-vq16"].grid == 16
 
 
+def test_scores_find_each_picture_itself_and_its_colour():
+    from data import dominant_hue
+    model = vq.VQModel(TINY).eval()
+    gallery = torch.ones(6, 3, 16, 16)  # white, then five squares of other colours, one black
+    for i, rgb in enumerate([(1, -1, -1), (-1, 1, -1), (-1, -1, 1), (1, 1, -1), (-1, -1, -1)], 1):
+        gallery[i, :, 4:12, 4:12] = torch.tensor(rgb, dtype=torch.float)[:, None, None]
+    features, hues = model.features(gallery), dominant_hue(gallery)
+    ranks, hue_ok = model.scores(gallery, features, hues, torch.arange(6))
+    assert ranks.tolist() == [0] * 6  # every picture is the most similar to itself
+    assert hue_ok.tolist() == [-1, 1, 1, 1, 1, -1]  # white and black have no colour to agree with
+    ranks, hue_ok = model.scores(gallery[[2]], features, hues, torch.tensor([1]))  # green drawn, red asked
+    assert ranks.item() >= 1 and hue_ok.item() == 0
+
+
 def test_codes_are_the_most_similar_codebook_direction():
     model = vq.VQModel(TINY)
     z = torch.randn(3, TINY.codebook_dim, 5, 5)
