@@ -163,6 +163,49 @@ def plot_curve(log, path, examples_per_epoch, batch):
         "drawn pictures: retrieval of the intended emoji, dominant hue", (0, 1), xmax)
     im.save(path)
 
+def compare_inits(runs, out, target):
+    """train.py runs that differ only in their init (gw / random / mean) and seed -> a table, one row per init
+    (mean and spread over the seeds), and a PNG of the losses, in out/. Early training is where an init matters."""
+    by_init = {}
+    for run_dir in runs:
+        state, _, _ = run_inputs(run_dir)
+        by_init.setdefault(state["train_config"]["init"], []).append(state["log"])
+    colours = {"gw": (200, 40, 40), "random": (30, 90, 200), "mean": (40, 150, 60)}
+    table, series_loss, series_val, xmax = [], {}, {}, 1
+    for init, logs in sorted(by_init.items()):
+        stats = []
+        for log in logs:
+            loss = [(r["step"], r["loss"]) for r in log if "loss" in r]
+            val = [(r["step"], r["val_image_loss"]) for r in log if "val_image_loss" in r]
+            if not loss or loss[0][0] != 1 or not val:
+                raise BadInput("a run to compare needs its loss at every step and held-out losses: train it with --log_every=1")
+            best = np.minimum.accumulate([x for _, x in loss])
+            spike = max(x - b for (_, x), b in zip(loss[1:], best[:-1]))  # the largest rise above the best loss so far
+            reach = next((s for s, v in val if v <= target), math.nan)
+            stats.append((loss[0][1], spike, val[-1][1], reach, np.mean([x for _, x in loss[-20:]])))
+            xmax = max(xmax, loss[-1][0])
+            smooth = np.convolve([x for _, x in loss], np.ones(10) / 10, mode="valid")  # a 10-step running mean
+            light = tuple(c + (255 - c) // 2 for c in colours.get(init, (90, 90, 90)))
+            series_loss[f"{init} seed {len(stats) - 1}"] = ([s for s, _ in loss][9:], smooth.tolist(), light)
+            series_val[f"{init} seed {len(stats) - 1}"] = ([s for s, _ in val], [v for _, v in val], light)
+        m, sd = np.nanmean(stats, 0), np.nanstd(stats, 0)
+        reached = sum(not math.isnan(s[3]) for s in stats)
+        table.append(f"| {init} | {len(stats)} | {m[0]:.2f} ± {sd[0]:.2f} | {m[1]:.2f} ± {sd[1]:.2f} | {m[4]:.3f} ± {sd[4]:.3f} | "
+                     f"{m[2]:.3f} ± {sd[2]:.3f} | " + (f"{m[3]:.0f} ± {sd[3]:.0f}" if reached else "not reached") +
+                     f" ({reached} of {len(stats)}) |")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    im = Image.new("RGB", (720, 620), "white")
+    d = ImageDraw.Draw(im)
+    d.text((12, 4), "x: training steps; each run its own line, coloured by init (red gw, blue random, green mean)", fill="black")
+    line_chart(d, (60, 40, 700, 290), series_loss, "training loss, 10-step running mean (nats)", (0, 10), xmax)
+    line_chart(d, (60, 340, 700, 590), series_val, "held-out loss of the image codes (nats)", (0, 10), xmax)
+    im.save(out / "init_compare.png")
+    lines = ["| init | runs | first-batch loss | worst spike (rise above the best so far) | training loss, last 20 steps | "
+             f"held-out loss at the end | steps to a held-out loss <= {target} |", "| --- | --- | --- | --- | --- | --- | --- |", *table]
+    (out / "init_compare.md").write_text("\n".join(lines) + "\n")
+    return lines
+
 # -----------------------------------------------------------------------------
 # The report
 
@@ -322,7 +365,12 @@ def main():
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--curve", metavar="PNG", help="only plot the checkpoint's learning curve (train.py's log) to PNG")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="only compare runs that differ in init and seed -> --out")
+    p.add_argument("--target", type=float, default=5.0, help="--compare: the held-out loss whose first reaching is timed")
     args = p.parse_args()
+    if args.compare:
+        print("\n".join(compare_inits(args.compare, args.out, args.target)))
+        return
     if args.curve:
         from data import TokenShards
         state, _, _ = run_inputs(args.ckpt or DEMO)

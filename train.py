@@ -56,6 +56,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     caption_dropout: float = 0.1
     aux_loss_coef: float = 0.01  # router load balancing, over image tokens
+    log_every: int = 10  # training loss into the log every this many steps (1: every step, e.g. to compare inits)
     eval_every: int = 100
     eval_batches: int = 4
     curve_every: int = 0  # draw fixed training and held-out captions and score them (the learning curve); 0: never
@@ -110,7 +111,7 @@ def parse_args(argv):
     for ok, what in [(tc.steps >= 1, "steps >= 1"), (tc.batch_size >= 1, "batch_size >= 1"), (tc.grad_accum >= 1, "grad_accum >= 1"),
                      (tc.rank >= 1, "rank >= 1"), (tc.lr > 0 and tc.min_lr >= 0, "lr > 0 and min_lr >= 0"),
                      (tc.warmup >= 0, "warmup >= 0"), (0 <= tc.caption_dropout < 1, "0 <= caption_dropout < 1"),
-                     (min(tc.eval_every, tc.eval_batches, tc.save_every) >= 1, "eval_every, eval_batches, save_every >= 1"),
+                     (min(tc.log_every, tc.eval_every, tc.eval_batches, tc.save_every) >= 1, "log_every, eval_every, eval_batches, save_every >= 1"),
                      (tc.curve_every >= 0 and tc.curve_captions >= 1, "curve_every >= 0, curve_captions >= 1"),
                      (not (tc.fsdp and tc.curve_every), "curve_every=0 under --fsdp (the curve draws with the whole model in one process)"),
                      (tc.init in ("gw", "random", "mean"), "init: gw, random or mean"),
@@ -354,7 +355,7 @@ def train(tc, resume=False):
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if main_process and (step % 10 == 0 or step == tc.steps):
+        if main_process and (step % tc.log_every == 0 or step == tc.steps):
             log.append({"step": step, "loss": loss.item(), "aux": aux.item(), "grad_norm": norm.item(), "lr": lr_at(step - 1, tc.lr, tc.warmup, tc.steps, tc.min_lr),
                         "tokens_per_s": tokens * world / (time.time() - t0)})
         if step % tc.eval_every == 0 or step == tc.steps:

@@ -1,11 +1,13 @@
 """analyze.py: routing specificity, redundancy and the report, on known cases and a tiny trained model."""
 import json
+import math
 
+import pytest
 import torch
 
 import analyze
 import train
-from mmmoe import AdapterConfig, MMMoE
+from mmmoe import AdapterConfig, BadInput, MMMoE
 
 
 class FixedRouter(torch.nn.Module):
@@ -72,3 +74,22 @@ def test_report_on_a_tiny_trained_model(tiny_setup, tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Routing by modality" in text and "identical" in text and (tmp_path / "report" / "specificity_after.png").exists()
     json.loads((tmp_path / "report" / "report.json").read_text())
+
+
+def test_compare_inits(tiny_setup, tmp_path):
+    runs = []
+    for init, seed in (("gw", 0), ("gw", 1), ("mean", 0)):
+        runs.append(tmp_path / f"{init}-{seed}")
+        train.train(train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(runs[-1]), init=init,
+                                      seed=seed, rank=4, batch_size=4, steps=4, warmup=1, eval_every=2, eval_batches=1, save_every=4,
+                                      log_every=1))
+    lines = analyze.compare_inits(runs, tmp_path / "cmp", target=100.0)
+    assert [line.split(" | ")[:2] for line in lines[2:]] == [["| gw", "2"], ["| mean", "1"]]
+    assert "2 ± 0 (2 of 2)" in lines[2]  # a held-out loss below 100 is reached at the first evaluation, step 2
+    assert (tmp_path / "cmp" / "init_compare.png").exists() and (tmp_path / "cmp" / "init_compare.md").exists()
+    first = json.loads((runs[2] / "state.json").read_text())["log"][0]
+    assert first["step"] == 1 and math.isfinite(first["loss"])
+    train.train(train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(tmp_path / "sparse"),
+                                  rank=4, batch_size=4, steps=2, warmup=1, eval_every=2, eval_batches=1, save_every=2))
+    with pytest.raises(BadInput, match="--log_every=1"):
+        analyze.compare_inits([tmp_path / "sparse"], tmp_path / "cmp2", target=5.0)
