@@ -256,7 +256,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=3.0, temperature=1.0, 
     ppl_base, answers_base = c1()
     torch.manual_seed(tc["seed"])
     model.add_image_adapter(AdapterConfig(**state["adapter"]))
-    init_model(model, vq_dir, tc["init"], tc["seed"])
+    init_model(model, vq_dir, tc["init"], tc["seed"], tc.get("init_scale", 1.0))
     report = {}
     lines = [f"# mmmoe report: {ckpt}", ""]
 

@@ -101,8 +101,10 @@ def gw_embeddings(codebook, text, anchors=1024, epsilon=0.05, seed=0, temperatur
     return outs
 
 
-def init_image_rows(codebook, embed, head=None, method="gw", anchors=1024, epsilon=0.05, seed=0):
-    """-> (input embeddings (K + 2, D), output rows (K + 2, D) or None if tied) for K codes, <boi>, <eoi>.
+def init_image_rows(codebook, embed, head=None, method="gw", anchors=1024, epsilon=0.05, seed=0, scale=1.0):
+    """-> (input embeddings (K + 2, D), output rows (K + 2, D) or None if tied) for K codes, <boi>, <eoi>,
+    all multiplied by scale (1: where the method puts them; for gw and random that is the typical norm of a
+    text embedding, and tied rows are also the output layer's: the size of the first image logits).
 
     <boi> and <eoi> start at the mean of the new code embeddings plus a little noise: inside the image
     region of the space, but not equal to any code. For a tied base (one matrix for input and output),
@@ -122,17 +124,17 @@ def init_image_rows(codebook, embed, head=None, method="gw", anchors=1024, epsil
     out = []
     for r, m in zip(rows, (embed, *extras)):
         specials = r.mean(0) + torch.randn(2, D, generator=g) * m.std() * 0.1  # <boi>, <eoi>
-        out.append(torch.cat([r, specials]))
+        out.append(torch.cat([r, specials]) * scale)
     return out[0], (out[1] if head is not None else None)
 
 
-def init_model(model, vq_dir, method="gw", seed=0):
+def init_model(model, vq_dir, method="gw", seed=0, scale=1.0):
     """Give a model's new image rows (model.image_embed, and model.image_head if untied) their start:
     the codebook of the VQ in vq_dir matched to the model's text embeddings (or a baseline)."""
     from vq import load_vq
     codebook = load_vq(vq_dir).quantize.codebook().detach()
     head = None if model.config.tie_word_embeddings else model.lm_head.weight.detach().cpu()
-    embed, out = init_image_rows(codebook, model.model.embed_tokens.weight.detach().cpu(), head, method, seed=seed)
+    embed, out = init_image_rows(codebook, model.model.embed_tokens.weight.detach().cpu(), head, method, seed=seed, scale=scale)
     with torch.no_grad():
         model.image_embed.copy_(embed)
         if out is not None:
@@ -151,12 +153,15 @@ def main(argv=None):
     p.add_argument("--anchors", type=int, default=1024)
     p.add_argument("--epsilon", type=float, default=0.05, help="entropic regularisation (0 = exact GW)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the new rows by this (1: where the method puts them)")
     args = p.parse_args(argv)
     out_path = Path(args.out)
     if args.anchors < 1:
         raise BadInput(f"--anchors must be at least 1, got {args.anchors}")
     if not args.epsilon >= 0:
         raise BadInput(f"--epsilon must be >= 0, got {args.epsilon}")
+    if not 0 < args.scale < float("inf"):
+        raise BadInput(f"--scale must be a number > 0, got {args.scale}")
     if out_path.is_dir() or not out_path.parent.is_dir():
         raise BadInput(f"--out {out_path} must be a file in an existing directory")
     t0 = time.time()
@@ -165,7 +170,7 @@ def main(argv=None):
     embed = read("model.embed_tokens.weight").float()
     head = None if cfg.tie_word_embeddings else read("lm_head.weight").float()
     codebook = load_vq(args.vq).quantize.codebook().detach()
-    image_embed, image_head = init_image_rows(codebook, embed, head, args.method, args.anchors, args.epsilon, args.seed)
+    image_embed, image_head = init_image_rows(codebook, embed, head, args.method, args.anchors, args.epsilon, args.seed, args.scale)
     out = {"image_embed": image_embed.contiguous()} | ({"image_head": image_head.contiguous()} if image_head is not None else {})
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     save_file(out, tmp)

@@ -42,6 +42,7 @@ class TrainConfig:
     shards: str = "out/openmoji/shards"
     out_dir: str = "out/train"
     init: str = "gw"  # new image rows: gw | random | mean
+    init_scale: float = 1.0  # ... multiplied by this (gw_init.init_image_rows)
     rank: int = 8
     alpha: float = 16.0
     attention: bool = True
@@ -115,6 +116,7 @@ def parse_args(argv):
                      (tc.curve_every >= 0 and tc.curve_captions >= 1, "curve_every >= 0, curve_captions >= 1"),
                      (not (tc.fsdp and tc.curve_every), "curve_every=0 under --fsdp (the curve draws with the whole model in one process)"),
                      (tc.init in ("gw", "random", "mean"), "init: gw, random or mean"),
+                     (0 < tc.init_scale < math.inf, "init_scale > 0"),
                      (tc.dtype in ("auto", "float32", "bfloat16"), "dtype: auto, float32 or bfloat16"),
                      (nproc is None or nproc >= 1, "--nproc >= 1")]:
         if not ok:
@@ -273,10 +275,10 @@ def train(tc, resume=False):
         step, log = state["step"], state["log"]
         # a resumed run continues the same computation: settings that change it must be the run's own
         # (the number of processes may change: what counts is the global batch, batch_size x processes x grad_accum)
-        math = ("base", "shards", "init", "rank", "alpha", "attention", "router", "steps", "lr",
+        computation = ("base", "shards", "init", "init_scale", "rank", "alpha", "attention", "router", "steps", "lr",
                 "min_lr", "warmup", "weight_decay", "grad_clip", "caption_dropout", "aux_loss_coef", "dtype", "seed")
         saved = state["train_config"]
-        differ = [f"{k}={getattr(tc, k)} (run: {saved[k]})" for k in math if k in saved and saved[k] != getattr(tc, k)]
+        differ = [f"{k}={getattr(tc, k)} (run: {saved[k]})" for k in computation if k in saved and saved[k] != getattr(tc, k)]
         run_batch = saved.get("batch_size", tc.batch_size) * state.get("world", 1) * saved.get("grad_accum", tc.grad_accum)
         if run_batch != tc.batch_size * world * tc.grad_accum:
             differ.append(f"a global batch of {tc.batch_size * world * tc.grad_accum} (run: {run_batch})")
@@ -291,7 +293,7 @@ def train(tc, resume=False):
     else:
         if resume and main_process:
             print(f"no checkpoint in {out_dir} yet: starting at step 0", file=sys.stderr)
-        init_model(model, train_set.index["vq"], tc.init, tc.seed)
+        init_model(model, train_set.index["vq"], tc.init, tc.seed, tc.init_scale)
     counts, n_base = model.trainable_budget()
     if main_process:
         total = sum(counts.values())

@@ -50,6 +50,8 @@ def test_init_shapes_and_norms(method):
     assert tied_h is None and tied_e.shape == (42, 32)
     if method == "gw":  # rows carry the typical norm of a text embedding
         assert abs(e[:40].norm(dim=1).mean() / embed.norm(dim=1).mean() - 1) < 0.05
+    quarter, _ = gw_init.init_image_rows(codebook, embed, head, method=method, anchors=16, scale=0.25)
+    assert torch.allclose(quarter, e * 0.25)  # the same rows, a quarter of the size
 
 
 def test_bad_input():
