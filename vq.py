@@ -454,7 +454,15 @@ def evaluate(model, data, grid=None):
     p = counts / counts.sum()
     from data import dominant_hue
     hue, hue_recon = dominant_hue(images[val]), dominant_hue(recon[val])
+    # What the LLM must predict where a picture is plain white (emoji are drawn on white): the more codes share
+    # that one look, the more arbitrary choices it has to learn. The entropy of the code on all-white cells: 0 if
+    # white is always one code.
+    cell = model.config.image_size // model.config.grid
+    white = (images.unfold(2, cell, cell).unfold(3, cell, cell) > 0.9).flatten(-2).all(-1).all(1)  # (N, h, w)
+    _, n = torch.unique(codes[white], return_counts=True)
+    q = n / max(1, n.sum())
     result = {"psnr_val": psnr(recon[val], images[val]).mean().item(), "psnr_train": psnr(recon[~val], images[~val]).mean().item(),
+              "white_cells": white.float().mean().item(), "white_codes": len(n), "white_code_entropy": -(q * q.log()).sum().item(),
               "hue_match_val": (hue == hue_recon)[hue >= 0].float().mean().item(),
               "codebook_usage": (counts > 0).float().mean().item(), "code_perplexity": math.exp(-(p[p > 0] * p[p > 0].log()).sum().item()),
               "images": len(rows), "held_out": int(val.sum())}

@@ -1,5 +1,6 @@
 """vq.py: shapes, the quantizer's lookup and gradient, LlamaGen compatibility, training that resumes exactly."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,8 @@ def test_training_resumes_exactly(tmp_path, monkeypatch):
         assert torch.equal(a, b), name
     result = vq.evaluate(resumed, data, grid=tmp_path / "grid.png")
     assert 0 < result["codebook_usage"] <= 1 and 1 <= result["code_perplexity"] <= 16 and result["held_out"] == 1
+    assert 0 < result["white_cells"] < 1 and 1 <= result["white_codes"] <= 16  # the squares are drawn on white
+    assert 0 <= result["white_code_entropy"] <= math.log(result["white_codes"]) + 1e-6
     width, height = Image.open(tmp_path / "grid.png").size  # one held-out original over its reconstruction,
     assert width == 96 and 2 * 96 < height < 2 * 140  # each enlarged to 96 px under its label
 
