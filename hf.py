@@ -67,33 +67,33 @@ def checkpoint_index(path):
 
 class TensorReader:
     """read(name, index=()) -> a copy of a tensor of checkpoint_index's files, or of the part `index`
-    selects. safe_open maps a file, and each page touched stays in memory while it is open: the files
-    are closed every 64 MB read, so memory holds the model plus that, never the whole checkpoint."""
+    selects; read(name, index, like=t) -> whether that part equals t, compared where it lies (no copy).
+    safe_open maps a file, and each page touched stays in memory while it is open: the files are closed
+    every 64 MB read, so memory holds the model plus that, never the whole checkpoint."""
 
     def __init__(self, index):
         self.index, self.files, self.bytes = index, {}, 0
 
-    def __call__(self, name, idx=()):
+    def __call__(self, name, idx=(), like=None):
         file = self.index[name][0]
         self.files[file] = self.files.get(file) or safe_open(file, "pt")
-        t = self.files[file].get_slice(name)[idx].clone()  # a view of the mapped file until copied out
-        self.bytes += t.nbytes
+        view = self.files[file].get_slice(name)[idx]  # a view of the mapped file: copied out, or compared, now
+        out = view.clone() if like is None else torch.equal(view.to(like.device, like.dtype), like)
+        self.bytes += view.nbytes
         if self.bytes > 64 * 2**20:
             self.files, self.bytes = {}, 0
-        return t
+        return out
 
 
-def stack_experts(tensors, n):
-    """One layer's expert tensors, in order -> (n, ...), or (1, ...) when all are copies of the first:
-    then one copy is all that is ever held."""
-    first = next(tensors)
-    out = first[None]  # (1, ...): one copy serves every expert, while they are all the same
-    for j, t in enumerate(tensors, 1):
-        if len(out) == 1 and torch.equal(t, first):
-            continue
-        if len(out) == 1:  # they differ: from here on every expert keeps its own weights
-            out = first.expand(n, *first.shape).clone()
-        out[j] = t
+def stack_experts(read, n):
+    """One layer's n expert tensors -> (n, ...), or (1, ...) when all are copies of the first: then one copy
+    is all that is ever held. read(j) -> expert j's tensor; read(j, like=t) -> whether it equals t."""
+    first = read(0)
+    if all(read(j, like=first) for j in range(1, n)):
+        return first[None]  # (1, ...): one copy serves every expert
+    out = first.expand(n, *first.shape).clone()  # they differ: each expert keeps its own weights
+    for j in range(1, n):
+        out[j] = read(j)
     return out
 
 
@@ -145,8 +145,9 @@ def load_checkpoint(model, path, dtype, device):
     read = TensorReader(index)
     with torch.no_grad():
         for pname, p in params.items():
-            parts = (read(*sources[pname][j]).to(dtype=dtype, device=device) for j in sorted(sources[pname], key=lambda j: j or 0))
-            t = stack_experts(parts, cfg.n_experts) if ".experts." in pname else next(parts)
+            def part(j, like=None):
+                return read(*sources[pname][j], like=like) if like is not None else read(*sources[pname][j]).to(dtype=dtype, device=device)
+            t = stack_experts(part, cfg.n_experts) if ".experts." in pname else part(None)
             module, _, attr = pname.rpartition(".")
             setattr(model.get_submodule(module), attr, nn.Parameter(t, requires_grad=p.requires_grad))
             if pname.endswith(".experts.w3"):  # the last of a layer's three expert stacks (w1, w2, w3 order)

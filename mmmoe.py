@@ -223,7 +223,7 @@ class Attention(nn.Module):
             k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
             if mask is not None and mask.shape[-1] == k_all.shape[2]:  # the mask spans the cache: attend to it
                 k, v = k_all, v_all
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH):  # on a CPU, at these short lengths, faster than the flash kernel (its backward most)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
         return plora(linear(y, self.o_proj.weight), y, self.o_lora, image_rows)  # (B, T, C)

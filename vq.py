@@ -24,7 +24,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -48,6 +48,9 @@ class VQConfig:
     num_res_blocks: int = 2
     z_channels: int = 256
     beta: float = 0.25  # commitment loss weight
+    # >= 0: a cell that is plain white in the image is always this code, whatever the encoder makes of it
+    # (emoji are drawn on white: one code for "nothing here" instead of the 174 the demo VQ spread it over)
+    background_code: int = -1
 
     @property
     def grid(self):
@@ -217,7 +220,17 @@ class VQModel(nn.Module):
 
     def encode(self, x):
         """images (B, 3, H, W) in [-1, 1] -> (z_q (B, d, h, w), codes (B, h, w), vq loss)"""
-        return self.quantize(self.quant_conv(self.encoder(x)))
+        z_q, codes, loss = self.quantize(self.quant_conv(self.encoder(x)))
+        return (*self.background(x, z_q, codes), loss)
+
+    def background(self, x, z_q, codes):
+        """With a background_code, every plain-white cell of x gets that code (and its codebook vector)."""
+        b = self.config.background_code
+        if b < 0:
+            return z_q, codes
+        white = white_cells(x, self.config.grid)  # (B, h, w)
+        e = self.quantize.codebook()[b].to(z_q.dtype)  # (d,)
+        return torch.where(white[:, None], e[None, :, None, None], z_q), torch.where(white, b, codes)
 
     def decode(self, z_q):
         return self.decoder(self.post_quant_conv(z_q))
@@ -245,6 +258,12 @@ class VQModel(nn.Module):
         ranks = (similarity > similarity.gather(1, own[:, None])).sum(1)
         want = gallery_hues[own]
         return ranks, torch.where(want < 0, -1, (dominant_hue(pictures) == want).long())
+
+
+def white_cells(x, grid):
+    """images (B, 3, H, W) in [-1, 1] -> (B, grid, grid): True where a code's whole cell is plain white."""
+    cell = x.shape[-1] // grid
+    return (x.unfold(2, cell, cell).unfold(3, cell, cell) > 0.9).flatten(-2).all(-1).all(1)
 
 
 def save_vq(model, path, extra=None):
@@ -329,6 +348,8 @@ class TrainConfig:
     eval_every: int = 500
     save_every: int = 250
     seed: int = 0
+    background: bool = False  # plain-white cells get one code: the one the encoder gives the middle of a white image
+    decoder_of: str = ""  # train only the decoder of this trained VQ: its encoder and codebook, every code's meaning, stay
 
 
 def psnr(x, y):
@@ -365,12 +386,19 @@ def train(data, out, tc, resume=False, device=None, max_minutes=None, vq_config=
         if differ:
             raise BadInput(f"{out} is a run with other settings: {', '.join(differ)}; resume it with its own")
     torch.manual_seed(tc.seed)  # the initial weights, too, are a function of the seed
-    model = load_vq(out) if resuming else VQModel(vq_config or PRESETS[tc.preset])
+    model = load_vq(out) if resuming else load_vq(tc.decoder_of) if tc.decoder_of else VQModel(vq_config or PRESETS[tc.preset])
+    if tc.background and model.config.background_code < 0:
+        g = model.config.grid
+        with torch.no_grad():
+            white = model.encode(torch.ones(1, 3, model.config.image_size, model.config.image_size))[1][0, g // 2, g // 2]
+        model.config = replace(model.config, background_code=int(white))
+    for part in (model.encoder, model.quant_conv, model.quantize) if tc.decoder_of else ():
+        part.requires_grad_(False)
     cfg = model.config
     rows = [r for r in read_folder(data) if r["split"] == "train"]
     _, images = load_images(rows, cfg.image_size)
     model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, log = 0, []
     usage = torch.zeros(cfg.codebook_size, device=device)  # how often each code was chosen since the last restart
     if resuming:
@@ -390,9 +418,11 @@ def train(data, out, tc, resume=False, device=None, max_minutes=None, vq_config=
         x = augment(images[torch.from_numpy(batch_at(len(images), tc.batch_size, step, tc.seed))], g).to(device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc.lr, tc.warmup, tc.steps)
-        with autocast:
+        with autocast, torch.set_grad_enabled(not tc.decoder_of):
             z = model.quant_conv(model.encoder(x))
             z_q, codes, vq_loss = model.quantize(z)
+            z_q, codes = model.background(x, z_q, codes)
+        with autocast:
             recon = model.decode(z_q.to(z.dtype))
             rec_loss = F.mse_loss(recon.float(), x)
             # flat-coloured images: the mean colour of each code's cell is what a code must above all carry
@@ -406,7 +436,7 @@ def train(data, out, tc, resume=False, device=None, max_minutes=None, vq_config=
         opt.step()
         usage += torch.bincount(codes.flatten(), minlength=cfg.codebook_size)
         step += 1
-        if step % tc.restart_every == 0 and step < tc.steps * 0.9:
+        if step % tc.restart_every == 0 and step < tc.steps * 0.9 and not tc.decoder_of:
             latents = F.normalize(z.detach().permute(0, 2, 3, 1).reshape(-1, cfg.codebook_dim).float(), dim=-1)
             restarted = restart_dead_codes(model, usage, latents, g)
             log.append({"step": step, "restarted_codes": restarted})
@@ -457,8 +487,7 @@ def evaluate(model, data, grid=None):
     # What the LLM must predict where a picture is plain white (emoji are drawn on white): the more codes share
     # that one look, the more arbitrary choices it has to learn. The entropy of the code on all-white cells: 0 if
     # white is always one code.
-    cell = model.config.image_size // model.config.grid
-    white = (images.unfold(2, cell, cell).unfold(3, cell, cell) > 0.9).flatten(-2).all(-1).all(1)  # (N, h, w)
+    white = white_cells(images, model.config.grid)  # (N, h, w)
     _, n = torch.unique(codes[white], return_counts=True)
     q = n / max(1, n.sum())
     result = {"psnr_val": psnr(recon[val], images[val]).mean().item(), "psnr_train": psnr(recon[~val], images[~val]).mean().item(),
@@ -509,7 +538,10 @@ def main(argv=None):
     t.add_argument("--resume", action="store_true")
     t.add_argument("--max-minutes", type=float, default=None, help="save and stop after this long")
     for f, v in asdict(TrainConfig()).items():
-        t.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
+        if isinstance(v, bool):
+            t.add_argument("--" + f.replace("_", "-"), action="store_true")
+        else:
+            t.add_argument("--" + f.replace("_", "-"), type=type(v), default=v)
     e = sub.add_parser("eval", help="held-out PSNR, codebook usage and code perplexity")
     e.add_argument("--vq", required=True)
     e.add_argument("--data", required=True)

@@ -1,6 +1,7 @@
 """vq.py: shapes, the quantizer's lookup and gradient, LlamaGen compatibility, training that resumes exactly."""
 import json
 import math
+from dataclasses import asdict
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +170,28 @@ def test_convert_llamagen_refuses_what_is_not_a_plain_state_dict(tmp_path):
         with pytest.raises(BadInput, match=words):
             vq.main(["convert-llamagen", str(tmp_path / name), str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_background_code_and_a_decoder_fine_tune(tmp_path):
+    """--background: every plain-white cell is one code; --decoder-of: only the decoder learns, so the encoder,
+    the codebook and with them every other cell's code stay exactly the trained VQ's."""
+    data = colour_dataset(tmp_path / "data")
+    tc = vq.TrainConfig(steps=3, batch_size=4, warmup=1, save_every=3, eval_every=3, restart_every=2)
+    base = vq.train(data, tmp_path / "a", tc, vq_config=TINY, device="cpu")
+    tuned = vq.train(data, tmp_path / "b", vq.TrainConfig(**{**asdict(tc), "background": True, "decoder_of": str(tmp_path / "a")}),
+                     device="cpu")
+    b = tuned.config.background_code
+    white = torch.ones(1, 3, 16, 16)
+    assert b == base.encode(white)[1][0, TINY.grid // 2, TINY.grid // 2]  # what the encoder calls the middle of white
+    images = torch.ones(3, 3, 16, 16)
+    images[:, :, 4:12, 4:12] = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1]])[:, :, None, None]
+    codes, plain = tuned.encode(images)[1], vq.white_cells(images, TINY.grid)
+    assert plain.any() and not plain.all() and (codes[plain] == b).all()
+    assert torch.equal(codes[~plain], base.encode(images)[1][~plain])  # the rest: the trained VQ's codes
+    for name, p in tuned.state_dict().items():
+        if name.startswith(("encoder.", "quant_conv.", "quantize.")):
+            assert torch.equal(p, base.state_dict()[name]), name
+    assert not torch.equal(tuned.decoder.conv_out.weight, base.decoder.conv_out.weight)
+    assert vq.load_vq(tmp_path / "b").config.background_code == b  # the rule travels with the model
+    result = vq.evaluate(tuned, data)
+    assert result["white_codes"] == 1 and result["white_code_entropy"] == 0
