@@ -31,7 +31,7 @@ from tqdm import tqdm
 from cli import BadInput, run
 from data import make_batch
 from hf import run_inputs
-from mmmoe import MMMoE
+from mmmoe import MMMoE, linear
 
 DEMO = Path(__file__).parent / "demo"  # the committed demo model, as sample.py draws with it
 
@@ -210,6 +210,33 @@ def compare_inits(runs, out, target):
 # The report
 
 
+@torch.no_grad()
+def caption_use(model, shards, n=32, seed=0):
+    """How much a picture's codes depend on its caption: the cross-entropy (nats) of the first code, of the first
+    row of codes and of all of them, for n training examples given their own caption, another example's caption,
+    and none (the <eos> filler of caption dropout). Where the three agree, the model draws from memory of the
+    codes so far, not from the caption."""
+    V, K = model.config.vocab_size, model.adapter.n_image_codes
+    own = np.random.default_rng(seed).choice(len(shards), min(n, len(shards)), replace=False)
+    pairs = {"own caption": [shards[i] for i in own], "another's caption": [(shards[j][0], shards[i][1]) for i, j in zip(own, np.roll(own, 1))],
+             "no caption": [shards[i] for i in own]}
+    out = {}
+    for name, examples in pairs.items():
+        losses = []
+        for b in range(0, len(examples), 8):
+            batch = examples[b:b + 8]
+            idx, targets = make_batch(batch, range(len(batch)), np.full(len(batch), name == "no caption"), model)
+            logits = linear(model.hidden_states(idx), model.image_head[:K])  # (B, T, K)
+            for r, (text, codes) in enumerate(batch):
+                start = 1 + len(text)  # the <boi> position predicts the first code
+                lp = torch.log_softmax(logits[r, start:start + len(codes)].float(), -1)
+                losses.append(-lp.gather(1, torch.as_tensor(codes)[:, None])[:, 0])
+        per_code = torch.stack(losses).mean(0)  # (n_codes,)
+        row = int(math.isqrt(len(per_code)))
+        out[name] = {"first_code": per_code[0].item(), "first_row": per_code[:row].mean().item(), "all": per_code.mean().item()}
+    return out
+
+
 def probe_batches(model, val, n, english):
     """Held-out caption+image sequences, and English text, as token-id batches."""
     idx, _ = make_batch(val, np.arange(min(n, len(val))), np.zeros(min(n, len(val)), bool), model)
@@ -290,6 +317,12 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=3.0, temperature=1.0, 
     lines += ["", "## C1: text ability", "", f"Perplexity of held-out English (CPython docs, 8 x 256 tokens): base {ppl_base:.4f}, "
               f"multimodal {ppl_mm:.4f} ({'identical' if ppl_base == ppl_mm else 'DIFFERENT'}).", ""]
     lines += [f"- {q} -> {a!r} ({'identical' if same else 'DIFFERENT'})" for q, a, same in answers]
+
+    # does the picture follow the caption?
+    use = report["caption_use"] = caption_use(model, TokenShards(tc["shards"], "train"), n_probe, seed)
+    lines += ["", "## Caption use (training examples; cross-entropy of their codes, nats)", "",
+              "| given | first code | first row | all codes |", "| --- | --- | --- | --- |"]
+    lines += [f"| {k} | {v['first_code']:.2f} | {v['first_row']:.2f} | {v['all']:.2f} |" for k, v in use.items()]
 
     # C2: budget
     counts, n_base = model.trainable_budget()

@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,6 +72,9 @@ def test_report_on_a_tiny_trained_model(tiny_setup, tmp_path):
         assert 0 <= im["hue_match"] <= 1 and 0 <= im["top1"] <= im["top5"] <= 1 and len(im["captions"]) == 3
         assert all(0 <= r < 24 for r in im["ranks"])  # a rank among the 24 pictures of the tiny dataset
     assert report["c2"]["LoRA router"] > 0 and report["c2"]["base"] > 0
+    use = report["caption_use"]
+    assert set(use) == {"own caption", "another's caption", "no caption"}
+    assert all(v["all"] > 0 and v["first_code"] > 0 for v in use.values())
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Routing by modality" in text and "identical" in text and (tmp_path / "report" / "specificity_after.png").exists()
     json.loads((tmp_path / "report" / "report.json").read_text())
@@ -93,3 +97,20 @@ def test_compare_inits(tiny_setup, tmp_path):
                                   rank=4, batch_size=4, steps=2, warmup=1, eval_every=2, eval_batches=1, save_every=2))
     with pytest.raises(BadInput, match="--log_every=1"):
         analyze.compare_inits([tmp_path / "sparse"], tmp_path / "cmp2", target=5.0)
+
+
+def test_caption_use_swaps_captions_not_pictures(tiny_ckpt):
+    path, _, _ = tiny_ckpt()
+    model = MMMoE.from_pretrained(path).add_image_adapter(AdapterConfig(n_image_codes=16, rank=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # as after training: every adapter tensor non-zero
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    codes = [torch.randint(0, 16, (16,), generator=g).numpy() for _ in range(8)]
+    same = [(np.array([5, 6, 7]), c) for c in codes]  # every example has the same caption
+    use = analyze.caption_use(model, same, n=8)
+    assert use["own caption"] == use["another's caption"]  # swapping identical captions changes nothing
+    assert use["no caption"] != use["own caption"]  # the caption does reach the codes
+    differ = [(np.array([5 + i, 6, 7]), c) for i, c in enumerate(codes)]
+    assert analyze.caption_use(model, differ, n=8)["another's caption"] != use["own caption"]
