@@ -120,13 +120,16 @@ def heatmap(values, path, title, lo=-1.0, hi=1.0, cell=18):
             d.rectangle([x0, y0, x0 + cell - 2, y0 + cell - 2], fill=colour)
     im.save(path)
 
-def line_chart(d, box, series, title, ylim, xmax):
-    """Draw series {label: ([x], [y], colour)} into box (x0, y0, x1, y1) of an ImageDraw, with axes and a legend."""
+def line_chart(d, box, series, title, ylim, xmax, marks=()):
+    """Draw series {label: ([x], [y], colour)} into box (x0, y0, x1, y1) of an ImageDraw, with axes and a legend;
+    marks: x positions to draw as grey vertical lines (e.g. where a run changed)."""
     x0, y0, x1, y1 = box
     (lo, hi), xmax = ylim, max(xmax, 1e-9)
     px = lambda x: x0 + (x1 - x0) * x / xmax  # noqa: E731
     py = lambda y: y1 - (y1 - y0) * (min(max(y, lo), hi) - lo) / (hi - lo)  # noqa: E731
     d.rectangle(box, outline="black")
+    for x in marks:
+        d.line([(px(x), y0), (px(x), y1)], fill=(170, 170, 170), width=1)
     d.text((x0, y0 - 14), title, fill="black")
     for i in range(5):
         y = lo + (hi - lo) * i / 4
@@ -148,6 +151,7 @@ def plot_curve(log, path, examples_per_epoch, batch):
     loss = [r for r in log if "loss" in r]
     val = [r for r in log if "val_image_loss" in r]
     curve = [r for r in log if "train_top1" in r]
+    marks = [epoch(r) for r in log if "warm_start" in r]  # where a run was continued from another checkpoint
     xmax = max([epoch(r) for r in loss + val + curve] or [1])
     im = Image.new("RGB", (720, 620), "white")
     d = ImageDraw.Draw(im)
@@ -155,12 +159,12 @@ def plot_curve(log, path, examples_per_epoch, batch):
     line_chart(d, (60, 40, 700, 290), {
         "training loss (image codes)": ([epoch(r) for r in loss], [r["loss"] for r in loss], (90, 90, 90)),
         "held-out loss": ([epoch(r) for r in val], [r["val_image_loss"] for r in val], (200, 40, 40))},
-        "cross-entropy of the image codes (nats; uniform over 1,026 tokens = 6.93)", (0, 8), xmax)
+        "cross-entropy of the image codes (nats; uniform over 1,026 tokens = 6.93; grey line: warm start)", (0, 12), xmax, marks)
     line_chart(d, (60, 340, 700, 590), {
         "training captions: top-1": ([epoch(r) for r in curve], [r["train_top1"] for r in curve], (30, 90, 200)),
         "training captions: top-5": ([epoch(r) for r in curve], [r["train_top5"] for r in curve], (120, 170, 240)),
         "held-out: hue right": ([epoch(r) for r in curve], [r["val_hue"] for r in curve], (230, 130, 0))},
-        "drawn pictures: retrieval of the intended emoji, dominant hue", (0, 1), xmax)
+        "drawn pictures: retrieval of the intended emoji, dominant hue", (0, 1), xmax, marks)
     im.save(path)
 
 def compare_inits(runs, out, target):
