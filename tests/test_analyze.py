@@ -114,3 +114,14 @@ def test_caption_use_swaps_captions_not_pictures(tiny_ckpt):
     assert use["no caption"] != use["own caption"]  # the caption does reach the codes
     differ = [(np.array([5 + i, 6, 7]), c) for i, c in enumerate(codes)]
     assert analyze.caption_use(model, differ, n=8)["another's caption"] != use["own caption"]
+
+
+def test_learning_curve_plot_marks_a_warm_start(tmp_path):
+    from PIL import Image
+    log = [{"step": s, "loss": 7 - s / 20} for s in range(10, 110, 10)] + [{"step": 50, "warm_start": "elsewhere"}]
+    log += [{"step": s, "val_image_loss": 6.0} for s in (50, 100)] + [{"step": 100, "train_top1": 0.5, "train_top5": 0.75, "val_hue": 0.5}]
+    analyze.plot_curve(log, tmp_path / "curve.png", examples_per_epoch=400, batch=8)
+    im = Image.open(tmp_path / "curve.png").convert("RGB")
+    assert im.size == (720, 620)
+    x = round(60 + 640 * (50 * 8 / 400) / (100 * 8 / 400))  # the warm start, half-way along the x axis
+    assert im.getpixel((x, 150)) == (170, 170, 170) and im.getpixel((x + 3, 150)) == (255, 255, 255)
