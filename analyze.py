@@ -173,7 +173,9 @@ def compare_inits(runs, out, target):
     by_init = {}
     for run_dir in runs:
         state, _, _ = run_inputs(run_dir)
-        by_init.setdefault(state["train_config"]["init"], []).append(state["log"])
+        tc = state["train_config"]
+        scale = tc.get("init_scale", 1.0)
+        by_init.setdefault(tc["init"] + (f" x{scale:g}" if scale != 1 else ""), []).append(state["log"])
     colours = {"gw": (200, 40, 40), "random": (30, 90, 200), "mean": (40, 150, 60)}
     table, series_loss, series_val, xmax = [], {}, {}, 1
     for init, logs in sorted(by_init.items()):
@@ -189,7 +191,7 @@ def compare_inits(runs, out, target):
             stats.append((loss[0][1], spike, val[-1][1], reach, np.mean([x for _, x in loss[-20:]])))
             xmax = max(xmax, loss[-1][0])
             smooth = np.convolve([x for _, x in loss], np.ones(10) / 10, mode="valid")  # a 10-step running mean
-            light = tuple(c + (255 - c) // 2 for c in colours.get(init, (90, 90, 90)))
+            light = tuple(c + (255 - c) // 2 for c in colours.get(init, (120, 60, 160)))
             series_loss[f"{init} seed {len(stats) - 1}"] = ([s for s, _ in loss][9:], smooth.tolist(), light)
             series_val[f"{init} seed {len(stats) - 1}"] = ([s for s, _ in val], [v for _, v in val], light)
         m, sd = np.nanmean(stats, 0), np.nanstd(stats, 0)
@@ -201,7 +203,8 @@ def compare_inits(runs, out, target):
     out.mkdir(parents=True, exist_ok=True)
     im = Image.new("RGB", (720, 620), "white")
     d = ImageDraw.Draw(im)
-    d.text((12, 4), "x: training steps; each run its own line, coloured by init (red gw, blue random, green mean)", fill="black")
+    d.text((12, 4), "x: training steps; each run its own line, coloured by init (red gw, blue random, green mean, "
+                    "purple gw rescaled)", fill="black")
     line_chart(d, (60, 40, 700, 290), series_loss, "training loss, 10-step running mean (nats)", (0, 10), xmax)
     line_chart(d, (60, 340, 700, 590), series_val, "held-out loss of the image codes (nats)", (0, 10), xmax)
     im.save(out / "init_compare.png")

@@ -82,13 +82,13 @@ def test_report_on_a_tiny_trained_model(tiny_setup, tmp_path):
 
 def test_compare_inits(tiny_setup, tmp_path):
     runs = []
-    for init, seed in (("gw", 0), ("gw", 1), ("mean", 0)):
-        runs.append(tmp_path / f"{init}-{seed}")
+    for init, seed, scale in (("gw", 0, 1.0), ("gw", 1, 1.0), ("mean", 0, 1.0), ("gw", 0, 0.25)):
+        runs.append(tmp_path / f"{init}-{seed}-{scale}")
         train.train(train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(runs[-1]), init=init,
-                                      seed=seed, rank=4, batch_size=4, steps=4, warmup=1, eval_every=2, eval_batches=1, save_every=4,
-                                      log_every=1))
+                                      init_scale=scale, seed=seed, rank=4, batch_size=4, steps=4, warmup=1, eval_every=2,
+                                      eval_batches=1, save_every=4, log_every=1))
     lines = analyze.compare_inits(runs, tmp_path / "cmp", target=100.0)
-    assert [line.split(" | ")[:2] for line in lines[2:]] == [["| gw", "2"], ["| mean", "1"]]
+    assert [line.split(" | ")[:2] for line in lines[2:]] == [["| gw", "2"], ["| gw x0.25", "1"], ["| mean", "1"]]
     assert "2 ± 0 (2 of 2)" in lines[2]  # a held-out loss below 100 is reached at the first evaluation, step 2
     assert (tmp_path / "cmp" / "init_compare.png").exists() and (tmp_path / "cmp" / "init_compare.md").exists()
     first = json.loads((runs[2] / "state.json").read_text())["log"][0]
