@@ -259,7 +259,7 @@ def frechet(a, b):
     return float((a.mean(0) - b.mean(0)).pow(2).sum() + ca.trace() + cb.trace() - 2 * sqrt_trace)
 
 
-def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=3.0, temperature=1.0, top_k=None):
+def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=1.5, temperature=0.7, top_k=50):
     from data import TokenShards, dominant_hue, english_text, load_images, read_folder
     from gw_init import init_model
     from hf import load_tokenizer
@@ -401,9 +401,9 @@ def main():
     p.add_argument("--probe", type=int, default=32, help="held-out sequences for routing and redundancy")
     p.add_argument("--samples", type=int, default=0, help="captions of training and of held-out emoji to draw and score (slow on CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg", type=float, default=3.0, help="guidance for --samples (as sample.py's)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--cfg", type=float, default=1.5, help="guidance for --samples (sample.py's default)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--curve", metavar="PNG", help="only plot the checkpoint's learning curve (train.py's log) to PNG")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="only compare runs that differ in init and seed -> --out")
     p.add_argument("--target", type=float, default=5.0, help="--compare: the held-out loss whose first reaching is timed")

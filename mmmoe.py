@@ -561,7 +561,7 @@ class MMMoE(nn.Module):
         """<bos>, or <eos> for a base that has no <bos>: the first token of every sequence and prompt."""
         return self.config.bos_token_id if self.config.bos_token_id is not None else self.config.eos_token_id
 
-    def generate_image(self, prompt_ids, n_codes, cfg=3.0, temperature=1.0, top_k=None, top_p=None, generator=None):
+    def generate_image(self, prompt_ids, n_codes, cfg=1.5, temperature=0.7, top_k=50, top_p=None, generator=None):
         """prompt_ids (B, T), each <start> caption <boi> -> image codes (B, n_codes). Inside an image only image
         codes can be sampled (the decoding rule), so the output layer is the code rows alone. With cfg,
         each row gets an unconditional twin, the caption replaced by <eos> (train.py's caption dropout),

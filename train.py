@@ -206,8 +206,9 @@ def evaluate(model, tc, val, text_ids, device, autocast):
 
 def learning_curve_setup(tokenizer, train_set, tc):
     """-> curve(model, autocast): draws a fixed set of training captions (phrased as people ask) and held-out
-    ones, greedily with guidance 3, and scores each picture against its emoji among all of the dataset's
-    pictures (VQModel.scores): the rank by VQ-feature similarity (0 = top-1) and whether the dominant hues agree."""
+    ones, greedily with guidance 1.5 (sample.py's; at guidance 3 the demo drew nothing recognisable), and scores
+    each picture against its emoji among all of the dataset's pictures (VQModel.scores): the rank by VQ-feature
+    similarity (0 = top-1) and whether the dominant hues agree."""
     from data import dominant_hue, load_images, read_folder
     from vq import load_vq
     vq = load_vq(train_set.index["vq"])
@@ -232,7 +233,7 @@ def learning_curve_setup(tokenizer, train_set, tc):
             for i, caption in chosen:
                 ids = model.image_prompt(tokenizer.encode(caption).ids, K * K).to(device)
                 with autocast:  # the model as it trains; the VQ in float32
-                    codes = model.generate_image(ids, K * K, cfg=3.0, temperature=0).cpu()
+                    codes = model.generate_image(ids, K * K, cfg=1.5, temperature=0).cpu()
                 pictures.append(vq.decode_codes(codes.view(1, K, K))[0])
             ranks, hue_ok = vq.scores(torch.stack(pictures), features, hues, torch.tensor([i for i, _ in chosen]))
             out |= {f"{split}_top1": (ranks < 1).float().mean().item(), f"{split}_top5": (ranks < 5).float().mean().item(),
