@@ -31,7 +31,7 @@ from tqdm import tqdm
 from cli import BadInput, run
 from data import make_batch
 from hf import run_inputs
-from mmmoe import MMMoE, linear
+from mmmoe import SAMPLING, MMMoE, linear
 
 DEMO = Path(__file__).parent / "demo"  # the committed demo model, as sample.py draws with it
 
@@ -232,7 +232,7 @@ def caption_use(model, shards, n=32, seed=0):
         losses = []
         for b in range(0, len(examples), 8):
             batch = examples[b:b + 8]
-            idx, targets = make_batch(batch, range(len(batch)), np.full(len(batch), name == "no caption"), model)
+            idx, _ = make_batch(batch, range(len(batch)), np.full(len(batch), name == "no caption"), model)
             logits = linear(model.hidden_states(idx), model.image_head[:K])  # (B, T, K)
             for r, (text, codes) in enumerate(batch):
                 start = 1 + len(text)  # the <boi> position predicts the first code
@@ -259,7 +259,8 @@ def frechet(a, b):
     return float((a.mean(0) - b.mean(0)).pow(2).sum() + ca.trace() + cb.trace() - 2 * sqrt_trace)
 
 
-def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=1.5, temperature=0.7, top_k=50):
+def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"],
+            top_k=SAMPLING["top_k"]):
     from data import TokenShards, dominant_hue, english_text, load_images, read_folder
     from gw_init import init_model
     from hf import load_tokenizer
@@ -401,9 +402,9 @@ def main():
     p.add_argument("--probe", type=int, default=32, help="held-out sequences for routing and redundancy")
     p.add_argument("--samples", type=int, default=0, help="captions of training and of held-out emoji to draw and score (slow on CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg", type=float, default=1.5, help="guidance for --samples (sample.py's default)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--cfg", type=float, default=SAMPLING["cfg"], help="guidance for --samples (sample.py's default)")
+    p.add_argument("--temperature", type=float, default=SAMPLING["temperature"])
+    p.add_argument("--top-k", type=int, default=SAMPLING["top_k"])
     p.add_argument("--curve", metavar="PNG", help="only plot the checkpoint's learning curve (train.py's log) to PNG")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="only compare runs that differ in init and seed -> --out")
     p.add_argument("--target", type=float, default=5.0, help="--compare: the held-out loss whose first reaching is timed")

@@ -338,6 +338,11 @@ class Block(nn.Module):
 # The model
 
 
+# Image sampling defaults, chosen by measurement on the demo (README, "The demo model"): guidance 3 and temperature
+# 1 drew none of 16 training emoji recognisably; guidance 1.5, temperature 0.7, top-k 50 drew 69% (greedy 88%).
+SAMPLING = {"cfg": 1.5, "temperature": 0.7, "top_k": 50}
+
+
 class MMMoE(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -561,7 +566,8 @@ class MMMoE(nn.Module):
         """<bos>, or <eos> for a base that has no <bos>: the first token of every sequence and prompt."""
         return self.config.bos_token_id if self.config.bos_token_id is not None else self.config.eos_token_id
 
-    def generate_image(self, prompt_ids, n_codes, cfg=1.5, temperature=0.7, top_k=50, top_p=None, generator=None):
+    def generate_image(self, prompt_ids, n_codes, cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"],
+                       top_k=SAMPLING["top_k"], top_p=None, generator=None):
         """prompt_ids (B, T), each <start> caption <boi> -> image codes (B, n_codes). Inside an image only image
         codes can be sampled (the decoding rule), so the output layer is the code rows alone. With cfg,
         each row gets an unconditional twin, the caption replaced by <eos> (train.py's caption dropout),

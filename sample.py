@@ -21,7 +21,7 @@ import torch
 
 from cli import BadInput, run
 from hf import load_tokenizer, run_inputs
-from mmmoe import MMMoE
+from mmmoe import SAMPLING, MMMoE
 
 DEMO = Path(__file__).parent / "demo"  # the committed demo: adapter.safetensors + state.json, and vq/
 
@@ -67,11 +67,9 @@ def main(argv=None):
     p.add_argument("-n", type=int, default=1, help="images per prompt")
     p.add_argument("--out", default="sample.png")
     p.add_argument("--ckpt", default=None, help="a train.py output directory (default: the built-in demo model)")
-    # defaults chosen by measurement on the demo (README, "The demo model"): guidance 3 and temperature 1 drew
-    # 0% of training emoji recognisably, guidance 1.5 with temperature 0.7 and top-k 50 drew 69% (greedy 88%)
-    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (0 = off)")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (then -n gives identical pictures)")
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--cfg", type=float, default=SAMPLING["cfg"], help="classifier-free guidance scale (0 = off)")
+    p.add_argument("--temperature", type=float, default=SAMPLING["temperature"], help="0 = greedy (then -n gives identical pictures)")
+    p.add_argument("--top-k", type=int, default=SAMPLING["top_k"])
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256, help="pixels per picture in the output (enlarged to be seen)")

@@ -33,7 +33,7 @@ from cli import BadInput, run
 from data import TokenShards, english_text, make_batch
 from hf import (atomic_dir, batch_at, check_replaceable, load_optimizer, load_tokenizer, lr_at, optimizer_tensors, read_json,
                 read_tensors, recover_dir)
-from mmmoe import AdapterConfig, MMMoE
+from mmmoe import SAMPLING, AdapterConfig, MMMoE
 
 
 @dataclass
@@ -233,7 +233,7 @@ def learning_curve_setup(tokenizer, train_set, tc):
             for i, caption in chosen:
                 ids = model.image_prompt(tokenizer.encode(caption).ids, K * K).to(device)
                 with autocast:  # the model as it trains; the VQ in float32
-                    codes = model.generate_image(ids, K * K, cfg=1.5, temperature=0).cpu()
+                    codes = model.generate_image(ids, K * K, cfg=SAMPLING["cfg"], temperature=0).cpu()
                 pictures.append(vq.decode_codes(codes.view(1, K, K))[0])
             ranks, hue_ok = vq.scores(torch.stack(pictures), features, hues, torch.tensor([i for i, _ in chosen]))
             out |= {f"{split}_top1": (ranks < 1).float().mean().item(), f"{split}_top5": (ranks < 5).float().mean().item(),
