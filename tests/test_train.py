@@ -116,6 +116,33 @@ def test_shared_base_equals_grouped_dispatch(tiny_ckpt):
     assert torch.equal(shared(text)[0][..., :V], MMMoE.from_pretrained(path)(text)[0])
 
 
+def test_folded_plora_equals_plain_on_image_tokens_and_is_undone(tiny_ckpt):
+    """generate_image's decoding steps run with the attention and router updates folded into their weights
+    (MMMoE.folded_plora): on image tokens the same function up to rounding; afterwards the base's own weights."""
+    path, cfg, _ = tiny_ckpt(copies=True)
+    model = with_random_adapter(path)
+    V, g = cfg["vocab_size"], torch.Generator().manual_seed(0)
+    prompt = torch.cat([torch.randint(0, V, (2, 5), generator=g), torch.full((2, 1), model.image_token("boi"))], 1)
+    codes = model.image_token(torch.randint(0, 16, (2, 7), generator=g))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+
+    def image_steps(folded):  # the prompt as the base runs it, then image tokens one at a time from the cache
+        model.setup_caches(2, 13)
+        model.hidden_states(prompt, torch.arange(6))
+        with model.folded_plora() if folded else torch.no_grad():
+            out = torch.cat([model.hidden_states(codes[:, i:i + 1], torch.tensor([6 + i])) for i in range(7)], 1)
+        model.clear_caches()
+        return out
+    with torch.no_grad():
+        plain, folded = image_steps(False), image_steps(True)
+    assert (plain - folded).abs().max() < 1e-5 * plain.abs().max()
+    with model.folded_plora():  # folded in for real: the weight is another matrix, its update switched off
+        attn = model.model.layers[0].self_attn
+        assert attn.q_lora is None and not torch.equal(attn.q_proj.weight, before["model.layers.0.self_attn.q_proj.weight"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert model.model.layers[0].self_attn.q_lora is not None and model.model.layers[0].block_sparse_moe.gate_lora is not None
+
+
 def run_train(setup, out, *extra, env=None, command_only=False):
     args = ["--base=" + str(setup["base"]), "--shards=" + str(setup["shards"]), "--out_dir=" + str(out), "--rank=4",
             "--batch_size=4", "--steps=4", "--warmup=1", "--eval_every=2", "--eval_batches=1", "--save_every=2",
