@@ -191,7 +191,7 @@ def compare_inits(runs, out, target):
             stats.append((loss[0][1], spike, val[-1][1], reach, np.mean([x for _, x in loss[-20:]])))
             xmax = max(xmax, loss[-1][0])
             smooth = np.convolve([x for _, x in loss], np.ones(10) / 10, mode="valid")  # a 10-step running mean
-            light = tuple(c + (255 - c) // 2 for c in colours.get(init, (120, 60, 160)))
+            light = tuple(c + (255 - c) // 2 for c in colours.get(init, (230, 120, 0)))
             series_loss[f"{init} seed {len(stats) - 1}"] = ([s for s, _ in loss][9:], smooth.tolist(), light)
             series_val[f"{init} seed {len(stats) - 1}"] = ([s for s, _ in val], [v for _, v in val], light)
         m, sd = np.nanmean(stats, 0), np.nanstd(stats, 0)
@@ -204,7 +204,7 @@ def compare_inits(runs, out, target):
     im = Image.new("RGB", (720, 620), "white")
     d = ImageDraw.Draw(im)
     d.text((12, 4), "x: training steps; each run its own line, coloured by init (red gw, blue random, green mean, "
-                    "purple gw rescaled)", fill="black")
+                    "orange gw rescaled)", fill="black")
     line_chart(d, (60, 40, 700, 290), series_loss, "training loss, 10-step running mean (nats)", (0, 10), xmax)
     line_chart(d, (60, 340, 700, 590), series_val, "held-out loss of the image codes (nats)", (0, 10), xmax)
     im.save(out / "init_compare.png")
