@@ -360,10 +360,13 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], tempe
                     fake.append(vq.decode_codes(codes.view(1, vq.config.grid, vq.config.grid))[0].clamp(-1, 1))
             fake = torch.stack(fake)
             ranks, hue_ok = vq.scores(fake, f_all, hue_all, own)
+            coloured = hue_all[own][hue_all[own] >= 0]  # (n,) hue bins of the intended emoji that have a colour
             drawn[split] = (everything[own], fake, captions)
             report["images"][split] = {"top1": (ranks < 1).float().mean().item(), "top5": (ranks < 5).float().mean().item(),
                                        "median_rank": int(ranks.sort().values[len(ranks) // 2]),
                                        "hue_match": hue_ok[hue_ok >= 0].float().mean().item(), "captions": captions,
+                                       # what drawing every picture in the commonest hue of these emoji would score
+                                       "hue_base_rate": coloured.bincount().max().item() / len(coloured) if len(coloured) else math.nan,
                                        "ranks": ranks.tolist()}
         # a Frechet distance on the VQ's features between the held-out pictures and the real ones, next to the same
         # distance between two real sets of that size (a reference at this sample size)
@@ -387,6 +390,8 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], tempe
                   f"| intended emoji top-5 | {100 * im['train']['top5']:.1f}% | {100 * im['val']['top5']:.1f}% |",
                   f"| median rank | {im['train']['median_rank']} | {im['val']['median_rank']} |",
                   f"| dominant hue matches the emoji's | {100 * im['train']['hue_match']:.1f}% | {100 * im['val']['hue_match']:.1f}% |",
+                  f"| the same, drawing everything in their commonest hue | {100 * im['train']['hue_base_rate']:.1f}% "
+                  f"| {100 * im['val']['hue_base_rate']:.1f}% |",
                   "", f"VQ-feature Frechet distance (not Inception FID), held-out: {im['vq_frechet']:.2f}; between the held-out "
                   f"emoji and as many random training emoji: {im['vq_frechet_real_vs_real']:.2f}",
                   "", "![training captions](samples_train.png)", "", "![held-out captions](samples_val.png)"]

@@ -70,6 +70,7 @@ def test_report_on_a_tiny_trained_model(tiny_setup, tmp_path):
     for split in ("train", "val"):
         im = report["images"][split]
         assert 0 <= im["hue_match"] <= 1 and 0 <= im["top1"] <= im["top5"] <= 1 and len(im["captions"]) == 3
+        assert 1 / 3 <= im["hue_base_rate"] <= 1  # the commonest hue's share among at most 3 coloured emoji
         assert all(0 <= r < 24 for r in im["ranks"])  # a rank among the 24 pictures of the tiny dataset
     assert report["c2"]["LoRA router"] > 0 and report["c2"]["base"] > 0
     use = report["caption_use"]
