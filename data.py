@@ -118,6 +118,14 @@ def phrasings(name, colour=None):
     return out
 
 
+def recolour(image, turn):
+    """A PIL image with every hue turned `turn` of the way around the colour wheel (0..1); whites, greys and
+    black outlines stay as they are (they have no hue)."""
+    h, sat, v = image.convert("HSV").split()
+    h = h.point(lambda x: (x + round(256 * turn)) % 256)
+    return Image.merge("HSV", (h, sat, v)).convert("RGB")
+
+
 def render_emoji(text, font, size):
     """Draw one emoji large, crop to its ink, pad to a square with a white margin, downsample."""
     canvas = Image.new("RGB", (400, 400), "white")
@@ -132,9 +140,13 @@ def render_emoji(text, font, size):
     return square.resize((size, size), Image.LANCZOS)
 
 
-def build_openmoji(out, size=64, skin_tones=False):
+def build_openmoji(out, size=64, skin_tones=False, recolours=0):
     """Render every captionable OpenMoji emoji into a folder dataset at `out`, each with its phrasings.
-    skin_tones=False leaves out the ~1,700 skin-tone variants of people and hands (near-copies in shape)."""
+    skin_tones=False leaves out the ~1,700 skin-tone variants of people and hands (near-copies in shape).
+    recolours=n adds, for each training emoji of one colour whose name holds none, n copies with their
+    hues turned 1/(n+1), 2/(n+1), ... of the wheel, captioned only with their new colour ("a blue
+    banana"): in the emoji as drawn, a colour word never says more than the name, so nothing teaches
+    the model to follow one; in these copies only the colour word tells the colours apart."""
     check_replaceable(out)
     font = ImageFont.truetype(str(openmoji_dir() / "font" / "glyf_colr0.ttf"), 300)
     names = sorted(p.stem for p in (openmoji_dir() / "svg").glob("*.svg"))  # "1F44B-1F3FD": one emoji each
@@ -151,9 +163,16 @@ def build_openmoji(out, size=64, skin_tones=False):
                 continue
             seen.add(caption)
             image.save(tmp / "images" / f"{name}.png")
-            x = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1
-            rows.append({"image": f"images/{name}.png", "caption": phrasings(caption, colour_word(x)),
-                         "split": "val" if held_out(caption) else "train"})
+            colour, split = colour_word(as_tensor(image)), "val" if held_out(caption) else "train"
+            rows.append({"image": f"images/{name}.png", "caption": phrasings(caption, colour), "split": split})
+            if split == "val" or colour is None or COLOUR_WORDS & set(caption.split()):
+                continue
+            for j in range(1, recolours + 1):
+                copy = recolour(image, j / (recolours + 1))
+                new = colour_word(as_tensor(copy))
+                if new not in (None, colour):
+                    copy.save(tmp / "images" / f"{name}-hue{j}.png")
+                    rows.append({"image": f"images/{name}-hue{j}.png", "caption": phrasings(caption, new)[3:], "split": "train"})
         (tmp / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp / "ATTRIBUTION.txt").write_text(attribution() + "\n")
     n_val = sum(r["split"] == "val" for r in rows)
@@ -225,7 +244,12 @@ def load_image(path, size):
     im = im.resize((max(size, round(im.width * scale)), max(size, round(im.height * scale))), Image.LANCZOS)
     left, top = (im.width - size) // 2, (im.height - size) // 2
     im = im.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    return as_tensor(im)
+
+
+def as_tensor(image):
+    """An RGB PIL image -> (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def load_images(rows, size, desc="loading images"):
@@ -405,8 +429,12 @@ def main():
     o.add_argument("--out", default="out/openmoji")
     o.add_argument("--size", type=int, default=64)
     o.add_argument("--skin-tones", action="store_true", help="also the skin-tone variants of people and hands")
+    o.add_argument("--recolours", type=int, default=0, help="hue-turned copies of each one-colour training emoji, "
+                   "captioned with their new colour")
     args = p.parse_args()
-    build_openmoji(Path(args.out), args.size, args.skin_tones)
+    if args.recolours < 0:
+        raise BadInput(f"--recolours must be >= 0 (got {args.recolours})")
+    build_openmoji(Path(args.out), args.size, args.skin_tones, args.recolours)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,19 @@ def test_render_emoji_fits_and_keeps_colour():
     assert border(chef).min() > 240 and chef.min() < 100
 
 
+def test_recolour_turns_hues_and_keeps_white_and_outlines():
+    from PIL import ImageFont
+    font = ImageFont.truetype(str(data.openmoji_dir() / "font" / "glyf_colr0.ttf"), 300)
+    bike = data.render_emoji("\U0001F6B2", font, 64)  # red
+    assert data.colour_word(data.as_tensor(bike)) == "red"
+    assert data.colour_word(data.as_tensor(data.recolour(bike, 1 / 3))) == "green"
+    assert data.colour_word(data.as_tensor(data.recolour(bike, 2 / 3))) == "blue"
+    before, after = np.asarray(bike).astype(int), np.asarray(data.recolour(bike, 1 / 3)).astype(int)
+    grey = before.max(-1) - before.min(-1) < 8  # white background, black outline
+    assert grey.mean() > 0.5 and np.abs(after[grey] - before[grey]).max() <= 8
+    assert np.abs(np.asarray(data.recolour(bike, 0)).astype(int) - before).max() <= 8  # no turn: the same picture
+
+
 def test_held_out_split_is_fixed_by_name():
     names = [f"thing {i}" for i in range(2000)]
     split = [data.held_out(n) for n in names]
