@@ -145,8 +145,9 @@ def load_checkpoint(model, path, dtype, device):
     read = TensorReader(index)
     with torch.no_grad():
         for pname, p in params.items():
-            def part(j, like=None):
-                return read(*sources[pname][j], like=like) if like is not None else read(*sources[pname][j]).to(dtype=dtype, device=device)
+            def part(j, like=None):  # expert j's tensor (j None: a tensor outside the experts), or whether it equals like
+                t = read(*sources[pname][j], like=like)
+                return t if like is not None else t.to(dtype=dtype, device=device)
             t = stack_experts(part, cfg.n_experts) if ".experts." in pname else part(None)
             module, _, attr = pname.rpartition(".")
             setattr(model.get_submodule(module), attr, nn.Parameter(t, requires_grad=p.requires_grad))
