@@ -169,10 +169,11 @@ def build_openmoji(out, size=64, skin_tones=False, recolours=0):
                 continue
             for j in range(1, recolours + 1):
                 copy = recolour(image, j / (recolours + 1))
-                new = colour_word(as_tensor(copy))
-                if new not in (None, colour):
+                turned = colour_word(as_tensor(copy))
+                if turned not in (None, colour):  # captioned "a blue banana" only: its bare name means yellow
                     copy.save(tmp / "images" / f"{name}-hue{j}.png")
-                    rows.append({"image": f"images/{name}-hue{j}.png", "caption": phrasings(caption, new)[3:], "split": "train"})
+                    rows.append({"image": f"images/{name}-hue{j}.png", "caption": phrasings(caption, turned)[-1:],
+                                 "split": "train"})
         (tmp / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp / "ATTRIBUTION.txt").write_text(attribution() + "\n")
     n_val = sum(r["split"] == "val" for r in rows)
