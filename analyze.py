@@ -360,7 +360,8 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], tempe
                     fake.append(vq.decode_codes(codes.view(1, vq.config.grid, vq.config.grid))[0].clamp(-1, 1))
             fake = torch.stack(fake)
             ranks, hue_ok = vq.scores(fake, f_all, hue_all, own)
-            coloured = hue_all[own][hue_all[own] >= 0]  # (n,) hue bins of the intended emoji that have a colour
+            want = hue_all[own]
+            coloured = want[want >= 0]  # (n,) hue bins of the intended emoji that have a colour
             drawn[split] = (everything[own], fake, captions)
             report["images"][split] = {"top1": (ranks < 1).float().mean().item(), "top5": (ranks < 5).float().mean().item(),
                                        "median_rank": int(ranks.sort().values[len(ranks) // 2]),

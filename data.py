@@ -89,6 +89,10 @@ HUE_WORDS = [(15, "red"), (50, "orange"), (70, "yellow"), (165, "green"), (255, 
 COLOUR_WORDS = {w for _, w in HUE_WORDS} | {"brown", "black", "white", "grey", "gray"}
 
 
+def names_a_colour(name):
+    return bool(COLOUR_WORDS & set(name.split()))  # "blue heart", "large red square"
+
+
 def colour_word(x):
     """(3, H, W) in [-1, 1] -> the common name of its dominant colour ("red", "brown", ...), or None when
     it has little colour or many (a rainbow). From the saturation-weighted hue histogram (10-degree bins)
@@ -113,7 +117,7 @@ def phrasings(name, colour=None):
     its colour (when the name holds none): "bicycle", "a bicycle", "an emoji of a bicycle", "a red bicycle"."""
     article = lambda w: "an" if w[0] in "aeiou" else "a"  # noqa: E731
     out = [name, f"{article(name)} {name}", f"an emoji of {article(name)} {name}"]
-    if colour and not COLOUR_WORDS & set(name.split()):
+    if colour and not names_a_colour(name):
         out.append(f"{article(colour)} {colour} {name}")
     return out
 
@@ -165,7 +169,7 @@ def build_openmoji(out, size=64, skin_tones=False, recolours=0):
             image.save(tmp / "images" / f"{name}.png")
             colour, split = colour_word(as_tensor(image)), "val" if held_out(caption) else "train"
             rows.append({"image": f"images/{name}.png", "caption": phrasings(caption, colour), "split": split})
-            if split == "val" or colour is None or COLOUR_WORDS & set(caption.split()):
+            if split == "val" or colour is None or names_a_colour(caption):
                 continue
             for j in range(1, recolours + 1):
                 copy = recolour(image, j / (recolours + 1))
