@@ -245,12 +245,12 @@ def expert(x, experts, e, image_rows=None):
 
 def routed_lora(lora, x, mix):
     """Each slot's own expert's low-rank update, for all rows at once, with no sort and no loop: A (all
-    experts' A's) gives every expert's projection in one matmul; mix (N, k, E) keeps each slot's expert
+    experts' A's) gives every expert's projection in one matmul; mix (k, N, E) keeps each slot's expert
     (and may weigh it); B (all experts' B's) then sums what is left in one matmul.
-    x (N, 1 or k, in) -> (N, k, E*r), to be multiplied by B."""
-    a = linear(x, lora.A)  # (N, 1 or k, E*r)
-    E = mix.shape[-1]
-    return (a.view(*a.shape[:2], E, lora.rank) * (mix * lora.scale)[..., None]).flatten(2)
+    x (N, in) or (k, N, in) -> (k, N, E*r), to be multiplied by B."""
+    a = linear(x, lora.A)  # (N, E*r) or (k, N, E*r)
+    k, N, E = mix.shape
+    return (a.view(-1, N, E, lora.rank) * (mix * lora.scale)[..., None]).flatten(2)
 
 
 class MoE(nn.Module):
@@ -311,15 +311,16 @@ class MoE(nn.Module):
         h = F.silu(gate) * up  # (N, I)
         if image_rows is None or ex.w1_lora is None:
             return linear(h, ex.w2[0])  # (N, C)
-        route = F.one_hot(expert_idx, self.n_experts).to(x.dtype)  # (N, k, E): each slot's expert
-        x = x[:, None]  # (N, 1, C)
-        gate_k = gate[:, None] + linear(routed_lora(ex.w1_lora, x, route), ex.w1_lora.B)  # (N, k, I)
-        up_k = up[:, None] + linear(routed_lora(ex.w3_lora, x, route), ex.w3_lora.B)
-        h_k = F.silu(gate_k) * up_k  # (N, k, I): what each slot's expert computes before w2
-        w = weights[..., None]  # (N, k, 1)
-        h = torch.where(image_rows, (w * h_k).sum(1), h)  # (N, I); C1: text rows keep the base's h
+        route = F.one_hot(expert_idx.T, self.n_experts).to(x.dtype)  # (k, N, E): each slot's expert
+        # each slot's gate and up: the shared product plus its own expert's B A x, the sum done by the batched matmul
+        B1, B3 = (lora.B.T.expand(self.top_k, -1, -1) for lora in (ex.w1_lora, ex.w3_lora))  # (k, E*r, I)
+        gate_k = torch.baddbmm(gate, routed_lora(ex.w1_lora, x, route), B1)  # (k, N, I)
+        up_k = torch.baddbmm(up, routed_lora(ex.w3_lora, x, route), B3)
+        h_k = F.silu(gate_k) * up_k  # (k, N, I): what each slot's expert computes before w2
+        w = weights.T[..., None]  # (k, N, 1)
+        h = torch.where(image_rows, (w * h_k).sum(0), h)  # (N, I); C1: text rows keep the base's h
         y = linear(h, ex.w2[0])  # (N, C)
-        lora = linear(routed_lora(ex.w2_lora, h_k, route * w).sum(1), ex.w2_lora.B)  # sum_s w_s B_s A_s h_s: (N, C)
+        lora = linear(routed_lora(ex.w2_lora, h_k, route * w).sum(0), ex.w2_lora.B)  # sum_s w_s B_s A_s h_s: (N, C)
         return torch.where(image_rows, y + lora, y)
 
 
@@ -449,6 +450,9 @@ class MMMoE(nn.Module):
         the rest would be a large share of a training step. input_pos None: a whole sequence from
         position 0 (training, scoring); input_pos (T,): the positions of idx in the KV cache that
         setup_caches made (prefill, then one token at a time)."""
+        if targets is not None and (targets >= 0).any():  # causal: the columns after the last target cannot change the loss
+            last = int((targets >= 0).any(0).nonzero()[-1]) + 1
+            idx, targets = idx[:, :last], targets[:, :last]
         B, T = idx.shape
         image = idx >= self.config.vocab_size
         if input_pos is None and self.adapter is not None and image.any() and not image[:, 0].any():
