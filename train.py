@@ -65,7 +65,7 @@ class TrainConfig:
     init_from: str = ""  # a checkpoint to warm-start from (adapter and step, fresh optimizer) when out_dir has none
     save_every: int = 100
     # bfloat16: the frozen base stored in bf16 and every matmul under bf16 autocast (the adapter keeps float32
-    # master weights), on CUDA or on a CPU with bf16 instructions (AVX512-BF16, AMX); auto: bfloat16 on CUDA
+    # master weights); auto: bfloat16 where the hardware has it (CUDA, a CPU with AVX512-BF16 or AMX), else float32
     dtype: str = "auto"
     compile: bool = False
     fsdp: bool = False
@@ -157,8 +157,14 @@ def load_balancing_loss(model):
 # Model, checkpoints
 
 
+def native_bfloat16(device):
+    """Does this device compute in bf16 natively? A CPU without AVX512-BF16 or AMX emulates it: there a bf16
+    matmul ran 6x slower than float32 (README, "Training"), so auto means float32."""
+    return device.type == "cuda" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def use_bfloat16(tc, device):
-    return tc.dtype == "bfloat16" or (tc.dtype == "auto" and device.type == "cuda")
+    return tc.dtype == "bfloat16" or (tc.dtype == "auto" and native_bfloat16(device))
 
 
 def build_model(tc, device, n_codes=None):
@@ -297,6 +303,9 @@ def train(tc, resume=False):
         init_model(model, train_set.index["vq"], tc.init, tc.seed, tc.init_scale)
     counts, n_base = model.trainable_budget()
     if main_process:
+        if tc.dtype == "bfloat16" and not native_bfloat16(device):
+            print("warning: this CPU has no bf16 instructions (AVX512-BF16, AMX): dtype=bfloat16 is emulated here, "
+                  "several times slower than float32 (dtype=auto chooses float32 here)", file=sys.stderr)
         total = sum(counts.values())
         print(f"trainable: {total:,} parameters = {100 * total / n_base:.2f}% of the {n_base:,}-parameter base ("
               + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + ")", file=sys.stderr)

@@ -71,6 +71,22 @@ def test_only_the_adapter_learns(tiny_ckpt):
     assert n_base == sum(p.numel() for p in MMMoE.from_pretrained(path).parameters())
 
 
+def test_a_loss_runs_no_column_after_its_last_target(tiny_ckpt):
+    """The model is causal: the columns after a batch's last target (the last code, <eoi>, <eos>, padding)
+    cannot change the loss, so a loss never computes them."""
+    path, _, _ = tiny_ckpt()
+    mm = with_random_adapter(path)
+    g = torch.Generator().manual_seed(0)
+    codes = mm.image_token(torch.randint(0, 16, (2, 8), generator=g))
+    idx = torch.cat([torch.randint(0, 97, (2, 5), generator=g), torch.full((2, 1), mm.image_token("boi")), codes,
+                     torch.full((2, 1), mm.image_token("eoi")), torch.full((2, 3), mm.config.eos_token_id)], 1)  # (2, 18)
+    targets = torch.full_like(idx, -1)
+    targets[:, 5:13] = codes  # <boi> and codes 1..7 predict codes 1..8: the last target is in column 12
+    loss = mm(idx, targets)[1]
+    assert mm.model.layers[0].block_sparse_moe.router_logits.shape[0] == 2 * (13 - 5)  # the image part up to it only
+    assert torch.equal(loss, mm(idx[:, :13], targets[:, :13])[1])
+
+
 def test_grouped_plora_equals_per_token(tiny_ckpt):
     """Per-expert LoRA inside the grouped dispatch equals applying each token's experts one by one."""
     import mmmoe
@@ -216,19 +232,29 @@ def test_torchrun_with_nproc_trains_on_that_many_processes(tiny_setup):
     assert adapters_close(tmp / "one", tmp / "tr")
 
 
-def test_bfloat16_training_on_the_cpu(tiny_setup):
+def test_bfloat16_training_on_the_cpu(tiny_setup, capsys, monkeypatch):
     """dtype=bfloat16: the frozen base in bf16 under bf16 autocast, the adapter float32; the learning curve
-    draws with it; a float32 resume of a bfloat16 run is a different computation and is refused."""
+    draws with it; a float32 resume of a bfloat16 run is a different computation and is refused; auto chooses
+    bfloat16 only where the hardware computes in it."""
     tc = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(tiny_setup["tmp"] / "bf"),
                            rank=4, batch_size=4, steps=3, warmup=1, eval_every=3, eval_batches=1, save_every=3,
                            curve_every=3, curve_captions=2, dtype="bfloat16")
     model = train.train(tc)
+    native = train.native_bfloat16(torch.device("cpu"))  # without bf16 instructions, the run says it is emulated
+    assert ("dtype=bfloat16 is emulated" in capsys.readouterr().err) != native
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.image_embed.dtype == torch.float32
     log = json.loads((tiny_setup["tmp"] / "bf" / "state.json").read_text())["log"]
     assert all(math.isfinite(r["loss"]) for r in log if "loss" in r) and any("train_top1" in r for r in log)
     assert load_file(tiny_setup["tmp"] / "bf" / "adapter.safetensors")["image_embed"].dtype == torch.float32
     with pytest.raises(BadInput, match=r"dtype=float32 \(run: bfloat16\)"):
         train.train(train.TrainConfig(**{**tc.__dict__, "dtype": "float32"}), resume=True)
+    # auto: bfloat16 exactly where the hardware has it
+    auto, cpu = train.TrainConfig(dtype="auto"), torch.device("cpu")
+    for avx512_bf16, amx in [(False, False), (True, False), (False, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert train.use_bfloat16(auto, cpu) == (avx512_bf16 or amx)
+    assert not train.use_bfloat16(train.TrainConfig(dtype="float32"), torch.device("cuda"))
 
 
 def test_resume_equals_uninterrupted_and_survives_a_killed_save(tiny_setup, monkeypatch):
