@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mmmoe import MMMoE, MMMoEConfig
+from mmmoe import MMMoE, MMMoEConfig, native_bfloat16
 
 
 def flops_per_token(config, seq_len):
@@ -196,7 +196,9 @@ def bench_base(args):
                 wall = time.perf_counter() - t0
             peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(f"sample.py \"a red bicycle\" (warm): {wall:.1f} s wall, peak RSS {peak:,.0f} MB; it says: {out.stderr.strip()}")
-    print(f"machine: bf16 matmul peak {matmul_peak_gflops(dtype=torch.bfloat16):.1f} GFLOP/s")
+    native = native_bfloat16(torch.device("cpu"))
+    print(f"machine: bf16 matmul peak {matmul_peak_gflops(dtype=torch.bfloat16):.1f} GFLOP/s "
+          f"({'native' if native else 'emulated: no AVX512-BF16 or AMX, so train.py dtype=auto is float32 here'})")
 
     def step_time(dtype, grouped=False):
         model = MMMoE.from_pretrained(builtin_base(), dtype=dtype)

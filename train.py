@@ -33,7 +33,7 @@ from cli import BadInput, run
 from data import TokenShards, english_text, make_batch
 from hf import (atomic_dir, batch_at, check_replaceable, load_optimizer, load_tokenizer, lr_at, optimizer_tensors, read_json,
                 read_tensors, recover_dir)
-from mmmoe import SAMPLING, AdapterConfig, MMMoE
+from mmmoe import SAMPLING, AdapterConfig, MMMoE, native_bfloat16
 
 
 @dataclass
@@ -155,12 +155,6 @@ def load_balancing_loss(model):
 
 # -----------------------------------------------------------------------------
 # Model, checkpoints
-
-
-def native_bfloat16(device):
-    """Does this device compute in bf16 natively? A CPU without AVX512-BF16 or AMX emulates it: there a bf16
-    matmul ran 6x slower than float32 (README, "Training"), so auto means float32."""
-    return device.type == "cuda" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def use_bfloat16(tc, device):

@@ -15,7 +15,7 @@ from conftest import ROOT
 from safetensors.torch import load_file
 
 import train
-from mmmoe import AdapterConfig, BadInput, MMMoE
+from mmmoe import AdapterConfig, BadInput, MMMoE, native_bfloat16
 
 
 def with_random_adapter(base, seed=0, **kw):
@@ -240,7 +240,7 @@ def test_bfloat16_training_on_the_cpu(tiny_setup, capsys, monkeypatch):
                            rank=4, batch_size=4, steps=3, warmup=1, eval_every=3, eval_batches=1, save_every=3,
                            curve_every=3, curve_captions=2, dtype="bfloat16")
     model = train.train(tc)
-    native = train.native_bfloat16(torch.device("cpu"))  # without bf16 instructions, the run says it is emulated
+    native = native_bfloat16(torch.device("cpu"))  # without bf16 instructions, the run says it is emulated
     assert ("dtype=bfloat16 is emulated" in capsys.readouterr().err) != native
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.image_embed.dtype == torch.float32
     log = json.loads((tiny_setup["tmp"] / "bf" / "state.json").read_text())["log"]
