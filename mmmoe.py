@@ -255,7 +255,7 @@ def routed_lora(lora, x, mix):
     (and may weigh it); B (all experts' B's) then sums what is left in one matmul.
     x (N, in) or (k, N, in) -> (k, N, E*r), to be multiplied by B."""
     a = linear(x, lora.A)  # (N, E*r) or (k, N, E*r)
-    k, N, E = mix.shape
+    N, E = mix.shape[1:]
     return (a.view(-1, N, E, lora.rank) * (mix * lora.scale)[..., None]).flatten(2)
 
 
