@@ -295,17 +295,17 @@ def dominant_hue(x, bins=12):
     return torch.where(hist.sum(1) > 0.02 * hue.shape[1], hist.argmax(1), torch.full((len(x),), -1))
 
 
-def augment(x, generator, max_shift=0.06, scale=(0.9, 1.05)):
-    """Light augmentation that keeps any caption true: a small random zoom and shift, white fill.
-    (No flips: they would turn a right arrow into a left one and mirror letters.)"""
-    B = x.shape[0]
-    s = torch.empty(B).uniform_(*scale, generator=generator)
-    t = torch.empty(B, 2).uniform_(-max_shift, max_shift, generator=generator)
-    theta = torch.zeros(B, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = 1 / s, 1 / s, t
-    grid = torch.nn.functional.affine_grid(theta, x.shape, align_corners=False)
-    out = torch.nn.functional.grid_sample(x - 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out + 1  # white (+1) shifted to 0, so the zero padding is white
+def augment(x, generator, max_shift=0.06):
+    """Light augmentation that keeps any caption true: each image moved by a whole number of pixels, up to
+    max_shift of its side, white filling in. Whole pixels keep every edge as sharp as in the original: a
+    sub-pixel move or a zoom resamples, blurs every picture trained on, and a VQ trained on those drew real
+    (sharp) emoji 0.7 dB worse (README). No flips: they would turn a right arrow into a left one."""
+    B, C, H, W = x.shape
+    m = round(max_shift * H)
+    padded = torch.nn.functional.pad(x, (m, m, m, m), value=1.0)  # (B, C, H + 2m, W + 2m), white around
+    dy, dx = torch.randint(0, 2 * m + 1, (2, B, 1), generator=generator)  # each image's window into it
+    rows, cols = dy + torch.arange(H), dx + torch.arange(W)  # (B, H), (B, W)
+    return padded[torch.arange(B)[:, None, None, None], torch.arange(C)[:, None, None], rows[:, None, :, None], cols[:, None, None, :]]
 
 
 # -----------------------------------------------------------------------------

@@ -127,9 +127,18 @@ def test_shards_round_trip_and_rerun_is_a_no_op(tmp_path, capsys):
     assert "crimson square 4" in data.TokenShards(tmp_path / "shards", "train").captions
 
 
-def test_augment_keeps_white_background():
-    x = torch.ones(4, 3, 16, 16)  # all white
-    assert torch.allclose(data.augment(x, torch.Generator().manual_seed(0)), x, atol=1e-5)
+def test_augment_moves_whole_pixels_and_fills_white():
+    x = torch.ones(4, 3, 16, 16)  # all white stays all white
+    assert torch.equal(data.augment(x, torch.Generator().manual_seed(0)), x)
+    x = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out = data.augment(x, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), value=1.0)  # 6% of 32 px: up to 2 px each way
+    moves = set()
+    for img, o in zip(padded, out):  # each picture is its original moved by whole pixels, nothing resampled
+        found = [(dy, dx) for dy in range(5) for dx in range(5) if torch.equal(img[:, dy:dy + 32, dx:dx + 32], o)]
+        assert len(found) == 1
+        moves |= set(found)
+    assert len(moves) > 10  # and the moves differ from picture to picture
 
 
 def test_dominant_hue():
