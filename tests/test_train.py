@@ -163,7 +163,7 @@ def test_folded_plora_equals_plain_on_image_tokens_and_is_undone(tiny_ckpt):
 def run_train(setup, out, *extra, env=None, command_only=False):
     args = ["--base=" + str(setup["base"]), "--shards=" + str(setup["shards"]), "--out_dir=" + str(out), "--rank=4",
             "--batch_size=4", "--steps=4", "--warmup=1", "--eval_every=2", "--eval_batches=1", "--save_every=2",
-            "--caption_dropout=0.3", "--init=gw", *extra]
+            "--caption_dropout=0.3", "--init=gw", "--dtype=float32", *extra]  # float32: exact comparisons on any CPU
     cmd = [sys.executable, str(ROOT / "train.py"), *args]
     return cmd if command_only else subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
 
@@ -286,7 +286,7 @@ def test_resume_equals_uninterrupted_and_survives_a_killed_save(tiny_setup, monk
 
 def test_text_perplexity_during_training_is_the_base(tiny_setup):
     tc = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(tiny_setup["tmp"] / "c"),
-                           rank=4, batch_size=4, steps=2, warmup=1, eval_every=1, eval_batches=1, save_every=2)
+                           rank=4, batch_size=4, steps=2, warmup=1, eval_every=1, eval_batches=1, save_every=2, dtype="float32")
     model = train.train(tc)
     text = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(0))
     assert torch.equal(model(text[:, :-1], text[:, 1:])[1], MMMoE.from_pretrained(tiny_setup["base"])(text[:, :-1], text[:, 1:])[1])
