@@ -346,7 +346,7 @@ class TrainConfig:
     restart_every: int = 200  # steps between dead-code restarts
     colour_loss: float = 0.0  # weight of an extra L2 on grid-cell mean colours (each code's cell)
     chroma_loss: float = 0.0  # weight of an extra L2 on each pixel's chroma (its colour minus its grey)
-    eval_every: int = 500
+    eval_every: int = 500  # steps between held-out PSNR and hue figures (log and progress line)
     save_every: int = 250
     seed: int = 0
     background: bool = False  # plain-white cells get one code: the one the encoder gives the middle of a white image
@@ -396,8 +396,10 @@ def train(data, out, tc, resume=False, device=None, max_minutes=None, vq_config=
     for part in (model.encoder, model.quant_conv, model.quantize) if tc.decoder_of else ():
         part.requires_grad_(False)
     cfg = model.config
-    rows = [r for r in read_folder(data) if r["split"] == "train"]
-    _, images = load_images(rows, cfg.image_size)
+    rows = read_folder(data)
+    _, images = load_images([r for r in rows if r["split"] == "train"], cfg.image_size)
+    held_out = [r for r in rows if r["split"] == "val"]
+    held_out = load_images(held_out, cfg.image_size)[1].to(device) if held_out else None
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, log = 0, []
@@ -445,6 +447,10 @@ def train(data, out, tc, resume=False, device=None, max_minutes=None, vq_config=
         bar.set_postfix(psnr=f"{psnr(recon.detach().float(), x).mean():.1f}", loss=f"{loss.item():.4f}")
         if step % 50 == 0:
             log.append({"step": step, "loss": loss.item(), "rec_loss": rec_loss.item(), "minutes": (time.time() - t0) / 60})
+        if held_out is not None and (step % tc.eval_every == 0 or step == tc.steps):
+            figures = {"step": step} | held_out_figures(held_out, reconstruct(model, held_out)[1])
+            log.append(figures)
+            bar.write(f"step {step}: held-out PSNR {figures['psnr_val']:.2f} dB, hue right {figures['hue_match_val']:.1%}")
         out_of_time = max_minutes is not None and time.time() - t0 > 60 * max_minutes
         if step % tc.save_every == 0 or step == tc.steps or out_of_time:
             save_training(model, opt, usage, step, tc, log, out)
@@ -474,26 +480,37 @@ def encode_images(model, images, batch_size=64):
 
 
 @torch.no_grad()
+def reconstruct(model, images):
+    """(N, 3, H, W) in [-1, 1] -> their codes (N, h, w) and the images decoded from them (N, 3, H, W)"""
+    codes = encode_images(model, images)
+    return codes, torch.cat([model.decode_codes(codes[i:i + 64]) for i in range(0, len(codes), 64)])
+
+
+def held_out_figures(images, recon):
+    """The two figures a VQ is judged by: mean PSNR, and how often a reconstruction's dominant hue is the
+    original's (among the images that have one)."""
+    from data import dominant_hue
+    hue, hue_recon = dominant_hue(images.cpu()), dominant_hue(recon.cpu())
+    return {"psnr_val": psnr(recon, images).mean().item(), "hue_match_val": (hue == hue_recon)[hue >= 0].float().mean().item()}
+
+
+@torch.no_grad()
 def evaluate(model, data, grid=None):
     from data import load_images, read_folder
     rows = read_folder(data)
     rows, images = load_images(rows, model.config.image_size)
-    codes = encode_images(model, images)
+    codes, recon = reconstruct(model, images)
     val = torch.tensor([r["split"] == "val" for r in rows])
-    recon = torch.cat([model.decode_codes(codes[i:i + 64]) for i in range(0, len(codes), 64)])
     counts = torch.bincount(codes.flatten(), minlength=model.config.codebook_size).float()
     p = counts / counts.sum()
-    from data import dominant_hue
-    hue, hue_recon = dominant_hue(images[val]), dominant_hue(recon[val])
     # What the LLM must predict where a picture is plain white (emoji are drawn on white): the more codes share
     # that one look, the more arbitrary choices it has to learn. The entropy of the code on all-white cells: 0 if
     # white is always one code.
     white = white_cells(images, model.config.grid)  # (N, h, w)
     _, n = torch.unique(codes[white], return_counts=True)
     q = n / max(1, n.sum())
-    result = {"psnr_val": psnr(recon[val], images[val]).mean().item(), "psnr_train": psnr(recon[~val], images[~val]).mean().item(),
-              "white_cells": white.float().mean().item(), "white_codes": len(n), "white_code_entropy": -(q * q.log()).sum().item(),
-              "hue_match_val": (hue == hue_recon)[hue >= 0].float().mean().item(),
+    result = held_out_figures(images[val], recon[val]) | {
+              "psnr_train": psnr(recon[~val], images[~val]).mean().item(), "white_cells": white.float().mean().item(), "white_codes": len(n), "white_code_entropy": -(q * q.log()).sum().item(),
               "codebook_usage": (counts > 0).float().mean().item(), "code_perplexity": math.exp(-(p[p > 0] * p[p > 0].log()).sum().item()),
               "images": len(rows), "held_out": int(val.sum())}
     if grid:

@@ -134,7 +134,7 @@ def colour_dataset(path, n=12):
 
 def test_training_resumes_exactly(tmp_path, monkeypatch):
     data = colour_dataset(tmp_path / "data")
-    tc = vq.TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup=2, restart_every=2, save_every=3)
+    tc = vq.TrainConfig(steps=6, batch_size=4, lr=1e-3, warmup=2, restart_every=2, save_every=3, eval_every=3)
     straight = vq.train(data, tmp_path / "a", tc, vq_config=TINY, device="cpu")
 
     real_save = vq.save_training
@@ -152,6 +152,10 @@ def test_training_resumes_exactly(tmp_path, monkeypatch):
         assert torch.equal(a, b), name
     result = vq.evaluate(resumed, data, grid=tmp_path / "grid.png")
     assert 0 < result["codebook_usage"] <= 1 and 1 <= result["code_perplexity"] <= 16 and result["held_out"] == 1
+    # the run logged the held-out figures every eval_every steps, across the crash; the last ones are eval's
+    logged = [e for e in json.loads((tmp_path / "b" / "train_state.json").read_text())["log"] if "psnr_val" in e]
+    assert [e["step"] for e in logged] == [3, 6] and logged[0]["psnr_val"] != logged[1]["psnr_val"]
+    assert logged[1]["psnr_val"] == pytest.approx(result["psnr_val"], rel=1e-5) and logged[1]["hue_match_val"] == result["hue_match_val"]
     assert 0 < result["white_cells"] < 1 and 1 <= result["white_codes"] <= 16  # the squares are drawn on white
     assert 0 <= result["white_code_entropy"] <= math.log(result["white_codes"]) + 1e-6
     width, height = Image.open(tmp_path / "grid.png").size  # one held-out original over its reconstruction,
