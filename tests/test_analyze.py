@@ -58,7 +58,8 @@ def test_copied_experts_are_fully_redundant_until_their_lora_differs(tiny_ckpt):
 
 def test_report_on_a_tiny_trained_model(tiny_setup, tmp_path):
     tc = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(tmp_path / "run"),
-                           rank=4, batch_size=4, steps=3, warmup=1, eval_every=3, eval_batches=1, save_every=3, lr=1e-2)
+                           rank=4, batch_size=4, steps=3, warmup=1, eval_every=3, eval_batches=1, save_every=3, lr=1e-2,
+                           init="mean")  # the report, not the init, is tested: GW on the tiny fixture costs ~10 s
     train.train(tc)
     report = analyze.analyze(tmp_path / "run", tmp_path / "report", n_probe=4, samples=3)
     assert report["c1"]["ppl_base"] == report["c1"]["ppl_multimodal"] and report["c1"]["answers_identical"]
@@ -95,7 +96,7 @@ def test_compare_inits(tiny_setup, tmp_path):
     first = json.loads((runs[2] / "state.json").read_text())["log"][0]
     assert first["step"] == 1 and math.isfinite(first["loss"])
     train.train(train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(tmp_path / "sparse"),
-                                  rank=4, batch_size=4, steps=2, warmup=1, eval_every=2, eval_batches=1, save_every=2))
+                                  rank=4, batch_size=4, steps=2, warmup=1, eval_every=2, eval_batches=1, save_every=2, init="mean"))
     with pytest.raises(BadInput, match="--log_every=1"):
         analyze.compare_inits([tmp_path / "sparse"], tmp_path / "cmp2", target=5.0)
 
