@@ -510,7 +510,8 @@ def evaluate(model, data, grid=None):
     _, n = torch.unique(codes[white], return_counts=True)
     q = n / max(1, n.sum())
     result = held_out_figures(images[val], recon[val]) | {
-              "psnr_train": psnr(recon[~val], images[~val]).mean().item(), "white_cells": white.float().mean().item(), "white_codes": len(n), "white_code_entropy": -(q * q.log()).sum().item(),
+              "psnr_train": psnr(recon[~val], images[~val]).mean().item(),
+              "white_cells": white.float().mean().item(), "white_codes": len(n), "white_code_entropy": -(q * q.log()).sum().item(),
               "codebook_usage": (counts > 0).float().mean().item(), "code_perplexity": math.exp(-(p[p > 0] * p[p > 0].log()).sum().item()),
               "images": len(rows), "held_out": int(val.sum())}
     if grid:
