@@ -398,8 +398,8 @@ def train(data, out, tc, resume=False, device=None, max_minutes=None, vq_config=
     cfg = model.config
     rows = read_folder(data)
     _, images = load_images([r for r in rows if r["split"] == "train"], cfg.image_size)
-    held_out = [r for r in rows if r["split"] == "val"]
-    held_out = load_images(held_out, cfg.image_size)[1].to(device) if held_out else None
+    val_rows = [r for r in rows if r["split"] == "val"]
+    held_out = load_images(val_rows, cfg.image_size)[1].to(device) if val_rows else None  # (N, 3, H, W) or None
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, log = 0, []
