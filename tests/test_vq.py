@@ -52,6 +52,13 @@ def test_codes_are_the_most_similar_codebook_direction():
     assert torch.equal(codes, cos.argmax(-1))
 
 
+def test_nearest_code_in_blocks_is_the_plain_argmax():
+    z = torch.nn.functional.normalize(torch.randn(203, 8), dim=-1)  # 203: the last block is a partial one
+    codebook = torch.nn.functional.normalize(torch.randn(1000, 8), dim=-1)
+    for rows in (1, 64, 500):
+        assert torch.equal(vq.nearest_code(z, codebook, rows), (z @ codebook.T).argmax(-1))
+
+
 def test_straight_through_gradient():
     model = vq.VQModel(TINY)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
