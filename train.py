@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from cli import BadInput, run
 from data import TokenShards, english_text, make_batch
-from hf import (atomic_dir, batch_at, check_replaceable, load_optimizer, load_tokenizer, lr_at, optimizer_tensors, read_json,
-                read_tensors, recover_dir)
+from hf import (atomic_dir, batch_at, check_replaceable, keep_freed_memory, load_optimizer, load_tokenizer, lr_at,
+                optimizer_tensors, read_json, read_tensors, recover_dir)
 from mmmoe import SAMPLING, AdapterConfig, MMMoE, native_bfloat16
 
 
@@ -257,6 +257,7 @@ def train(tc, resume=False):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    keep_freed_memory()  # every step allocates the same activations again: reuse the memory (README: Speed)
     torch.manual_seed(tc.seed)
     out_dir, main_process = Path(tc.out_dir), rank == 0
     recover_dir(out_dir)  # a run killed while saving left its newest whole checkpoint beside out_dir
