@@ -202,7 +202,7 @@ class VectorQuantizer(nn.Module):
         """z (B, d, h, w) -> (z_q with a straight-through gradient, codes (B, h, w), codebook + commitment loss)."""
         z = F.normalize(z.permute(0, 2, 3, 1).float(), dim=-1)  # (B, h, w, d), unit vectors
         codebook = self.codebook()
-        codes = nearest_code(z.detach().flatten(0, -2), codebook.detach()).view(z.shape[:-1])  # (B, h, w)
+        codes = nearest_code(z.flatten(0, -2), codebook).view(z.shape[:-1])  # (B, h, w); no gradient flows through a choice
         z_q = codebook[codes]  # (B, h, w, d)
         # the codebook moves toward the encoder's latents; the encoder is held to its chosen codes (beta)
         loss = F.mse_loss(z_q, z.detach()) + self.beta * F.mse_loss(z, z_q.detach())
