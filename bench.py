@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mmmoe import MMMoE, MMMoEConfig, native_bfloat16
+from mmmoe import MMMoE, MMMoEConfig, linear, native_bfloat16
 
 
 def flops_per_token(config, seq_len):
@@ -96,6 +96,10 @@ def bench_model(args):
     print(f"mmmoe KV-cached greedy decode of {n_new} tokens: {n_new / t:,.0f} tokens/s ({1000 * t / n_new:.2f} ms/token; "
           f"{weight_mb:.0f} MB of weights a token = {weight_mb * n_new / t / 1e3:.1f} GB/s, "
           f"this machine reads {read_bandwidth_gbs():.1f} GB/s)")
+    t = best_of(lambda: weight_products(model, n_new))
+    print(f"  the same weight products alone, one row each ({n_new} tokens' worth, two experts a layer in turn): "
+          f"{1000 * t / n_new:.2f} ms/token = {weight_mb * n_new / t / 1e3:.1f} GB/s: the most a decode that calls "
+          f"the BLAS product by product can stream")
 
     with tempfile.TemporaryDirectory() as tmp:
         if importlib.util.find_spec("transformers"):  # optional comparison, same weights
@@ -117,6 +121,23 @@ def bench_model(args):
         grown = bench_loader(Path(tmp) / "big")
         print(f"loader peak RSS growth: {grown:.0f} MB for a {nbytes / 2**20:.0f} MB checkpoint "
               f"({grown / (nbytes / 2**20):.2f}x)")
+
+
+def weight_products(model, n_tokens):
+    """Only the matrix products of n_tokens decoding steps, as linear() computes them for one row: per layer
+    q, k, v, o, the router and two experts' w1, w3, w2 (the next two each step, so that they come from
+    memory as routed experts do), then the output layer. No attention, no routing, no other operator."""
+    x = {n: torch.randn(1, n) for n in (model.config.dim, model.config.intermediate_size)}
+    E = model.config.n_experts
+    for t in range(n_tokens):
+        for layer in model.model.layers:
+            a, moe = layer.self_attn, layer.block_sparse_moe
+            for w in (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight, moe.gate.weight):
+                linear(x[w.shape[1]], w)
+            for e in (2 * t % E, (2 * t + 1) % E):
+                for w in (moe.experts.w1[e], moe.experts.w3[e], moe.experts.w2[e]):
+                    linear(x[w.shape[1]], w)
+        linear(x[model.config.dim], model.lm_head.weight)
 
 
 def bench_gw(args):

@@ -55,6 +55,22 @@ def test_grouped_dispatch_equals_per_token_loop():
     assert (counts > 0).sum() >= 4  # routing really spreads over experts in this test
 
 
+def test_decoding_step_equals_the_whole_sequence(tiny_ckpt):
+    """A one-token step from the KV cache (its query heads folded onto the K/V head they share, SDPA's fused
+    kernel) gives the hidden state that the whole sequence gives at that position (grouped-query attention:
+    4 query heads, 2 K/V heads; 3 rows, so that linear() hands back a transposed query)."""
+    path, cfg, _ = tiny_ckpt()
+    model = MMMoE.from_pretrained(path)
+    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        whole = model.hidden_states(ids)  # (3, 9, C), no cache
+        model.setup_caches(3, 9)
+        model.hidden_states(ids[:, :8], torch.arange(8))
+        step = model.hidden_states(ids[:, 8:], torch.tensor([8]))  # (3, 1, C)
+        model.clear_caches()
+    assert (step[:, 0] - whole[:, 8]).abs().max() < 1e-5 * whole.abs().max()
+
+
 def test_cached_generation_equals_uncached(tiny_ckpt):
     path, cfg, _ = tiny_ckpt(window=6)
     model = MMMoE.from_pretrained(path)
