@@ -595,7 +595,7 @@ class MMMoE(nn.Module):
         try:
             with torch.no_grad():
                 for lin, weight, m, name, up in folds:
-                    lin.weight = nn.Parameter(weight + up.scale * up.B @ up.A, requires_grad=False)
+                    lin.weight = nn.Parameter(torch.addmm(weight, up.B, up.A, alpha=up.scale), requires_grad=False)
                     setattr(m, name, None)  # plora() then passes the folded product through
             yield
         finally:
