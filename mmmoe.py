@@ -238,7 +238,8 @@ class Attention(nn.Module):
         else:
             with sdpa_kernel(SDPBackend.MATH):  # on a CPU, at these short lengths, faster than the flash kernel (its backward most)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        y = y.view(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hd)
+        # (B, T, nh * hd); reshape, not view: on CUDA the one-token path's output is not contiguous (seen on an H200)
+        y = y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
         return plora(linear(y, self.o_proj.weight), y, self.o_lora, image_rows)  # (B, T, C)
 
 
