@@ -160,12 +160,24 @@ def plot_curve(log, path, examples_per_epoch, batch):
         "training loss (image codes)": ([epoch(r) for r in loss], [r["loss"] for r in loss], (90, 90, 90)),
         "held-out loss": ([epoch(r) for r in val], [r["val_image_loss"] for r in val], (200, 40, 40))},
         "cross-entropy of the image codes (nats; uniform over 1,026 tokens = 6.93; grey line: warm start)", (0, 12), xmax, marks)
-    line_chart(d, (60, 340, 700, 590), {
-        "training captions: top-1": ([epoch(r) for r in curve], [r["train_top1"] for r in curve], (30, 90, 200)),
-        "training captions: top-5": ([epoch(r) for r in curve], [r["train_top5"] for r in curve], (120, 170, 240)),
-        "held-out: hue right": ([epoch(r) for r in curve], [r["val_hue"] for r in curve], (230, 130, 0))},
-        "drawn pictures: retrieval of the intended emoji, dominant hue", (0, 1), xmax, marks)
+    series = {"training captions: top-1": ("train_top1", (30, 90, 200)), "training captions: top-5": ("train_top5", (120, 170, 240)),
+              "held-out emoji: hue right": ("val_hue", (230, 130, 0)), "held-out pairs: colour right": ("pairs_colour", (40, 160, 60)),
+              "held-out pairs: colour + object": ("pairs_both", (150, 40, 160))}
+    line_chart(d, (60, 340, 700, 590), {label: ([epoch(r) for r in curve if k in r], [r[k] for r in curve if k in r], colour)
+                                        for label, (k, colour) in series.items() if any(k in r for r in curve)},
+               "drawn pictures: retrieval of the intended emoji, hue, asked colour", (0, 1), xmax, marks)
     im.save(path)
+
+def curve_table(log):
+    """train.py's log -> markdown lines: the learning curve's points (train_top1, pairs_colour, ...) by step."""
+    keys = ["train_top1", "train_top5", "val_hue", "pairs_colour", "pairs_object_top5", "pairs_both"]
+    points = [r for r in log if "train_top1" in r]
+    keys = [k for k in keys if any(k in r for r in points)]
+    val = {r["step"]: r["val_image_loss"] for r in log if "val_image_loss" in r}
+    return ["| step | held-out loss | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 2) + "|"] + [
+        f"| {r['step']} | {val.get(r['step'], math.nan):.2f} | " + " | ".join(f"{100 * r[k]:.0f}%" if k in r else "" for k in keys) + " |"
+        for r in points]
+
 
 def compare_inits(runs, out, target):
     """train.py runs that differ only in their init (gw / random / mean) and seed -> a table, one row per init
@@ -259,9 +271,32 @@ def frechet(a, b):
     return float((a.mean(0) - b.mean(0)).pow(2).sum() + ca.trace() + cb.trace() - 2 * sqrt_trace)
 
 
+def colour_confusion(asked, drawn, path, cell=40):
+    """Colour words asked and drawn (None: no one colour) -> a PNG table of counts, asked in rows."""
+    names = sorted({w for w in asked + drawn if w}) + ["none"]
+    counts = np.zeros((len(names), len(names)), int)
+    for a, d in zip(asked, drawn):
+        counts[names.index(a or "none"), names.index(d or "none")] += 1
+    im = Image.new("RGB", (80 + cell * len(names), 50 + cell * len(names)), "white")
+    draw = ImageDraw.Draw(im)
+    draw.text((4, 4), "asked (rows) x drawn (columns)", fill="black")
+    for i, name in enumerate(names):
+        draw.text((84 + cell * i, 30), name[:6], fill="black")
+        draw.text((4, 62 + cell * i), name, fill="black")
+        for j in range(len(names)):
+            t = counts[i, j] / max(1, counts[i].sum())
+            shade = (int(255 * (1 - t)), int(255 * (1 - 0.6 * t)), int(255 * (1 - t)) if i == j else 255) if i == j else \
+                (255, int(255 * (1 - 0.7 * t)), int(255 * (1 - 0.7 * t)))
+            x0, y0 = 80 + cell * j, 50 + cell * i
+            draw.rectangle([x0, y0, x0 + cell - 2, y0 + cell - 2], fill=shade)
+            draw.text((x0 + 12, y0 + 12), str(counts[i, j]), fill="black")
+    im.save(path)
+
+
 def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"],
             top_k=SAMPLING["top_k"]):
-    from data import TokenShards, dominant_hue, english_text, load_images, read_folder
+    from data import GROUPS, TokenShards, caption_rows, english_text, load_images, object_index, read_folder
+    from vq import score_summary
     from gw_init import init_model
     from hf import load_tokenizer
     from mmmoe import AdapterConfig
@@ -339,63 +374,75 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], tempe
     lines += [f"- {k}: {v:,} ({100 * v / n_base:.2f}%)" for k, v in counts.items()]
     lines += [f"- total: {sum(counts.values()):,} ({100 * sum(counts.values()) / n_base:.2f}%)"]
 
-    # images: captions of training emoji (phrased as people ask) and of held-out ones (never trained)
+    # images: captions of training emoji (phrased as people ask), of held-out emoji (never trained), and of known
+    # objects in a colour they were never trained in (held-out pairs: composition)
     if samples:
-        all_rows, everything = load_images(read_folder(val.index["data"]), vq.config.image_size)
-        with torch.no_grad():
-            f_all, hue_all = vq.features(everything), dominant_hue(everything)
+        data_dir = val.index["data"]  # every picture of the dataset trained on: what drawn ones are scored against
+        rows, everything = load_images(read_folder(data_dir), vq.config.image_size)
         g = torch.Generator().manual_seed(seed)
-        n_codes = vq.config.grid ** 2
+        gallery = vq.gallery(everything, object_index(rows))
         report["images"] = {"n": samples, "cfg": cfg, "temperature": temperature, "top_k": top_k}
         drawn = {}
-        for split, phrasing in (("train", -1), ("val", 1)):  # "a red bicycle" / "an emoji of ..."; "a lemon"
-            idx = [i for i, r in enumerate(all_rows) if r["split"] == split]
+        for group, title in GROUPS.items():
+            idx = caption_rows(rows, group)
+            if not idx:
+                continue
             own = torch.tensor(idx[:: max(1, len(idx) // samples)][:samples])
-            captions = [all_rows[i]["captions"][min(phrasing, len(all_rows[i]["captions"]) - 1)] for i in own.tolist()]
+            # "a red bicycle" (the colour phrasing) / "a lemon" / "a blue pear" (a pair's one phrasing)
+            captions = [(caps[-1] if group == "train" else caps[min(1, len(caps) - 1)]) for caps in (rows[i]["captions"] for i in own.tolist())]
             fake = []
-            for caption in tqdm(captions, desc=f"drawing {split} captions", unit="image", leave=False):
-                ids = model.image_prompt(tokenizer.encode(caption).ids, n_codes)
-                codes = model.generate_image(ids, n_codes, cfg, temperature, top_k, None, g)
-                with torch.no_grad():
-                    fake.append(vq.decode_codes(codes.view(1, vq.config.grid, vq.config.grid))[0].clamp(-1, 1))
+            for caption in tqdm(captions, desc=f"drawing {title}", unit="image", leave=False):
+                ids = model.image_prompt(tokenizer.encode(caption).ids, vq.config.n_tokens)
+                fake.append(vq.detokenize(model.generate_image(ids, vq.config.n_tokens, cfg, temperature, top_k, None, g))[0])
             fake = torch.stack(fake)
-            ranks, hue_ok = vq.scores(fake, f_all, hue_all, own)
-            want = hue_all[own]
-            coloured = want[want >= 0]  # (n,) hue bins of the intended emoji that have a colour
-            drawn[split] = (everything[own], fake, captions)
-            report["images"][split] = {"top1": (ranks < 1).float().mean().item(), "top5": (ranks < 5).float().mean().item(),
-                                       "median_rank": int(ranks.sort().values[len(ranks) // 2]),
-                                       "hue_match": hue_ok[hue_ok >= 0].float().mean().item(), "captions": captions,
-                                       # what drawing every picture in the commonest hue of these emoji would score
-                                       "hue_base_rate": coloured.bincount().max().item() / len(coloured) if len(coloured) else math.nan,
-                                       "ranks": ranks.tolist()}
-        # a Frechet distance on the VQ's features between the held-out pictures and the real ones, next to the same
-        # distance between two real sets of that size (a reference at this sample size)
-        real, fake, _ = drawn["val"]
-        with torch.no_grad():
-            f_fake, f_real = vq.features(fake), vq.features(real)
-        train_idx = torch.tensor([i for i, r in enumerate(all_rows) if r["split"] == "train"])
-        f_ref = f_all[train_idx[torch.randperm(len(train_idx), generator=g)[:len(real)]]]
-        report["images"] |= {"vq_frechet": frechet(f_fake, f_real), "vq_frechet_real_vs_real": frechet(f_ref, f_real)}
+            scores = vq.scores(fake, gallery, own)
+            asked = [gallery["colours"][i] for i in own.tolist()]
+            coloured = [a for a in asked if a is not None]
+            n_objects = int((gallery["objects"] == torch.arange(len(rows))).sum())
+            drawn[group] = (everything[own], fake, captions, asked, scores["colour"])
+            report["images"][group] = score_summary(scores) | {
+                "captions": captions, "ranks": scores["rank"].tolist(), "object_ranks": scores["object_rank"].tolist(),
+                "asked_colours": asked, "drawn_colours": scores["colour"],
+                # what drawing every picture in the commonest asked colour would score; what a random object would
+                "colour_base_rate": max(map(coloured.count, coloured)) / len(coloured) if coloured else math.nan,
+                "object_top5_chance": min(1.0, 5 / n_objects)}
+        if "val" in drawn:  # a Frechet distance on the VQ's features between the held-out pictures and the real ones, next
+            # to the same distance between two real sets of that size (a reference at this sample size)
+            real, fake = drawn["val"][:2]
+            train_idx = torch.tensor(caption_rows(rows, "train"))
+            f_ref = gallery["features"][train_idx[torch.randperm(len(train_idx), generator=g)[:len(real)]]]
+            with torch.no_grad():
+                im_val = report["images"]["val"]
+                im_val |= {"vq_frechet": frechet(vq.features(fake), vq.features(real)), "vq_frechet_real_vs_real": frechet(f_ref, vq.features(real))}
         from vq import save_grid
-        for split, title in (("train", "training emoji"), ("val", "held-out emoji")):
-            real, fake, _ = drawn[split]
-            save_grid(torch.stack([real[:16], fake[:16]]), out / f"samples_{split}.png", size=96,
-                      labels=[title, "drawn for their captions" + (" (never trained)" if split == "val" else "")])
+        for group, (real, fake, captions, _, _) in drawn.items():
+            save_grid(torch.stack([real[:16], fake[:16]]), out / f"samples_{group}.png", size=96,
+                      labels=[GROUPS[group], "drawn for their captions" + (" (never trained)" if group != "train" else "")])
+        if "pairs" in drawn:
+            colour_confusion(drawn["pairs"][3], drawn["pairs"][4], out / "colour_confusion.png")
         im = report["images"]
-        lines += ["", "## Pictures", "", f"{samples} captions of training emoji and {samples} of held-out ones, cfg {cfg}, "
-                  f"temperature {temperature}, top-k {top_k}; each picture's intended emoji ranked among all {len(everything)} "
-                  "by VQ-feature similarity:", "",
-                  "| | training captions | held-out captions |", "| --- | --- | --- |",
-                  f"| intended emoji top-1 | {100 * im['train']['top1']:.1f}% | {100 * im['val']['top1']:.1f}% |",
-                  f"| intended emoji top-5 | {100 * im['train']['top5']:.1f}% | {100 * im['val']['top5']:.1f}% |",
-                  f"| median rank | {im['train']['median_rank']} | {im['val']['median_rank']} |",
-                  f"| dominant hue matches the emoji's | {100 * im['train']['hue_match']:.1f}% | {100 * im['val']['hue_match']:.1f}% |",
-                  f"| the same, drawing everything in their commonest hue | {100 * im['train']['hue_base_rate']:.1f}% "
-                  f"| {100 * im['val']['hue_base_rate']:.1f}% |",
-                  "", f"VQ-feature Frechet distance (not Inception FID), held-out: {im['vq_frechet']:.2f}; between the held-out "
-                  f"emoji and as many random training emoji: {im['vq_frechet_real_vs_real']:.2f}",
-                  "", "![training captions](samples_train.png)", "", "![held-out captions](samples_val.png)"]
+        cols = list(drawn)
+        row = lambda name, f: f"| {name} | " + " | ".join(f(im[c]) for c in cols) + " |"  # noqa: E731
+        pct = lambda k: lambda r: f"{100 * r[k]:.1f}%"  # noqa: E731
+        lines += ["", "## Pictures", "", f"Up to {samples} captions of each kind, cfg {cfg}, temperature {temperature}, top-k {top_k}; "
+                  f"each picture scored against the {len(everything)} pictures of {data_dir}: "
+                  "retrieval of the asked picture by VQ-feature similarity, its colour word, and its object by shape whatever the colour:", "",
+                  "| | " + " | ".join(GROUPS[c] for c in cols) + " |", "| --- |" + " --- |" * len(cols),
+                  row("pictures drawn", lambda r: str(len(r["captions"]))),
+                  row("asked picture top-1", pct("top1")), row("asked picture top-5", pct("top5")),
+                  row("median rank", lambda r: str(r["median_rank"])),
+                  row("dominant hue matches", pct("hue")),
+                  row("colour word is the asked one", pct("colour")),
+                  row("... drawing everything in the commonest asked colour", pct("colour_base_rate")),
+                  row("asked object in the top 5 by shape", pct("object_top5")),
+                  row("... a random object", pct("object_top5_chance")),
+                  row("colour and object both right", pct("both"))]
+        if "val" in drawn:
+            lines += ["", f"VQ-feature Frechet distance (not Inception FID), held-out emoji: {im['val']['vq_frechet']:.2f}; between "
+                      f"them and as many random training emoji: {im['val']['vq_frechet_real_vs_real']:.2f}"]
+        lines += [""] + [f"![{GROUPS[c]}](samples_{c}.png)" for c in cols]
+        if "pairs" in drawn:
+            lines += ["", "Held-out pairs, asked colour (rows) against the colour drawn (columns):", "", "![colour confusion](colour_confusion.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
@@ -406,7 +453,8 @@ def main():
     p.add_argument("--ckpt", default=None, help="a train.py output directory (default: the built-in demo)")
     p.add_argument("--out", default="out/report")
     p.add_argument("--probe", type=int, default=32, help="held-out sequences for routing and redundancy")
-    p.add_argument("--samples", type=int, default=0, help="captions of training and of held-out emoji to draw and score (slow on CPU)")
+    p.add_argument("--samples", type=int, default=0, help="captions of training emoji, held-out emoji and held-out colour pairs "
+                   "to draw and score, of each (slow on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg", type=float, default=SAMPLING["cfg"], help="guidance for --samples (sample.py's default)")
     p.add_argument("--temperature", type=float, default=SAMPLING["temperature"])
@@ -423,6 +471,7 @@ def main():
         state, _, _ = run_inputs(args.ckpt or DEMO)
         n = len(TokenShards(state["train_config"]["shards"], "train"))
         plot_curve(state["log"], args.curve, n, state["train_config"]["batch_size"])
+        print("\n".join(curve_table(state["log"])))
         return
     if args.samples < 0 or not 0 <= args.cfg < math.inf or not 0 <= args.temperature < math.inf or (args.top_k or 1) < 1:
         raise BadInput("--samples >= 0, --cfg and --temperature numbers >= 0, --top-k >= 1")

@@ -101,7 +101,7 @@ def colour_word(x):
     if weight.sum() < 0.02 * len(weight):
         return None
     bin_of = (hue / 10).long().clamp(0, 35)
-    hist = torch.zeros(36).scatter_add_(0, bin_of, weight)
+    hist = torch.zeros(36, device=x.device).scatter_add_(0, bin_of, weight)
     peak = int(hist.argmax())
     if hist[[peak - 1, peak, (peak + 1) % 36]].sum() < 0.6 * hist.sum():
         return None  # no one colour dominates
@@ -144,40 +144,60 @@ def render_emoji(text, font, size):
     return square.resize((size, size), Image.LANCZOS)
 
 
-def build_openmoji(out, size=64, skin_tones=False, recolours=0):
+def held_out_colour(name, colours):
+    """Of the colour words an object is drawn in (besides its own), the one it is never trained in: fixed by a
+    hash of name and colour, so the same pair is held out on every machine whatever else changes."""
+    return min(colours, key=lambda w: hashlib.md5(f"{name}|{w}".encode()).hexdigest(), default=None)
+
+
+def build_openmoji(out, size=64, skin_tones=False, recolours=0, objects=None):
     """Render every captionable OpenMoji emoji into a folder dataset at `out`, each with its phrasings.
     skin_tones=False leaves out the ~1,700 skin-tone variants of people and hands (near-copies in shape).
-    recolours=n adds, for each training emoji of one colour whose name holds none, n copies with their
-    hues turned 1/(n+1), 2/(n+1), ... of the wheel, captioned only with their new colour ("a blue
-    banana"): in the emoji as drawn, a colour word never says more than the name, so nothing teaches
-    the model to follow one; in these copies only the colour word tells the colours apart."""
+
+    recolours=n adds, for each training emoji of one colour whose name holds none (an "object"), n copies
+    with their hues turned 1/(n+1), 2/(n+1), ... of the wheel, captioned with their new colour only ("a blue
+    banana"): in the emoji as drawn, a colour word never says more than the
+    name, so nothing teaches the model to follow one; in these copies only the colour word tells the
+    colours apart. One colour of each object is held out (held_out_colour): its copies are the "val" rows
+    that test composition, a known object in a colour it was never drawn in. Each copy's row names its
+    "object" (the original's image) and every row its "colour" word (or null), which analyze.py scores by.
+    objects=N keeps only N objects (the first by a hash of their names) and their copies: a small slice
+    for pilots of the recipe."""
     check_replaceable(out)
     font = ImageFont.truetype(str(openmoji_dir() / "font" / "glyf_colr0.ttf"), 300)
     names = sorted(p.stem for p in (openmoji_dir() / "svg").glob("*.svg"))  # "1F44B-1F3FD": one emoji each
+    emoji, seen = [], set()
+    for name in tqdm(names, desc="rendering OpenMoji", unit="emoji", leave=False):
+        cps = [int(h, 16) for h in name.split("-")]
+        caption = emoji_caption(cps)
+        if caption is None or caption in seen or (not skin_tones and "skin tone" in caption):
+            continue
+        image = render_emoji("".join(map(chr, cps)), font, size)
+        if image is not None:
+            seen.add(caption)
+            colour = colour_word(as_tensor(image))
+            is_object = recolours > 0 and colour is not None and not names_a_colour(caption) and not held_out(caption)
+            emoji.append((name, caption, image, colour, is_object))
+    if objects is not None:  # the slice: N objects, nothing else
+        emoji = sorted((e for e in emoji if e[4]), key=lambda e: hashlib.md5(e[1].encode()).hexdigest())[:objects]
     with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
-        rows, seen = [], set()
-        for name in tqdm(names, desc="rendering OpenMoji", unit="emoji", leave=False):
-            cps = [int(h, 16) for h in name.split("-")]
-            caption = emoji_caption(cps)
-            if caption is None or caption in seen or (not skin_tones and "skin tone" in caption):
-                continue
-            image = render_emoji("".join(map(chr, cps)), font, size)
-            if image is None:
-                continue
-            seen.add(caption)
+        rows = []
+        for name, caption, image, colour, is_object in emoji:
             image.save(tmp / "images" / f"{name}.png")
-            colour, split = colour_word(as_tensor(image)), "val" if held_out(caption) else "train"
-            rows.append({"image": f"images/{name}.png", "caption": phrasings(caption, colour), "split": split})
-            if split == "val" or colour is None or names_a_colour(caption):
+            rows.append({"image": f"images/{name}.png", "caption": phrasings(caption, colour),
+                         "split": "val" if held_out(caption) else "train", "colour": colour})
+            if not is_object:
                 continue
-            for j in range(1, recolours + 1):
-                copy = recolour(image, j / (recolours + 1))
-                turned = colour_word(as_tensor(copy))
-                if turned not in (None, colour):  # captioned "a blue banana" only: its bare name means yellow
-                    copy.save(tmp / "images" / f"{name}-hue{j}.png")
-                    rows.append({"image": f"images/{name}-hue{j}.png", "caption": phrasings(caption, turned)[-1:],
-                                 "split": "train"})
+            copies = [(j, copy, colour_word(as_tensor(copy))) for j in range(1, recolours + 1)
+                      for copy in [recolour(image, j / (recolours + 1))]]
+            copies = [(j, copy, w) for j, copy, w in copies if w not in (None, colour)]  # a colour of its own
+            unseen = held_out_colour(caption, {w for _, _, w in copies})
+            for j, copy, w in copies:
+                copy.save(tmp / "images" / f"{name}-hue{j}.png")
+                # only "a blue banana", never "a banana": its bare name means yellow
+                rows.append({"image": f"images/{name}-hue{j}.png", "caption": phrasings(caption, w)[-1:],
+                             "split": "val" if w == unseen else "train", "colour": w, "object": f"images/{name}.png"})
         (tmp / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         (tmp / "ATTRIBUTION.txt").write_text(attribution() + "\n")
     n_val = sum(r["split"] == "val" for r in rows)
@@ -193,8 +213,9 @@ def attribution():
 
 
 def read_folder(root):
-    """-> [{"image": Path, "caption": str, "captions": [str], "split": "train"|"val"}] from captions.jsonl or
-    image + .txt pairs. "caption" is the first of "captions", the ways of asking for that picture."""
+    """-> [{"image": Path, "caption": str, "captions": [str], "split": "train"|"val", "colour", "object"}] from
+    captions.jsonl or image + .txt pairs. "caption" is the first of "captions", the ways of asking for that
+    picture; "colour" (a colour word) and "object" (the image it is a recoloured copy of) are None unless given."""
     root = Path(root)
     index = root / "captions.jsonl"
     if index.exists():
@@ -206,7 +227,8 @@ def read_folder(root):
                     caps = [r["caption"]] if isinstance(r["caption"], str) else r["caption"]
                     if not caps or not all(isinstance(c, str) and c.strip() for c in caps) or not isinstance(r["image"], str):
                         raise TypeError
-                    rows.append({"image": root / r["image"], "captions": [c.strip() for c in caps], "split": r.get("split")})
+                    rows.append({"image": root / r["image"], "captions": [c.strip() for c in caps], "split": r.get("split"),
+                                 "colour": r.get("colour"), "object": r.get("object") and root / r["object"]})
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise BadInput(f"{index}:{n}: expected a JSON object with \"image\" and \"caption\" "
                                    "(a non-empty string or list of strings)") from None
@@ -218,7 +240,7 @@ def read_folder(root):
                 caption = p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").exists() else ""
             except UnicodeDecodeError:
                 raise BadInput(f"{p.with_suffix('.txt')} is not UTF-8 text") from None
-            (rows if caption else uncaptioned).append({"image": p, "captions": [caption], "split": None})
+            (rows if caption else uncaptioned).append({"image": p, "captions": [caption], "split": None, "colour": None, "object": None})
         if uncaptioned:
             print(f"skipped {len(uncaptioned)} image(s) without a caption (first: {uncaptioned[0]['image']})", file=sys.stderr)
     else:
@@ -231,6 +253,25 @@ def read_folder(root):
         r["caption"] = r["captions"][0]
         r["split"] = r["split"] or ("val" if held_out(r["caption"]) else "train")
     return rows
+
+
+def object_index(rows):
+    """(N,) for each row, the index of the row whose image it is a recoloured copy of (its own if it is none)."""
+    where = {r["image"]: i for i, r in enumerate(rows)}
+    return torch.tensor([where.get(r["object"], i) for i, r in enumerate(rows)])
+
+
+# The pictures a trained model is asked for (analyze.py, train.py's learning curve): training emoji as people ask
+# ("a red bicycle"), held-out emoji ("a lemon"), and held-out pairs, known objects in a colour they were never
+# trained in ("a blue pear")
+GROUPS = {"train": "training emoji", "val": "held-out emoji", "pairs": "held-out colour pairs"}
+
+
+def caption_rows(rows, group):
+    """Indices of a dataset's rows in one of GROUPS, one per (object, colour)."""
+    keep = {"train": lambda r: r["split"] == "train" and r["object"] is None, "val": lambda r: r["split"] == "val" and r["object"] is None,
+            "pairs": lambda r: r["split"] == "val" and r["object"] is not None}[group]
+    return list({(r["object"] or r["image"], r["colour"]): i for i, r in enumerate(rows) if keep(r)}.values())
 
 
 def load_image(path, size):
@@ -275,24 +316,47 @@ def load_images(rows, size, desc="loading images"):
     return kept, torch.stack(images)
 
 
-def hue_weights(x):
-    """(B, 3, H, W) in [-1, 1] -> per pixel (B, HW): hue in degrees, a weight that is its saturation if it is
-    coloured (saturated and bright enough) and 0 for white, black, greys and outlines, and its value."""
+def hsv(x):
+    """(B, 3, H, W) in [-1, 1] -> per pixel (B, HW): hue in degrees, saturation and value, each in [0, 1] but hue."""
     rgb = ((x.clamp(-1, 1) + 1) / 2).flatten(2)  # (B, 3, HW) in [0, 1]
     mx, mn = rgb.max(1).values, rgb.min(1).values
-    sat = (mx - mn) / mx.clamp_min(1e-6)
     r, g, b = rgb.unbind(1)
     delta = (mx - mn).clamp_min(1e-6)
     hue = torch.where(mx == r, ((g - b) / delta) % 6, torch.where(mx == g, (b - r) / delta + 2, (r - g) / delta + 4)) * 60
-    return hue, sat * ((sat > 0.3) & (mx > 0.3)), mx
+    return hue, (mx - mn) / mx.clamp_min(1e-6), mx
+
+
+def hue_weights(x):
+    """(B, 3, H, W) in [-1, 1] -> per pixel (B, HW): hue in degrees, a weight that is its saturation if it is
+    coloured (saturated and bright enough) and 0 for white, black, greys and outlines, and its value."""
+    hue, sat, value = hsv(x)
+    return hue, sat * ((sat > 0.3) & (value > 0.3)), value
+
+
+def turn_hue(x, turns):
+    """(B, 3, H, W) in [-1, 1] with every hue turned turns (B,) of the way round the colour wheel; saturation and
+    value stay, so whites, greys and black outlines are untouched: recolour() for tensors, exactly invertible
+    (turning by -t undoes t up to float rounding)."""
+    hue, sat, value = hsv(x)
+    h = ((hue / 60 + 6 * turns[:, None].to(hue)) % 6)[:, None]  # (B, 1, HW) in sextants
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None] + h) % 6  # (B, 3, HW): HSV -> RGB, per channel
+    rgb = value[:, None] * (1 - sat[:, None] * (torch.minimum(k, 4 - k)).clamp(0, 1))
+    return (rgb * 2 - 1).view_as(x)
 
 
 def dominant_hue(x, bins=12):
     """(B, 3, H, W) in [-1, 1] -> (B,) index of the hue bin (of `bins` around the colour wheel) holding most
     saturation among coloured pixels, or -1 for an image with no colour (white, black, greys)."""
     hue, weight, _ = hue_weights(x)
-    hist = torch.zeros(len(x), bins).scatter_add_(1, (hue / 360 * bins).long().clamp(0, bins - 1), weight)
-    return torch.where(hist.sum(1) > 0.02 * hue.shape[1], hist.argmax(1), torch.full((len(x),), -1))
+    hist = torch.zeros(len(x), bins, device=x.device).scatter_add_(1, (hue / 360 * bins).long().clamp(0, bins - 1), weight)
+    return torch.where(hist.sum(1) > 0.02 * hue.shape[1], hist.argmax(1), -1)
+
+
+def standard_hue(x, bins=12):
+    """(B, 3, H, W) in [-1, 1] -> (the images turned round the colour wheel until their dominant hue lies in the
+    first of `bins` bins, the bin each came from (B,), -1 for no colour: those stay as they are)."""
+    came_from = dominant_hue(x, bins)
+    return turn_hue(x, -came_from.clamp(min=0) / bins), came_from
 
 
 def augment(x, generator, max_shift=0.06):
@@ -326,7 +390,7 @@ def fingerprint(rows, vq_dir, tokenizer_file, augment_copies):
 
 def write_shards(data, vq, vq_dir, tokenizer_file, out, augment_copies=0, seed=0, batch_size=64):
     """Tokenise a folder dataset once, with the image tokenizer `vq` (loaded from vq_dir: `vq.py shards`
-    calls this) and the LLM's tokenizer.json: per split, `{split}.codes.npy` (N, h*w) image codes,
+    calls this) and the LLM's tokenizer.json: per split, `{split}.codes.npy` (N, n_tokens) image tokens,
     `{split}.text.npy` caption ids end to end with `{split}.offsets.npy` (N + 1) where each caption
     starts, and `{split}.jsonl` the captions as text. Each image is encoded as it is, plus
     `augment_copies` lightly augmented copies (training split only); each of its captions makes one
@@ -340,10 +404,11 @@ def write_shards(data, vq, vq_dir, tokenizer_file, out, augment_copies=0, seed=0
         return
     check_replaceable(out)
     rows, images = load_images(rows, vq.config.image_size)
-    index = {"fingerprint": key, "codebook_size": vq.config.codebook_size, "grid": vq.config.grid,
+    # codebook_size: every image token the LLM learns (codes, then any colour tokens)
+    index = {"fingerprint": key, "codebook_size": vq.config.vocab_size, "colour_tokens": vq.config.colour_tokens, "grid": vq.config.grid,
              "image_size": vq.config.image_size, "vq": str(Path(vq_dir).resolve()), "data": str(Path(data).resolve()),
              "splits": {}}
-    dtype = np.uint16 if vq.config.codebook_size <= 2**16 else np.int32
+    dtype = np.uint16 if vq.config.vocab_size <= 2**16 else np.int32
     g = torch.Generator().manual_seed(seed)
     with atomic_dir(out) as tmp:
         for split in ("train", "val"):
@@ -352,8 +417,8 @@ def write_shards(data, vq, vq_dir, tokenizer_file, out, augment_copies=0, seed=0
             for c in range(1 + (augment_copies if split == "train" else 0)):
                 batches = tqdm(range(0, len(keep), batch_size), desc=f"encoding {split} (copy {c + 1})", leave=False)
                 with torch.no_grad():
-                    image_codes = torch.cat([vq.encode(images[keep[b:b + batch_size]] if c == 0 else
-                                                       augment(images[keep[b:b + batch_size]], g))[1].flatten(1)
+                    image_codes = torch.cat([vq.tokenize(images[keep[b:b + batch_size]] if c == 0 else
+                                                         augment(images[keep[b:b + batch_size]], g))
                                              for b in batches]) if keep else []
                 for i, image in zip(keep, image_codes):  # one example per way of asking for the image
                     for caption in rows[i]["captions"]:
@@ -362,8 +427,7 @@ def write_shards(data, vq, vq_dir, tokenizer_file, out, augment_copies=0, seed=0
                         text.extend(ids)
                         offsets.append(offsets[-1] + len(ids))
                         lines.append(json.dumps({"image": str(rows[i]["image"]), "caption": caption, "copy": c}))
-            grid = vq.config.grid ** 2
-            np.save(tmp / f"{split}.codes.npy", (torch.stack(codes) if codes else torch.zeros(0, grid)).numpy().astype(dtype))
+            np.save(tmp / f"{split}.codes.npy", (torch.stack(codes) if codes else torch.zeros(0, vq.config.n_tokens)).numpy().astype(dtype))
             np.save(tmp / f"{split}.text.npy", np.array(text, dtype=np.int32))
             np.save(tmp / f"{split}.offsets.npy", np.array(offsets, dtype=np.int64))
             (tmp / f"{split}.jsonl").write_text("".join(line + "\n" for line in lines))
@@ -436,10 +500,13 @@ def main():
     o.add_argument("--skin-tones", action="store_true", help="also the skin-tone variants of people and hands")
     o.add_argument("--recolours", type=int, default=0, help="hue-turned copies of each one-colour training emoji, "
                    "captioned with their new colour")
+    o.add_argument("--objects", type=int, default=None, help="keep only this many recoloured objects: a slice for pilots")
     args = p.parse_args()
     if args.recolours < 0:
         raise BadInput(f"--recolours must be >= 0 (got {args.recolours})")
-    build_openmoji(Path(args.out), args.size, args.skin_tones, args.recolours)
+    if args.objects is not None and (args.objects < 1 or args.recolours < 1):
+        raise BadInput("--objects needs a number >= 1 and --recolours >= 1 (the objects are the recoloured emoji)")
+    build_openmoji(Path(args.out), args.size, args.skin_tones, args.recolours, args.objects)
 
 
 if __name__ == "__main__":

@@ -101,12 +101,13 @@ def gw_embeddings(codebook, text, anchors=1024, epsilon=0.05, seed=0, temperatur
     return outs
 
 
-def init_image_rows(codebook, embed, head=None, method="gw", anchors=1024, epsilon=0.05, seed=0, scale=1.0):
-    """-> (input embeddings (K + 2, D), output rows (K + 2, D) or None if tied) for K codes, <boi>, <eoi>,
+def init_image_rows(codebook, embed, head=None, method="gw", anchors=1024, epsilon=0.05, seed=0, scale=1.0, extra=2):
+    """-> (input embeddings (K + extra, D), output rows (K + extra, D) or None if tied) for K codes and `extra`
+    tokens after them: any colour tokens (vq.py's hue_bins), then <boi>, <eoi>,
     all multiplied by scale (1: where the method puts them; for gw and random that is the typical norm of a
     text embedding, and tied rows are also the output layer's: the size of the first image logits).
 
-    <boi> and <eoi> start at the mean of the new code embeddings plus a little noise: inside the image
+    The extra tokens start at the mean of the new code embeddings plus a little noise: inside the image
     region of the space, but not equal to any code. For a tied base (one matrix for input and output),
     the image rows are tied as well and `head` is None."""
     g = torch.Generator().manual_seed(seed)
@@ -123,7 +124,7 @@ def init_image_rows(codebook, embed, head=None, method="gw", anchors=1024, epsil
         raise BadInput(f"unknown --method {method!r}: gw, random or mean")
     out = []
     for r, m in zip(rows, (embed, *extras)):
-        specials = r.mean(0) + torch.randn(2, D, generator=g) * m.std() * 0.1  # <boi>, <eoi>
+        specials = r.mean(0) + torch.randn(extra, D, generator=g) * m.std() * 0.1  # [colours,] <boi>, <eoi>
         out.append(torch.cat([r, specials]) * scale)
     return out[0], (out[1] if head is not None else None)
 
@@ -134,7 +135,8 @@ def init_model(model, vq_dir, method="gw", seed=0, scale=1.0):
     from vq import load_vq
     codebook = load_vq(vq_dir).quantize.codebook().detach()
     head = None if model.config.tie_word_embeddings else model.lm_head.weight.detach().cpu()
-    embed, out = init_image_rows(codebook, model.model.embed_tokens.weight.detach().cpu(), head, method, seed=seed, scale=scale)
+    embed, out = init_image_rows(codebook, model.model.embed_tokens.weight.detach().cpu(), head, method, seed=seed,
+                                 scale=scale, extra=len(model.image_embed) - len(codebook))
     with torch.no_grad():
         model.image_embed.copy_(embed)
         if out is not None:
@@ -169,13 +171,15 @@ def main(argv=None):
     read = TensorReader(checkpoint_index(Path(args.base)))
     embed = read("model.embed_tokens.weight").float()
     head = None if cfg.tie_word_embeddings else read("lm_head.weight").float()
-    codebook = load_vq(args.vq).quantize.codebook().detach()
-    image_embed, image_head = init_image_rows(codebook, embed, head, args.method, args.anchors, args.epsilon, args.seed, args.scale)
+    vq = load_vq(args.vq)
+    codebook = vq.quantize.codebook().detach()
+    image_embed, image_head = init_image_rows(codebook, embed, head, args.method, args.anchors, args.epsilon, args.seed,
+                                              args.scale, 2 + vq.config.colour_tokens)
     out = {"image_embed": image_embed.contiguous()} | ({"image_head": image_head.contiguous()} if image_head is not None else {})
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     save_file(out, tmp)
     os.replace(tmp, out_path)  # atomic: a kill leaves the old file or the new one, never half of one
-    print(f"wrote {args.out}: {len(codebook)} codes + <boi>, <eoi> -> {embed.shape[1]}-d rows ({args.method}) "
+    print(f"wrote {args.out}: {len(codebook)} codes + {vq.config.colour_tokens} colour tokens + <boi>, <eoi> -> {embed.shape[1]}-d rows ({args.method}) "
           f"in {time.time() - t0:.1f}s")
 
 

@@ -125,7 +125,8 @@ class MMMoEConfig:
 class AdapterConfig:
     """What the paper adds to a text MoE: image tokens, and Partial LoRA (PLoRA) updates that act on
     image-token positions only. Image codes take ids V..V+K-1 after the V text tokens, then <boi>, <eoi>."""
-    n_image_codes: int = 1024  # the VQ codebook size K
+    n_image_codes: int = 1024  # the image tokenizer's vocabulary K (VQ codes, then any colour tokens)
+    colour_tokens: int = 0  # the last this many of them only ever start an image (a VQ with hue_bins)
     rank: int = 8
     alpha: float = 16.0
     attention: bool = True  # LoRA on q/k/v/o as well as on every expert's w1/w2/w3
@@ -611,22 +612,27 @@ class MMMoE(nn.Module):
 
     def generate_image(self, prompt_ids, n_codes, cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"],
                        top_k=SAMPLING["top_k"], top_p=None, generator=None):
-        """prompt_ids (B, T), each <start> caption <boi> -> image codes (B, n_codes). Inside an image only image
-        codes can be sampled (the decoding rule), so the output layer is the code rows alone. With cfg,
-        each row gets an unconditional twin, the caption replaced by <eos> (train.py's caption dropout),
-        and the two rows' logits mix: uncond + cfg * (cond - uncond) (classifier-free guidance)."""
-        B, K = prompt_ids.shape[0], self.adapter.n_image_codes
+        """prompt_ids (B, T), each <start> caption <boi> -> image tokens (B, n_codes). Inside an image only image
+        tokens can be sampled (the decoding rule), so the output layer is their rows alone: at the first position
+        the colour tokens, if the tokenizer has them, then the codes. With cfg, each row gets an unconditional
+        twin, the caption replaced by <eos> (train.py's caption dropout), and the two rows' logits mix:
+        uncond + cfg * (cond - uncond) (classifier-free guidance)."""
+        B, K, C = prompt_ids.shape[0], self.adapter.n_image_codes, self.adapter.colour_tokens
         idx = prompt_ids
         if cfg:
             uncond = prompt_ids.clone()
             uncond[:, 1:-1] = self.config.eos_token_id
             idx = torch.cat([prompt_ids, uncond])  # (2B, T): cond rows, then their unconditional twins
 
-        def head(x):  # (2B or B, C) -> (B, K)
-            logits = linear(x, self.image_head[:K])
-            return logits[B:] + cfg * (logits[:B] - logits[B:]) if cfg else logits
-        feed = lambda code: self.image_token(code).repeat(2 if cfg else 1)  # noqa: E731  (both twins get it)
-        out = self.generate(idx, n_codes, temperature, top_k, top_p, generator=generator, head=head, feed=feed, image_steps=True)
+        def draw(idx, n, lo, hi):  # continue idx by n tokens among the image tokens lo..hi-1
+            def head(x):  # (2B or B, C) -> (B, hi - lo)
+                logits = linear(x, self.image_head[lo:hi])
+                return logits[B:] + cfg * (logits[:B] - logits[B:]) if cfg else logits
+            feed = lambda t: self.image_token(lo + t).repeat(2 if cfg else 1)  # noqa: E731  (both twins get it)
+            return self.generate(idx, n, temperature, top_k, top_p, generator=generator, head=head, feed=feed, image_steps=True)
+        if C:  # the colour token first; the codes then follow the caption and that colour
+            idx = draw(idx, 1, K - C, K)
+        out = draw(idx, n_codes - (C > 0), 0, K - C)
         return out[:B, prompt_ids.shape[1]:] - self.config.vocab_size
 
 

@@ -37,8 +37,9 @@ def load_pipeline(ckpt=None, device="cpu"):
     model = MMMoE.from_pretrained(base, dtype=torch.float32, device=device)
     model.load_adapter(ckpt)
     vq = load_vq(vq_dir, device)
-    if vq.config.codebook_size != model.adapter.n_image_codes:
-        raise BadInput(f"the VQ has {vq.config.codebook_size} codes but the adapter was trained for {model.adapter.n_image_codes}")
+    if (vq.config.vocab_size, vq.config.colour_tokens) != (model.adapter.n_image_codes, model.adapter.colour_tokens):
+        raise BadInput(f"the VQ has {vq.config.vocab_size} image tokens ({vq.config.colour_tokens} of them colours) but the "
+                       f"adapter was trained for {model.adapter.n_image_codes} ({model.adapter.colour_tokens})")
     return model.eval(), load_tokenizer(base), vq
 
 
@@ -82,15 +83,13 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tokenizer, vq = load_pipeline(args.ckpt)
-    n_codes = vq.config.grid ** 2
+    n_tokens = vq.config.n_tokens
     rows = []
     generator = torch.Generator().manual_seed(args.seed)
     t1 = time.time()
     for prompt in args.prompts:
-        ids = model.image_prompt(tokenizer.encode(prompt.strip()).ids, n_codes).repeat(args.n, 1)
-        codes = model.generate_image(ids, n_codes, args.cfg, args.temperature, args.top_k, args.top_p, generator)
-        with torch.no_grad():
-            rows.append(vq.decode_codes(codes.view(-1, vq.config.grid, vq.config.grid)))
+        ids = model.image_prompt(tokenizer.encode(prompt.strip()).ids, n_tokens).repeat(args.n, 1)
+        rows.append(vq.detokenize(model.generate_image(ids, n_tokens, args.cfg, args.temperature, args.top_k, args.top_p, generator)))
     from vq import save_grid
     pictures, labels = torch.stack(rows), args.prompts
     if args.cols:  # a grid of single pictures, each under its own prompt (empty cells stay white)

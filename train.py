@@ -7,6 +7,7 @@ image codes; every text token keeps going through the frozen weights.
     python train.py config/demo.json --resume             # continue exactly where the last checkpoint stopped
     torchrun --nproc_per_node 8 train.py config/demo.json # DDP; add --fsdp for bases that do not fit a GPU
     python train.py --nproc 8 config/demo.json            # the same, started without torchrun
+    python train.py --export demo --out_dir RUN           # a run's adapter + VQ for sharing, image rows in bf16
 
 Each example is the sequence  <bos> caption <boi> code_1 ... code_n <eoi> <eos>  from the token shards
 (data.py). The loss is on the image codes: the caption runs through the frozen model (C1), so a loss
@@ -73,18 +74,23 @@ class TrainConfig:
 
 
 def parse_args(argv):
-    """A config/*.json preset, then --key=value overrides; --resume and --nproc N are flags. Every value
-    is checked here, before anything is loaded."""
-    values, resume, nproc = {}, False, None
+    """A config/*.json preset, then --key=value overrides; --resume, --nproc N and --export DIR are flags. Every
+    value is checked here, before anything is loaded."""
+    values, resume, nproc, export_to = {}, False, None, None
     types = {f.name: f.type for f in fields(TrainConfig)}
     rest = list(argv)
     while rest:
         arg = rest.pop(0)
         if arg == "--resume":
             resume = True
-        elif arg.startswith("--nproc"):
+        elif arg.startswith("--nproc") or arg.startswith("--export"):
             value = arg.split("=", 1)[1] if "=" in arg else (rest.pop(0) if rest else "")
-            nproc = setting("nproc", value, int)
+            if arg.startswith("--nproc"):
+                nproc = setting("nproc", value, int)
+            elif not value:
+                raise BadInput("--export needs a directory to write the adapter to")
+            else:
+                export_to = value
         elif arg.startswith("--"):
             key, _, value = arg[2:].partition("=")
             key = key.replace("-", "_")
@@ -107,7 +113,7 @@ def parse_args(argv):
                     raise BadInput(f"{arg}: {key} must be {types[key].__name__}, not {value!r}")
             values = preset | values
         else:
-            raise BadInput(f"unexpected argument {arg!r}: a config/*.json file, --key=value, --resume or --nproc N")
+            raise BadInput(f"unexpected argument {arg!r}: a config/*.json file, --key=value, --resume, --nproc N or --export DIR")
     tc = TrainConfig(**values)
     for ok, what in [(tc.steps >= 1, "steps >= 1"), (tc.batch_size >= 1, "batch_size >= 1"), (tc.grad_accum >= 1, "grad_accum >= 1"),
                      (tc.rank >= 1, "rank >= 1"), (tc.lr > 0 and tc.min_lr >= 0, "lr > 0 and min_lr >= 0"),
@@ -121,7 +127,7 @@ def parse_args(argv):
                      (nproc is None or nproc >= 1, "--nproc >= 1")]:
         if not ok:
             raise BadInput(f"bad setting: {what} is required")
-    return tc, resume, nproc
+    return tc, resume, nproc, export_to
 
 
 def setting(key, value, kind):
@@ -161,17 +167,20 @@ def use_bfloat16(tc, device):
     return tc.dtype == "bfloat16" or (tc.dtype == "auto" and native_bfloat16(device))
 
 
-def build_model(tc, device, n_codes=None):
+def build_model(tc, device, n_codes=None, colour_tokens=0):
     from upcycle import builtin_base
     base = Path(tc.base) if tc.base else builtin_base()
     # the adapter is float32 always; under bf16 autocast a float32 base would be rounded to bf16 at every matmul
     model = MMMoE.from_pretrained(base, dtype=torch.bfloat16 if use_bfloat16(tc, device) else torch.float32, device=device)
-    adapter = AdapterConfig(n_image_codes=n_codes, rank=tc.rank, alpha=tc.alpha, attention=tc.attention, router=tc.router)
+    adapter = AdapterConfig(n_image_codes=n_codes, colour_tokens=colour_tokens, rank=tc.rank, alpha=tc.alpha,
+                            attention=tc.attention, router=tc.router)
     return model.add_image_adapter(adapter), base
 
 
-def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir, world=1):
-    """Only what training changed (adapter tensors) + optimizer + RNG + step, atomically."""
+def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir, world=1, samples=None):
+    """Only what training changed (adapter tensors) + optimizer + RNG + step, atomically; and samples.png, the
+    learning curve's latest pictures (samples: the grid and labels its curve() returned), if there are any."""
+    from vq import save_grid
     opt_tensors, param_groups = optimizer_tensors(opt)
     state = {"step": step, "train_config": asdict(tc), "world": world, "param_groups": param_groups, "vq": str(vq_dir), "log": log}
     try:
@@ -179,6 +188,8 @@ def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir, world=1):
             model.save_adapter(tmp, state)
             save_file(opt_tensors | {"rng": torch.get_rng_state()}, tmp / "optimizer.safetensors")
             (tmp / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+            if samples is not None:
+                save_grid(samples[0], tmp / "samples.png", size=64, labels=samples[1])
     except OSError as e:  # e.g. the disk is full: the half-written copy is gone, the previous checkpoint intact
         raise BadInput(f"could not save step {step} to {out_dir} ({e.strerror or e}); the previous checkpoint there "
                        "is intact: free the space and add --resume") from None
@@ -204,44 +215,50 @@ def evaluate(model, tc, val, text_ids, device, autocast):
     return {"val_image_loss": sum(losses) / len(losses), "text_ppl": math.exp(text_loss)}
 
 
-def learning_curve_setup(tokenizer, train_set, tc):
-    """-> curve(model, autocast): draws a fixed set of training captions (phrased as people ask) and held-out
-    ones, greedily with guidance 1.5 (sample.py's; at guidance 3 the demo drew nothing recognisable), and scores
-    each picture against its emoji among all of the dataset's pictures (VQModel.scores): the rank by VQ-feature
-    similarity (0 = top-1) and whether the dominant hues agree."""
-    from data import dominant_hue, load_images, read_folder
-    from vq import load_vq
-    vq = load_vq(train_set.index["vq"])
-    rows, gallery = load_images(read_folder(train_set.index["data"]), vq.config.image_size, desc="curve gallery")
-    with torch.no_grad():
-        features, hues = vq.features(gallery), dominant_hue(gallery)
-    picked = []
-    for split in ("train", "val"):
-        idx = [i for i, r in enumerate(rows) if r["split"] == split]
-        for i in idx[:: max(1, len(idx) // tc.curve_captions)][: tc.curve_captions]:
-            caps = rows[i]["captions"]
-            picked.append((split, i, caps[-1] if split == "train" else caps[min(1, len(caps) - 1)]))
+def learning_curve_setup(model, tokenizer, train_set, tc):
+    """-> curve(model, autocast): draws a fixed set of captions of each of data.GROUPS (training emoji as people ask,
+    held-out emoji, held-out colour pairs), greedily with guidance 1.5 (sample.py's; at guidance 3 the demo drew
+    nothing recognisable), and scores each picture against the dataset's pictures (VQModel.scores, score_summary):
+    the asked picture's rank by VQ features (0 = top-1), hue and colour-word agreement, the asked object's rank by shape."""
+    from data import GROUPS, caption_rows, load_images, object_index, read_folder
+    from vq import load_vq, score_summary
+    device = model.lm_head.weight.device
+    vq = load_vq(train_set.index["vq"], device)
+    rows, images = load_images(read_folder(train_set.index["data"]), vq.config.image_size, desc="curve gallery")
+    images = images.to(device)
+    gallery = vq.gallery(images, object_index(rows))
+    picked = {}  # group -> [(row, caption)]
+    for group in GROUPS:
+        idx = caption_rows(rows, group)
+        idx = idx[:: max(1, len(idx) // tc.curve_captions)][: tc.curve_captions]
+        picked[group] = [(i, rows[i]["captions"][-1 if group == "train" else min(1, len(rows[i]["captions"]) - 1)]) for i in idx]
 
     @torch.no_grad()
     def curve(model, autocast):
+        """-> (figures, a grid of what was asked over what was drawn, (rows, cols, 3, H, W), and its row labels)."""
         model.eval()
-        device, K = model.lm_head.weight.device, vq.config.grid
-        out = {}
-        for split in ("train", "val"):
-            chosen = [(i, caption) for s, i, caption in picked if s == split]
-            pictures = []
-            for i, caption in chosen:
-                ids = model.image_prompt(tokenizer.encode(caption).ids, K * K).to(device)
+        n = vq.config.n_tokens
+        out, grid, labels = {}, [], []
+        for group, chosen in picked.items():
+            if not chosen:
+                continue
+            prompts = [model.image_prompt(tokenizer.encode(caption).ids, n)[0] for _, caption in chosen]
+            tokens = [None] * len(prompts)
+            for length in {len(p) for p in prompts}:  # prompts of one length are drawn as one batch
+                same = [k for k, p in enumerate(prompts) if len(p) == length]
                 with autocast:  # the model as it trains; the VQ in float32
-                    codes = model.generate_image(ids, K * K, cfg=SAMPLING["cfg"], temperature=0).cpu()
-                pictures.append(vq.decode_codes(codes.view(1, K, K))[0])
-            ranks, hue_ok = vq.scores(torch.stack(pictures), features, hues, torch.tensor([i for i, _ in chosen]))
-            out |= {f"{split}_top1": (ranks < 1).float().mean().item(), f"{split}_top5": (ranks < 5).float().mean().item(),
-                    f"{split}_median_rank": int(ranks.sort().values[len(ranks) // 2]),
-                    f"{split}_hue": (hue_ok[hue_ok >= 0].float().mean().item() if (hue_ok >= 0).any() else 0.0)}
+                    drawn = model.generate_image(torch.stack([prompts[k] for k in same]).to(device), n, cfg=SAMPLING["cfg"], temperature=0)
+                for k, t in zip(same, drawn):
+                    tokens[k] = t
+            pictures, own = vq.detokenize(torch.stack(tokens)), torch.tensor([i for i, _ in chosen])
+            out |= {f"{group}_{k}": v for k, v in score_summary(vq.scores(pictures, gallery, own)).items()}
+            grid += [images[own[:12]].cpu(), pictures[:12].cpu()]
+            labels += [f"{GROUPS[group]}: asked", "drawn (greedy, guidance 1.5)"]
         model.train()
-        return out
+        width = max(len(row) for row in grid)
+        return out, torch.stack([torch.cat([row, torch.ones(width - len(row), *row.shape[1:])]) for row in grid]), labels
     return curve
+
 
 # -----------------------------------------------------------------------------
 # Training
@@ -268,7 +285,7 @@ def train(tc, resume=False):
     train_set, val = TokenShards(tc.shards, "train"), TokenShards(tc.shards, "val")
     if not len(train_set) or not len(val):
         raise BadInput(f"{tc.shards} has {len(train_set)} training and {len(val)} held-out examples: training needs both")
-    model, base = build_model(tc, device, train_set.index["codebook_size"])
+    model, base = build_model(tc, device, train_set.index["codebook_size"], train_set.index.get("colour_tokens", 0))
     tokenizer = load_tokenizer(base)
     step, log, state = 0, [], None
     if resume and (out_dir / "state.json").exists():
@@ -326,7 +343,7 @@ def train(tc, resume=False):
     text_ids = english_text(tokenizer)
     global_size = tc.batch_size * world * tc.grad_accum
     bar = tqdm(total=tc.steps, initial=step, desc="training", unit="step", disable=not main_process)
-    curve = None
+    curve = samples = None
     t0, tokens = time.time(), 0
     model.train()
     while step < tc.steps:
@@ -371,19 +388,43 @@ def train(tc, resume=False):
                 log.append({"step": step} | result)
                 bar.write(json.dumps(log[-1]))
         if main_process and tc.curve_every and (step % tc.curve_every == 0 or step == tc.steps):
-            curve = curve or learning_curve_setup(tokenizer, train_set, tc)
-            log.append({"step": step, "epoch": step * global_size / len(train_set)} | curve(model, autocast))
+            curve = curve or learning_curve_setup(model, tokenizer, train_set, tc)
+            figures, *samples = curve(model, autocast)
+            log.append({"step": step, "epoch": step * global_size / len(train_set)} | figures)
             bar.write(json.dumps(log[-1]))
         if main_process and (step % tc.save_every == 0 or step == tc.steps):
-            save_checkpoint(out_dir, model, opt, step, tc, log, train_set.index["vq"], world)
+            save_checkpoint(out_dir, model, opt, step, tc, log, train_set.index["vq"], world, samples)
     bar.close()
     if world > 1:
         dist.destroy_process_group()
     return model
 
 
+def export(run_dir, out):
+    """A run's adapter for sharing, as the committed demo/ is: adapter.safetensors with its image rows in bfloat16
+    (half their size; the LoRA stays float32, and load_adapter reads either), state.json, and the run's VQ as vq/,
+    so that the directory is all sample.py needs besides the base. Each file is replaced by a rename, never half-written."""
+    import shutil
+    from hf import run_inputs
+    state, _, vq_dir = run_inputs(run_dir)
+    tensors = read_tensors(Path(run_dir) / "adapter.safetensors")
+    out = Path(out)
+    (out / "vq").mkdir(parents=True, exist_ok=True)
+    files = {"adapter.safetensors": lambda p: save_file({k: v.to(torch.bfloat16) if k.startswith("image_") else v
+                                                         for k, v in tensors.items()}, p),
+             "state.json": lambda p: p.write_text(json.dumps(state, indent=1))}
+    files |= {f"vq/{name}": lambda p, name=name: shutil.copyfile(Path(vq_dir) / name, p) for name in ("config.json", "model.safetensors")}
+    for name, write in files.items():
+        tmp = out / f"{name}.tmp-{os.getpid()}"
+        write(tmp)
+        os.replace(tmp, out / name)
+    print(f"exported {run_dir} (step {state['step']}) to {out}: {sum((out / n).stat().st_size for n in files) / 1e6:.1f} MB")
+
+
 def main(argv=None):
-    tc, resume, nproc = parse_args(sys.argv[1:] if argv is None else argv)
+    tc, resume, nproc, export_to = parse_args(sys.argv[1:] if argv is None else argv)
+    if export_to:
+        return export(tc.out_dir, export_to)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if nproc is not None and world > 1 and nproc != world:
         raise BadInput(f"--nproc {nproc} asks for {nproc} processes but torchrun started {world}: "

@@ -51,11 +51,30 @@ class VQConfig:
     # >= 0: a cell that is plain white in the image is always this code, whatever the encoder makes of it
     # (emoji are drawn on white: one code for "nothing here" instead of the 174 the demo VQ spread it over)
     background_code: int = -1
+    # > 0: colour gets a token of its own. An image is first turned round the colour wheel until its dominant
+    # hue lies in the first of hue_bins bins; its tokens are one colour token, K + the bin it was turned from
+    # (K + hue_bins: no colour), then the codes of the turned image. A red pear and a blue pear are then the same
+    # codes after different colour tokens: what the LLM learns of a shape carries over to every colour.
+    hue_bins: int = 0
 
     @property
     def grid(self):
         """Codes per image side: 256 px with 5 levels -> 16 x 16 codes."""
         return self.image_size // 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def colour_tokens(self):
+        return self.hue_bins + 1 if self.hue_bins else 0
+
+    @property
+    def vocab_size(self):
+        """Image tokens the LLM learns: the codes, then the colour tokens."""
+        return self.codebook_size + self.colour_tokens
+
+    @property
+    def n_tokens(self):
+        """Tokens per image: the colour token, if any, then grid x grid codes."""
+        return (self.colour_tokens > 0) + self.grid ** 2
 
 
 PRESETS = {
@@ -254,21 +273,83 @@ class VQModel(nn.Module):
         z_q, codes, vq_loss = self.encode(x)
         return self.decode(z_q), codes, vq_loss
 
+    @torch.no_grad()
+    def tokenize(self, x):
+        """images (B, 3, H, W) in [-1, 1] -> the LLM's image tokens (B, n_tokens): [colour token,] codes."""
+        from data import standard_hue
+        cfg = self.config
+        if not cfg.hue_bins:
+            return self.encode(x)[1].flatten(1)
+        turned, bins = standard_hue(x, cfg.hue_bins)  # bins (B,): -1 for no colour
+        colour = cfg.codebook_size + torch.where(bins < 0, cfg.hue_bins, bins)
+        return torch.cat([colour[:, None], self.encode(turned)[1].flatten(1)], dim=1)
+
+    @torch.no_grad()
+    def detokenize(self, tokens):
+        """image tokens (B, n_tokens) -> images (B, 3, H, W) in [-1, 1]: the codes decoded, turned back to their colour."""
+        from data import turn_hue
+        cfg = self.config
+        x = self.decode_codes(tokens[:, -cfg.grid ** 2:].reshape(-1, cfg.grid, cfg.grid)).clamp(-1, 1)
+        if not cfg.hue_bins:
+            return x
+        bins = tokens[:, 0] - cfg.codebook_size  # hue_bins: no colour, no turn
+        return turn_hue(x, torch.where(bins < cfg.hue_bins, bins, 0) / cfg.hue_bins)
+
     def features(self, x):
         """images (B, 3, H, W) -> unit-length encoder features (B, d*h*w): what a picture shows, to find the
         most similar ones (retrieval in analyze.py and train.py's learning curve)."""
         return F.normalize(self.quant_conv(self.encoder(x)).flatten(1), dim=-1)
 
+    def shape_features(self, x):
+        """features() of the image turned to one standard colour (its dominant hue into the first of 12 bins):
+        what it shows whatever its colour, to find the object in a picture drawn in a colour it never had."""
+        from data import standard_hue
+        return self.features(standard_hue(x)[0])
+
     @torch.no_grad()
-    def scores(self, pictures, gallery_features, gallery_hues, own):
-        """Does each picture (B, 3, H, W) show what was asked, the gallery's emoji own (B,)? -> ranks (B,): where
-        that emoji comes among the gallery by feature similarity (0: the most similar, top-1), and hue_ok (B,):
-        1 if the dominant hues agree, 0 if not, -1 where the emoji has no colour to agree with."""
-        from data import dominant_hue
-        similarity = self.features(pictures.clamp(-1, 1)) @ gallery_features.T  # (B, N)
-        ranks = (similarity > similarity.gather(1, own[:, None])).sum(1)
-        want = gallery_hues[own]
-        return ranks, torch.where(want < 0, -1, (dominant_hue(pictures) == want).long())
+    def gallery(self, images, objects, batch_size=256):
+        """What drawn pictures are scored against: a dataset's images (N, 3, H, W) and objects (N,), the index
+        of the image each one is a recoloured copy of (its own index if it is an original)."""
+        from data import colour_word, dominant_hue
+        parts = [(self.features(x), self.shape_features(x)) for x in images.split(batch_size)]
+        return {"features": torch.cat([f for f, _ in parts]), "shapes": torch.cat([s for _, s in parts]),
+                "hues": dominant_hue(images), "colours": [colour_word(x) for x in images], "objects": objects.to(images.device)}
+
+    @torch.no_grad()
+    def scores(self, pictures, gallery, own):
+        """Does each picture (B, 3, H, W) show what was asked, the gallery's image own (B,)? -> per picture:
+        rank, where that image comes among the gallery by feature similarity (0: the most similar, top-1);
+        hue_ok, 1 if the dominant hues agree, 0 if not, -1 where the image has no colour; colour, the colour
+        word of the picture (or None) and colour_ok, whether it is the asked image's (-1: that has none);
+        object_rank, where the asked image's object comes among the gallery's objects by shape, whatever
+        the colours (a blue pear drawn as a green pear is rank 0)."""
+        from data import colour_word, dominant_hue
+        x, own = pictures.clamp(-1, 1), own.to(pictures.device)
+        def rank(f, g, i):  # where g[i] comes among g by similarity to f: the number of entries more similar
+            similarity = f @ g.T  # (B, N)
+            return (similarity > similarity.gather(1, i[:, None])).sum(1)
+        is_object = gallery["objects"] == torch.arange(len(gallery["objects"]), device=x.device)
+        objects = gallery["objects"][own]  # (B,) gallery indices of the asked objects
+        want, drawn = gallery["hues"][own], dominant_hue(x)
+        colour = [colour_word(p) for p in x]
+        asked = [gallery["colours"][i] for i in own.tolist()]
+        return {"rank": rank(self.features(x), gallery["features"], own),
+                "object_rank": rank(self.shape_features(x), gallery["shapes"][is_object], is_object.cumsum(0)[objects] - 1),
+                "hue_ok": torch.where(want < 0, -1, (drawn == want).long()),
+                "colour": colour, "colour_ok": torch.tensor([-1 if a is None else int(a == c) for a, c in zip(asked, colour)], device=x.device)}
+
+
+def score_summary(scores):
+    """VQModel.scores of some pictures -> their figures (shares in 0..1): top-1 and top-5 retrieval of the asked
+    picture, its median rank, hue and colour-word agreement, the asked object in the top 5 by shape, and the
+    colour and the object both right (composition)."""
+    share = lambda ok: ok[ok >= 0].float().mean().item() if (ok >= 0).any() else 0.0  # noqa: E731
+    ranks = scores["rank"]
+    return {"top1": (ranks < 1).float().mean().item(), "top5": (ranks < 5).float().mean().item(),
+            "median_rank": int(ranks.sort().values[len(ranks) // 2]), "hue": share(scores["hue_ok"]),
+            "colour": share(scores["colour_ok"]), "object_top1": (scores["object_rank"] < 1).float().mean().item(),
+            "object_top5": (scores["object_rank"] < 5).float().mean().item(),
+            "both": share(torch.where(scores["colour_ok"] >= 0, scores["colour_ok"] * (scores["object_rank"] < 5), -1))}
 
 
 def white_cells(x, grid):
@@ -361,6 +442,7 @@ class TrainConfig:
     seed: int = 0
     background: bool = False  # plain-white cells get one code: the one the encoder gives the middle of a white image
     decoder_of: str = ""  # train only the decoder of this trained VQ: its encoder and codebook, every code's meaning, stay
+    hue_bins: int = 0  # > 0: colour as a token of its own (VQConfig.hue_bins): train on images turned to the first bin
 
 
 def psnr(x, y):
@@ -383,7 +465,7 @@ def restart_dead_codes(model, usage, latents, generator):
 
 def train(data, out, tc, resume=False, device=None, max_minutes=None, vq_config=None):
     """Train (or with resume=True continue) a VQ on a folder dataset; checkpoints go to `out`."""
-    from data import augment, load_images, read_folder
+    from data import augment, load_images, read_folder, standard_hue
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out)
     recover_dir(out)
@@ -403,6 +485,8 @@ def train(data, out, tc, resume=False, device=None, max_minutes=None, vq_config=
         with torch.no_grad():
             white = model.encode(torch.ones(1, 3, model.config.image_size, model.config.image_size))[1][0, g // 2, g // 2]
         model.config = replace(model.config, background_code=int(white))
+    if tc.hue_bins:
+        model.config = replace(model.config, hue_bins=tc.hue_bins)
     for part in (model.encoder, model.quant_conv, model.quantize) if tc.decoder_of else ():
         part.requires_grad_(False)
     cfg = model.config
@@ -430,6 +514,8 @@ def train(data, out, tc, resume=False, device=None, max_minutes=None, vq_config=
     while step < tc.steps:
         g = torch.Generator().manual_seed(tc.seed * 1000003 + step)
         x = augment(images[torch.from_numpy(batch_at(len(images), tc.batch_size, step, tc.seed))], g).to(device)
+        if cfg.hue_bins:  # the codes then only need to draw shapes in one colour; the colour token says which
+            x = standard_hue(x, cfg.hue_bins)[0]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc.lr, tc.warmup, tc.steps)
         with autocast, torch.set_grad_enabled(not tc.decoder_of):
@@ -486,15 +572,15 @@ def save_training(model, opt, usage, step, tc, log, out):
 
 @torch.no_grad()
 def encode_images(model, images, batch_size=64):
-    """(N, 3, H, W) in [-1, 1] -> codes (N, h, w) int64"""
-    return torch.cat([model.encode(images[i:i + batch_size])[1] for i in range(0, len(images), batch_size)])
+    """(N, 3, H, W) in [-1, 1] -> image tokens (N, n_tokens) int64"""
+    return torch.cat([model.tokenize(x) for x in images.split(batch_size)])
 
 
 @torch.no_grad()
 def reconstruct(model, images):
-    """(N, 3, H, W) in [-1, 1] -> their codes (N, h, w) and the images decoded from them (N, 3, H, W)"""
-    codes = encode_images(model, images)
-    return codes, torch.cat([model.decode_codes(codes[i:i + 64]) for i in range(0, len(codes), 64)])
+    """(N, 3, H, W) in [-1, 1] -> their tokens (N, n_tokens) and the images decoded from them (N, 3, H, W)"""
+    tokens = encode_images(model, images)
+    return tokens, torch.cat([model.detokenize(t) for t in tokens.split(64)])
 
 
 def held_out_figures(images, recon):
@@ -510,7 +596,8 @@ def evaluate(model, data, grid=None):
     from data import load_images, read_folder
     rows = read_folder(data)
     rows, images = load_images(rows, model.config.image_size)
-    codes, recon = reconstruct(model, images)
+    tokens, recon = reconstruct(model, images)
+    codes = tokens[:, -model.config.grid ** 2:].reshape(-1, model.config.grid, model.config.grid)  # (N, h, w)
     val = torch.tensor([r["split"] == "val" for r in rows])
     counts = torch.bincount(codes.flatten(), minlength=model.config.codebook_size).float()
     p = counts / counts.sum()
@@ -598,6 +685,8 @@ def main(argv=None):
     if args.cmd == "train":
         if args.preset not in PRESETS:
             raise BadInput(f"unknown preset {args.preset!r}: {', '.join(PRESETS)}")
+        if not 0 <= args.hue_bins <= 360:
+            raise BadInput(f"--hue-bins must be 0 (no colour tokens) .. 360 (got {args.hue_bins})")
         tc = TrainConfig(**{f: getattr(args, f) for f in asdict(TrainConfig())})
         train(args.data, args.out, tc, resume=args.resume, max_minutes=args.max_minutes)
     elif args.cmd == "eval":
@@ -618,23 +707,25 @@ def main(argv=None):
             print(json.dumps({"image": f, "codes": encode_images(model, x[None])[0].tolist()}))
     elif args.cmd == "decode":
         model = load_vq(args.vq)
-        g, K = model.config.grid, model.config.codebook_size
+        cfg = model.config
+        n, K, C = cfg.n_tokens, cfg.codebook_size, cfg.colour_tokens
+        want = f"{n} integers: " + (f"a colour token in {K}..{K + C - 1}, then " if C else "") + f"{cfg.grid} x {cfg.grid} codes in 0..{K - 1}"
         if not Path(args.codes).is_file():
             raise BadInput(f"no codes file {args.codes}")
         codes = []
-        for n, line in enumerate(Path(args.codes).read_text().splitlines(), 1):
+        for i, line in enumerate(Path(args.codes).read_text().splitlines(), 1):
             if line.strip():
                 try:
-                    c = torch.tensor(json.loads(line)["codes"])
+                    c = torch.tensor(json.loads(line)["codes"]).flatten()
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    raise BadInput(f"{args.codes}:{n}: expected a JSON object with \"codes\": a grid of {g} x {g} integers") from None
-                if c.dtype != torch.int64 or c.numel() != g * g or not (0 <= c.min() and c.max() < K):
-                    raise BadInput(f"{args.codes}:{n}: expected {g} x {g} = {g * g} integer codes in 0..{K - 1} for this VQ")
-                codes.append(c.view(g, g))
+                    raise BadInput(f"{args.codes}:{i}: expected a JSON object with \"codes\": {want}") from None
+                if c.dtype != torch.int64 or c.numel() != n or not (0 <= c[C > 0:].min() and c[C > 0:].max() < K) or \
+                        (C and not K <= c[0] < K + C):
+                    raise BadInput(f"{args.codes}:{i}: expected {want} for this VQ")
+                codes.append(c)
         if not codes:
             raise BadInput(f"no codes in {args.codes}")
-        with torch.no_grad():
-            save_grid(model.decode_codes(torch.stack(codes))[None], args.out, size=256)
+        save_grid(model.detokenize(torch.stack(codes))[None], args.out, size=256)
     elif args.cmd == "convert-llamagen":
         convert_llamagen(args.src, args.out, args.image_size)
 

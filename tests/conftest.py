@@ -102,7 +102,11 @@ def tiny_setup(tmp_path, tiny_ckpt):
         im = Image.new("RGB", (16, 16), "white")
         im.paste(colours[i % 4], (1 + i % 6, 2, 9 + i % 6, 12))
         im.save(folder / f"{i}.png")
-        lines.append(json.dumps({"image": f"{i}.png", "caption": f"w{10 + i % 4} w{20 + i % 6}", "split": "val" if i < 4 else "train"}))
+        row = {"image": f"{i}.png", "caption": f"w{10 + i % 4} w{20 + i % 6}", "split": "val" if i < 4 else "train",
+               "colour": ["red", "green", "blue", "yellow"][i % 4]}
+        if i < 2:  # held out as pairs: the same shape as image i + 6, in a colour it is not trained in
+            row["object"] = f"{i + 6}.png"
+        lines.append(json.dumps(row))
     (folder / "captions.jsonl").write_text("\n".join(lines))
     torch.manual_seed(0)
     vq.save_vq(vq.VQModel(vq.VQConfig(image_size=16, codebook_size=16, codebook_dim=4, ch=32, ch_mult=(1, 2),

@@ -67,18 +67,24 @@ def test_report_on_a_tiny_trained_model(tiny_setup, tmp_path):
         spec = torch.tensor(report[when]["specificity"])
         assert spec.shape == (2, 4) and ((-1 <= spec) & (spec <= 1)).all()
         assert all(0 <= c <= 1 + 1e-6 for c in report[when]["cka"])
-    assert min(report["images"]["vq_frechet"], report["images"]["vq_frechet_real_vs_real"]) > -1e-6
-    for split in ("train", "val"):
-        im = report["images"][split]
-        assert 0 <= im["hue_match"] <= 1 and 0 <= im["top1"] <= im["top5"] <= 1 and len(im["captions"]) == 3
-        assert 1 / 3 <= im["hue_base_rate"] <= 1  # the commonest hue's share among at most 3 coloured emoji
+    assert min(report["images"]["val"]["vq_frechet"], report["images"]["val"]["vq_frechet_real_vs_real"]) > -1e-6
+    for group, n in (("train", 3), ("val", 2), ("pairs", 2)):  # the fixture holds out 2 squares and 2 (shape, colour) pairs
+        im = report["images"][group]
+        assert 0 <= im["hue"] <= 1 and 0 <= im["top1"] <= im["top5"] <= 1 and len(im["captions"]) == n
+        assert 0 <= im["both"] <= min(im["colour"], im["object_top5"]) and 0 <= im["object_top1"] <= im["object_top5"] <= 1
+        assert 1 / n <= im["colour_base_rate"] <= 1  # the commonest asked colour's share
         assert all(0 <= r < 24 for r in im["ranks"])  # a rank among the 24 pictures of the tiny dataset
+        assert all(0 <= r < 22 for r in im["object_ranks"])  # ... among its 22 objects (2 pictures are recoloured copies)
+        assert len(im["asked_colours"]) == len(im["drawn_colours"]) == n
+    assert report["images"]["pairs"]["captions"] == ["w10 w20", "w11 w21"]  # squares 0 and 1, held out as pairs
+    assert report["images"]["pairs"]["asked_colours"] == ["red", "green"]
     assert report["c2"]["LoRA router"] > 0 and report["c2"]["base"] > 0
     use = report["caption_use"]
     assert set(use) == {"own caption", "another's caption", "no caption"}
     assert all(v["all"] > 0 and v["first_code"] > 0 for v in use.values())
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Routing by modality" in text and "identical" in text and (tmp_path / "report" / "specificity_after.png").exists()
+    assert "colour and object both right" in text and (tmp_path / "report" / "colour_confusion.png").exists()
     json.loads((tmp_path / "report" / "report.json").read_text())
 
 

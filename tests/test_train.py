@@ -324,6 +324,10 @@ def test_learning_curve_and_warm_start(tiny_setup):
     point = next(r for r in json.loads((tiny_setup["tmp"] / "w" / "state.json").read_text())["log"] if "train_top1" in r)
     assert 0 <= point["train_top1"] <= point["train_top5"] <= 1 and 0 <= point["val_hue"] <= 1
     assert 0 <= point["val_median_rank"] < 24 and point["epoch"] == 2 * 4 / 20
+    assert 0 <= point["pairs_both"] <= min(point["pairs_colour"], point["pairs_object_top5"]) <= 1  # the fixture's held-out pairs
+    from PIL import Image
+    with Image.open(tiny_setup["tmp"] / "w" / "samples.png") as im:  # asked over drawn, for each of the three groups
+        assert im.size[1] > 6 * 64
     # a fresh out_dir continues from another run's adapter and step, with a fresh optimizer
     more = train.TrainConfig(**{**tc.__dict__, "out_dir": str(tiny_setup["tmp"] / "w2"), "steps": 3, "curve_every": 0,
                                 "init_from": str(tiny_setup["tmp"] / "w")})
@@ -332,6 +336,22 @@ def test_learning_curve_and_warm_start(tiny_setup):
     assert state["step"] == 3 and {"step": 2, "warm_start": str(tiny_setup["tmp"] / "w")} in state["log"]
     assert not torch.equal(model.image_embed, MMMoE.from_pretrained(tiny_setup["base"]).add_image_adapter(
         AdapterConfig(n_image_codes=16, rank=4)).image_embed)  # it carries trained rows, not a fresh init
+
+
+def test_export_halves_the_image_rows_and_is_all_sample_needs(tiny_setup):
+    run, out = tiny_setup["tmp"] / "run", tiny_setup["tmp"] / "shared"
+    args = [f"--base={tiny_setup['base']}", f"--shards={tiny_setup['shards']}", f"--out_dir={run}"]
+    train.main(args + ["--rank=4", "--batch_size=4", "--steps=2", "--warmup=1", "--eval_every=2", "--eval_batches=1", "--init=mean"])
+    train.main(args + ["--export", str(out)])
+    full, half = load_file(run / "adapter.safetensors"), load_file(out / "adapter.safetensors")
+    assert full.keys() == half.keys() and half["image_embed"].dtype == torch.bfloat16
+    assert all(torch.equal(half[k], full[k]) for k in full if not k.startswith("image_"))  # the LoRA as trained
+    import sample
+    model, _, vq = sample.load_pipeline(out)  # the exported directory alone (its vq/ beside the adapter)
+    assert torch.equal(model.image_embed, full["image_embed"].to(torch.bfloat16).float())
+    assert (out / "vq" / "config.json").read_text() == (tiny_setup["vq"] / "config.json").read_text()
+    train.main([f"--out_dir={out}", "--export", str(tiny_setup["tmp"] / "again")])  # bf16 -> float32 -> bf16 is exact
+    assert (tiny_setup["tmp"] / "again" / "adapter.safetensors").read_bytes() == (out / "adapter.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("args,words", [(["--lr=abc"], "--lr=abc: expected a number"), (["--attention=flase"], "expected true or false"),

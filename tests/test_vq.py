@@ -29,18 +29,50 @@ def test_encode_decode_shapes():
     assert vq.PRESETS["demo"].grid ** 2 == 64 and vq.PRESETS["llamagen-vq16"].grid == 16
 
 
-def test_scores_find_each_picture_itself_and_its_colour():
-    from data import dominant_hue
+def test_scores_find_each_picture_itself_its_colour_and_its_object():
+    from data import turn_hue
+    torch.manual_seed(0)
     model = vq.VQModel(TINY).eval()
-    gallery = torch.ones(6, 3, 16, 16)  # white, then five squares of other colours, one black
+    gallery = torch.ones(8, 3, 16, 16)  # white, then five squares of other colours, one black, then two crosses
     for i, rgb in enumerate([(1, -1, -1), (-1, 1, -1), (-1, -1, 1), (1, 1, -1), (-1, -1, -1)], 1):
         gallery[i, :, 4:12, 4:12] = torch.tensor(rgb, dtype=torch.float)[:, None, None]
-    features, hues = model.features(gallery), dominant_hue(gallery)
-    ranks, hue_ok = model.scores(gallery, features, hues, torch.arange(6))
-    assert ranks.tolist() == [0] * 6  # every picture is the most similar to itself
-    assert hue_ok.tolist() == [-1, 1, 1, 1, 1, -1]  # white and black have no colour to agree with
-    ranks, hue_ok = model.scores(gallery[[2]], features, hues, torch.tensor([1]))  # green drawn, red asked
-    assert ranks.item() >= 1 and hue_ok.item() == 0
+    gallery[6, :, 7:9, 2:14] = gallery[6, :, 2:14, 7:9] = torch.tensor([1.0, -1, -1])[:, None, None]  # a red cross
+    gallery[7] = turn_hue(gallery[6:7], torch.tensor([2 / 3]))[0]  # ... recoloured blue: a copy of object 6
+    g = model.gallery(gallery, torch.tensor([0, 1, 2, 3, 4, 5, 6, 6]))
+    assert g["colours"] == [None, "red", "green", "blue", "yellow", None, "red", "blue"]
+    s = model.scores(gallery, g, torch.arange(8))
+    assert s["rank"].tolist() == [0] * 8  # every picture is the most similar to itself
+    assert s["hue_ok"].tolist() == [-1, 1, 1, 1, 1, -1, 1, 1]  # white and black have no colour to agree with
+    assert s["colour_ok"].tolist() == [-1, 1, 1, 1, 1, -1, 1, 1] and s["colour"] == g["colours"]
+    s = model.scores(gallery[[2, 6]], g, torch.tensor([1, 7]))  # green drawn for red; a red cross for the blue one
+    assert s["rank"][0] >= 1 and s["hue_ok"].tolist() == [0, 0] and s["colour_ok"].tolist() == [0, 0]
+    assert s["object_rank"][1] == 0  # by shape, whatever the colour, the red cross is the blue cross's object
+    figures = vq.score_summary(model.scores(gallery[[6]], g, torch.tensor([7])))
+    assert figures["colour"] == 0 and figures["object_top1"] == 1 and figures["both"] == 0
+    s = model.scores(gallery[[2]], g, torch.tensor([6]))  # a green square for the red cross: the four squares come first
+    assert s["object_rank"].item() >= 4 and vq.score_summary(s)["object_top1"] == 0
+
+
+def test_colour_tokens_factor_colour_out_of_the_codes():
+    from data import dominant_hue, turn_hue
+    torch.manual_seed(0)
+    cfg = vq.VQConfig(**{**asdict(TINY), "hue_bins": 12})
+    assert (cfg.colour_tokens, cfg.vocab_size, cfg.n_tokens) == (13, 16 + 13, 1 + 64)
+    model = vq.VQModel(cfg).eval()
+    x = torch.ones(4, 3, 16, 16)
+    x[:3, :, 3:13, 5:11] = torch.tensor([0.9, -0.6, -0.8])[:, None, None]  # a red bar ...
+    x[1:3] = turn_hue(x[1:3], torch.tensor([1 / 3, 7 / 12]))  # ... turned green and blue; a white picture
+    tokens = model.tokenize(x)
+    assert tokens.shape == (4, 65) and tokens[:, 1:].max() < 16
+    assert (tokens[:, 0] - 16).tolist() == [0, 4, 7, 12]  # the bin each came from; 12: no colour
+    assert torch.equal(tokens[1, 1:], tokens[0, 1:]) and torch.equal(tokens[2, 1:], tokens[0, 1:])  # one shape: one set of codes
+    plain = vq.VQModel(TINY).eval()  # the same weights without colour tokens
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(plain.tokenize(x[:1]), tokens[:1, 1:])  # red is the first bin already: no turn
+    back, shape = model.detokenize(tokens), plain.detokenize(tokens[:, 1:])  # (4, 3, 16, 16) each
+    # each picture is the one decoded shape, turned back by its colour token's bin (no colour: not turned)
+    assert torch.allclose(back, turn_hue(shape, torch.tensor([0, 4, 7, 0]) / 12), atol=1e-5)
+    assert dominant_hue(x[:3]).tolist() == [0, 4, 7]
 
 
 def test_codes_are_the_most_similar_codebook_direction():
@@ -104,15 +136,19 @@ def test_convert_llamagen_checkpoint(tmp_path):
 
 def test_decode_checks_its_codes(tmp_path):
     vq.save_vq(vq.VQModel(TINY), tmp_path / "v")  # 16 px, 8 x 8 codes of 16
-    good = {"codes": [[1, 2, 3, 4] * 2] * 8}
-    (tmp_path / "c.jsonl").write_text(json.dumps(good) + "\n")
-    vq.main(["decode", "--vq", str(tmp_path / "v"), "--codes", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "x.png")])
-    assert Image.open(tmp_path / "x.png").size[0] == 256  # shown at viewing size
-    for bad, words in [({"codes": [[1, 2, 3, 4]] * 4}, "expected 8 x 8 = 64 integer codes"), ({"codes": [[0.5] * 8] * 8}, "integer codes"),
-                       ({"codes": [[1, 2, 3], [4]]}, "a grid of 8 x 8"), ({"codes": [[99] * 8] * 8}, "in 0..15"), ({"code": []}, "with \"codes\"")]:
+    vq.save_vq(vq.VQModel(vq.VQConfig(**{**asdict(TINY), "hue_bins": 12})), tmp_path / "hue")  # + 13 colour tokens
+    for model, good in (("v", {"codes": [[1, 2, 3, 4] * 2] * 8}), ("hue", {"codes": [20] + [1, 2, 3, 4] * 16})):
+        (tmp_path / "c.jsonl").write_text(json.dumps(good) + "\n")
+        vq.main(["decode", "--vq", str(tmp_path / model), "--codes", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "x.png")])
+        assert Image.open(tmp_path / "x.png").size[0] == 256  # shown at viewing size
+    for model, bad, words in [("v", {"codes": [[1, 2, 3, 4]] * 4}, "expected 64 integers: 8 x 8 codes in 0..15"),
+                              ("v", {"codes": [[0.5] * 8] * 8}, "64 integers"), ("v", {"codes": [[1, 2, 3], [4]]}, "with \"codes\""),
+                              ("v", {"codes": [[99] * 8] * 8}, "in 0..15"), ("v", {"code": []}, "with \"codes\""),
+                              ("hue", {"codes": [1] * 65}, "a colour token in 16..28, then 8 x 8 codes"),
+                              ("hue", {"codes": [20] + [17] * 64}, "codes in 0..15"), ("hue", {"codes": [20] * 64}, "65 integers")]:
         (tmp_path / "c.jsonl").write_text(json.dumps(bad) + "\n")
         with pytest.raises(BadInput, match=words):
-            vq.main(["decode", "--vq", str(tmp_path / "v"), "--codes", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "y.png")])
+            vq.main(["decode", "--vq", str(tmp_path / model), "--codes", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "y.png")])
     assert not (tmp_path / "y.png").exists()
 
 
