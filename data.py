@@ -363,7 +363,7 @@ def augment(x, generator, max_shift=0.06):
     """Light augmentation that keeps any caption true: each image moved by a whole number of pixels, up to
     max_shift of its side, white filling in. Whole pixels keep every edge as sharp as in the original: a
     sub-pixel move or a zoom resamples, blurs every picture trained on, and a VQ trained on those drew real
-    (sharp) emoji 0.7 dB worse (README). No flips: they would turn a right arrow into a left one."""
+    (sharp) emoji 0.7 dB worse (docs/vq.md). No flips: they would turn a right arrow into a left one."""
     B, C, H, W = x.shape
     m = round(max_shift * H)
     padded = torch.nn.functional.pad(x, (m, m, m, m), value=1.0)  # (B, C, H + 2m, W + 2m), white around

@@ -335,7 +335,7 @@ def keep_freed_memory():
     """Make glibc's malloc keep freed memory for reuse. PyTorch's CPU tensors come straight from malloc, and
     glibc hands a block of more than a few MB back to the system when it is freed, so every training step's
     activations would be fresh pages the kernel must fault in and zero: 10-20% of a VQ step on these CPUs
-    (README: Speed). Training reallocates the same sizes every step, so the memory is not lost, only kept.
+    (docs/speed.md). Training reallocates the same sizes every step, so the memory is not lost, only kept.
     No-op where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")

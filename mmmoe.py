@@ -29,7 +29,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def native_bfloat16(device):
     """Does this device compute in bf16 natively? A CPU without AVX512-BF16 or AMX emulates it: on this
-    project's AVX2 machine a bf16 matmul ran 6x slower than float32 (README, "Training")."""
+    project's AVX2 machine a bf16 matmul ran 6x slower than float32 (docs/training.md)."""
     return device.type == "cuda" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 # -----------------------------------------------------------------------------
@@ -355,7 +355,7 @@ class Block(nn.Module):
 # The model
 
 
-# Image sampling defaults, chosen by measurement on the demo (README, "The demo model"): guidance 3 and temperature
+# Image sampling defaults, chosen by measurement on the demo (docs/demo.md): guidance 3 and temperature
 # 1 drew none of 16 training emoji recognisably; guidance 1.5, temperature 0.7, top-k 50 drew 69% (greedy 88%).
 SAMPLING = {"cfg": 1.5, "temperature": 0.7, "top_k": 50}
 

@@ -2,7 +2,7 @@
 train.py: Partial-LoRA multimodal fine-tuning, the paper's method. A frozen text MoE learns to write
 image codes; every text token keeps going through the frozen weights.
 
-    python train.py config/cpu-demo.json --resume         # the built-in demo's recipe (README: its run)
+    python train.py config/cpu-demo.json --resume         # the first demo's recipe (docs/demo.md)
     python train.py config/tiny.json --steps=20           # a smoke test on CPU
     python train.py config/demo.json --resume             # continue exactly where the last checkpoint stopped
     torchrun --nproc_per_node 8 train.py config/demo.json # DDP; add --fsdp for bases that do not fit a GPU
@@ -274,7 +274,7 @@ def train(tc, resume=False):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    keep_freed_memory()  # every step allocates the same activations again: reuse the memory (README: Speed)
+    keep_freed_memory()  # every step allocates the same activations again: reuse the memory (docs/speed.md)
     torch.manual_seed(tc.seed)
     out_dir, main_process = Path(tc.out_dir), rank == 0
     recover_dir(out_dir)  # a run killed while saving left its newest whole checkpoint beside out_dir

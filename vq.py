@@ -83,7 +83,7 @@ PRESETS = {
     # The built-in demo: 32 px emoji -> 8 x 8 = 64 codes, one per 4 x 4 pixels. 64 codes keep an image's
     # token sequence short enough to train and sample on a CPU; at 32 px an emoji still reads at a glance,
     # and a code covers 4x fewer pixels than at 64 px. 16,384 codes: 14 bits a cell, not 10, is what the
-    # 64 codes lacked most (README: what was tried, with numbers).
+    # 64 codes lacked most (docs/vq.md: what was tried, with numbers).
     "demo": VQConfig(image_size=32, codebook_size=16384, codebook_dim=8, ch=32, ch_mult=(1, 2, 4),
                      num_res_blocks=1, z_channels=128),
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GW-init comparison (README, "Gromov-Wasserstein initialisation"): the demo's recipe, 200 steps of 8 sequences,
+# The GW-init comparison (docs/gw.md): the demo's recipe, 200 steps of 8 sequences,
 # for gw / random / mean at the paper's full scale and gw at a quarter of it, 3 seeds each (12 runs), then the table
 # and PNG. Resumable: rerun it and every run continues from its last checkpoint (a finished one only loads and exits).
 #     bash config/compare-init.sh [RUNS_DIR]        # default ~/.cache/mmmoe/runs/init; ~7 min a run on 2 CPU cores
