@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from cli import BadInput, run
 from data import make_batch
-from hf import run_inputs
+from runs import run_inputs
 from mmmoe import SAMPLING, MMMoE, linear
 
 DEMO = Path(__file__).parent / "demo"  # the committed demo model, as sample.py draws with it

@@ -22,7 +22,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from safetensors.torch import save_file
 
 from cli import BadInput, run
-from hf import hf_state_dict, load_checkpoint, load_tokenizer, read_json, read_tensors, write_hf_checkpoint
+from hf import hf_state_dict, load_checkpoint, load_tokenizer, write_hf_checkpoint
+from runs import read_json, read_tensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from cli import BadInput, run
-from hf import load_tokenizer, run_inputs
+from hf import load_tokenizer
+from runs import run_inputs
 from mmmoe import SAMPLING, MMMoE
 
 DEMO = Path(__file__).parent / "demo"  # the committed demo: adapter.safetensors + state.json, and vq/

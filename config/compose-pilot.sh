@@ -14,11 +14,11 @@ runs=${RUNS:-$HOME/.cache/mmmoe/runs/compose}
 objects=${OBJECTS:-40} recolours=${RECOLOURS:-11} hue=${HUE_BINS:-0}
 mkdir -p "$runs"
 data=$runs/openmoji-$objects-objects-$recolours-colours
-[ -f "$data/captions.jsonl" ] || python data.py openmoji --out "$data" --recolours "$recolours" --objects "$objects"
+[ -f "$data/captions.jsonl" ] || python data/openmoji/prepare.py --out "$data" --recolours "$recolours" --objects "$objects"
 vq=demo/vq16k
 if [ "$hue" != 0 ]; then  # demo/vq16k's encoder and codes, its decoder fine-tuned on emoji turned to the first hue bin
   vq=$runs/vq16k-hue$hue
-  [ -f "$runs/openmoji/captions.jsonl" ] || python data.py openmoji --out "$runs/openmoji"
+  [ -f "$runs/openmoji/captions.jsonl" ] || python data/openmoji/prepare.py --out "$runs/openmoji"
   python vq.py train --data "$runs/openmoji" --out "$vq" --decoder-of demo/vq16k --hue-bins "$hue" --steps 500 \
     --lr 5e-4 --warmup 20 --chroma-loss 5 --eval-every 250 --resume      # a finished run only loads and exits
 fi

@@ -1,4 +1,4 @@
-"""data.py: OpenMoji captions and rendering, folder datasets with bad files, token shards."""
+"""data/: OpenMoji captions and rendering (data/openmoji/prepare.py), folder datasets with bad files, token shards."""
 import json
 
 import numpy as np
@@ -10,48 +10,66 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import data
 import vq
+from data.openmoji import prepare
 from mmmoe import BadInput
 
 
 def test_emoji_captions():
-    assert data.emoji_caption([0x1F6B2]) == "bicycle"
-    assert data.emoji_caption([0x1F499]) == "blue heart"
-    assert data.emoji_caption([0x2764, 0xFE0F]) == "red heart"  # not Unicode's "heavy black heart"
-    assert data.emoji_caption([0x1F44B, 0x1F3FD]) == "waving hand sign, medium skin tone"
-    assert data.emoji_caption([0x1F468, 0x200D, 0x1F373]) == "man cooking"
-    assert data.emoji_caption([0x1F3C3, 0x200D, 0x2640, 0xFE0F]) == "woman runner"
-    assert data.emoji_caption([0x0035, 0xFE0F, 0x20E3]) == "keycap 5"
-    assert data.emoji_caption([0x1F1E9, 0x1F1EA]) is None  # flags: no names offline
-    assert data.emoji_caption([0xE000]) is None  # OpenMoji's private-use extras
-    names = [p.stem for p in (data.openmoji_dir() / "svg").glob("*.svg")]
-    captioned = {data.emoji_caption([int(h, 16) for h in n.split("-")]) for n in names} - {None}
+    assert prepare.emoji_caption([0x1F6B2]) == "bicycle"
+    assert prepare.emoji_caption([0x1F499]) == "blue heart"
+    assert prepare.emoji_caption([0x2764, 0xFE0F]) == "red heart"  # not Unicode's "heavy black heart"
+    assert prepare.emoji_caption([0x1F44B, 0x1F3FD]) == "waving hand sign, medium skin tone"
+    assert prepare.emoji_caption([0x1F468, 0x200D, 0x1F373]) == "man cooking"
+    assert prepare.emoji_caption([0x1F3C3, 0x200D, 0x2640, 0xFE0F]) == "woman runner"
+    assert prepare.emoji_caption([0x0035, 0xFE0F, 0x20E3]) == "keycap 5"
+    assert prepare.emoji_caption([0x1F1E9, 0x1F1EA]) is None  # flags: no names offline
+    assert prepare.emoji_caption([0xE000]) is None  # OpenMoji's private-use extras
+    names = [p.stem for p in (prepare.openmoji_dir() / "svg").glob("*.svg")]
+    captioned = {prepare.emoji_caption([int(h, 16) for h in n.split("-")]) for n in names} - {None}
     assert len(captioned) > 3000
 
 
 def test_render_emoji_fits_and_keeps_colour():
     from PIL import ImageFont
-    font = ImageFont.truetype(str(data.openmoji_dir() / "font" / "glyf_colr0.ttf"), 300)
-    bike = np.asarray(data.render_emoji("\U0001F6B2", font, 64)).astype(int)
+    font = ImageFont.truetype(str(prepare.openmoji_dir() / "font" / "glyf_colr0.ttf"), 300)
+    bike = np.asarray(prepare.render_emoji("\U0001F6B2", font, 64)).astype(int)
     assert bike.shape == (64, 64, 3)
     border = lambda im: np.concatenate([im[0], im[-1], im[:, 0], im[:, -1]])  # noqa: E731
     assert border(bike).min() > 240  # a clipped glyph would put its black outline on the border
     ink = bike[(bike.min(-1) < 200) & (bike.max(-1) - bike.min(-1) > 60)]  # coloured pixels
     assert len(ink) > 50 and (ink[:, 0] > ink[:, 1] + 60).mean() > 0.8  # OpenMoji's bicycle is red
-    chef = np.asarray(data.render_emoji("\U0001F468\u200D\U0001F373", font, 64))  # a ZWJ sequence: one glyph
+    chef = np.asarray(prepare.render_emoji("\U0001F468\u200D\U0001F373", font, 64))  # a ZWJ sequence: one glyph
     assert border(chef).min() > 240 and chef.min() < 100
 
 
 def test_recolour_turns_hues_and_keeps_white_and_outlines():
     from PIL import ImageFont
-    font = ImageFont.truetype(str(data.openmoji_dir() / "font" / "glyf_colr0.ttf"), 300)
-    bike = data.render_emoji("\U0001F6B2", font, 64)  # red
+    font = ImageFont.truetype(str(prepare.openmoji_dir() / "font" / "glyf_colr0.ttf"), 300)
+    bike = prepare.render_emoji("\U0001F6B2", font, 64)  # red
     assert data.colour_word(data.as_tensor(bike)) == "red"
-    assert data.colour_word(data.as_tensor(data.recolour(bike, 1 / 3))) == "green"
-    assert data.colour_word(data.as_tensor(data.recolour(bike, 2 / 3))) == "blue"
-    before, after = np.asarray(bike).astype(int), np.asarray(data.recolour(bike, 1 / 3)).astype(int)
+    assert data.colour_word(data.as_tensor(prepare.recolour(bike, 1 / 3))) == "green"
+    assert data.colour_word(data.as_tensor(prepare.recolour(bike, 2 / 3))) == "blue"
+    before, after = np.asarray(bike).astype(int), np.asarray(prepare.recolour(bike, 1 / 3)).astype(int)
     grey = before.max(-1) - before.min(-1) < 8  # white background, black outline
     assert grey.mean() > 0.5 and np.abs(after[grey] - before[grey]).max() <= 8
-    assert np.abs(np.asarray(data.recolour(bike, 0)).astype(int) - before).max() <= 8  # no turn: the same picture
+    assert np.abs(np.asarray(prepare.recolour(bike, 0)).astype(int) - before).max() <= 8  # no turn: the same picture
+
+
+def test_recoloured_objects_hold_one_colour_each_out(tmp_path):
+    prepare.build_openmoji(tmp_path / "om", size=32, recolours=5, objects=4)
+    rows = data.read_folder(tmp_path / "om")
+    originals = [r for r in rows if r["object"] is None]
+    assert len(originals) == 4 and all(r["split"] == "train" and r["colour"] for r in originals)
+    for o in originals:
+        copies = [r for r in rows if r["object"] == o["image"]]
+        held = {r["colour"] for r in copies if r["split"] == "val"}
+        assert len(held) == 1 and held == {prepare.held_out_colour(o["caption"], {r["colour"] for r in copies})}
+        assert o["colour"] not in {r["colour"] for r in copies}  # a copy has a colour of its own
+        assert all(r["captions"] == [prepare.phrasings(o["caption"], r["colour"])[-1]] for r in copies)  # "a blue ..."
+        assert all(data.colour_word(data.load_image(r["image"], 32)) == r["colour"] for r in copies)
+    assert data.object_index(rows).tolist() == [next(i for i, o in enumerate(rows) if o["image"] == (r["object"] or r["image"])) for r in rows]
+    # the same pairs on every machine and run: a hash of name and colour, not an order or a random draw
+    assert prepare.held_out_colour("pear", {"blue", "red", "pink"}) == prepare.held_out_colour("pear", ["pink", "red", "blue"])
 
 
 def test_held_out_split_is_fixed_by_name():
@@ -163,9 +181,9 @@ def test_colour_words_and_phrasings():
                                                    (60, 30, 220), (140, 90, 40), (128, 128, 128)]]
     assert words == ["red", "orange", "yellow", "green", "blue", "brown", None]  # grey has no colour word
     assert data.colour_word(square((220, 30, 30), (40, 200, 40))) is None  # two colours, neither dominant
-    assert data.phrasings("bicycle", "red") == ["bicycle", "a bicycle", "an emoji of a bicycle", "a red bicycle"]
-    assert data.phrasings("apple", "orange")[1:] == ["an apple", "an emoji of an apple", "an orange apple"]
-    assert data.phrasings("blue heart", "blue") == ["blue heart", "a blue heart", "an emoji of a blue heart"]
+    assert prepare.phrasings("bicycle", "red") == ["bicycle", "a bicycle", "an emoji of a bicycle", "a red bicycle"]
+    assert prepare.phrasings("apple", "orange")[1:] == ["an apple", "an emoji of an apple", "an orange apple"]
+    assert prepare.phrasings("blue heart", "blue") == ["blue heart", "a blue heart", "an emoji of a blue heart"]
 
 
 def test_a_list_of_captions_makes_one_example_each(tmp_path):
