@@ -618,7 +618,7 @@ class MMMoE(nn.Module):
         the colour tokens, if the tokenizer has them, then the codes. With cfg, each row gets an unconditional
         twin, the caption replaced by <eos> (train.py's caption dropout), and the two rows' logits mix:
         uncond + cfg * (cond - uncond) (classifier-free guidance)."""
-        B, K, C = prompt_ids.shape[0], self.adapter.n_image_codes, self.adapter.colour_tokens
+        B, K, n_colours = prompt_ids.shape[0], self.adapter.n_image_codes, self.adapter.colour_tokens
         idx = prompt_ids
         if cfg:
             uncond = prompt_ids.clone()
@@ -631,9 +631,9 @@ class MMMoE(nn.Module):
                 return logits[B:] + cfg * (logits[:B] - logits[B:]) if cfg else logits
             feed = lambda t: self.image_token(lo + t).repeat(2 if cfg else 1)  # noqa: E731  (both twins get it)
             return self.generate(idx, n, temperature, top_k, top_p, generator=generator, head=head, feed=feed, image_steps=True)
-        if C:  # the colour token first; the codes then follow the caption and that colour
-            idx = draw(idx, 1, K - C, K)
-        out = draw(idx, n_codes - (C > 0), 0, K - C)
+        if n_colours:  # the colour token first; the codes then follow the caption and that colour
+            idx = draw(idx, 1, K - n_colours, K)
+        out = draw(idx, n_codes - (n_colours > 0), 0, K - n_colours)
         return out[:B, prompt_ids.shape[1]:] - self.config.vocab_size
 
 

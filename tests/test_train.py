@@ -163,7 +163,7 @@ def test_folded_plora_equals_plain_on_image_tokens_and_is_undone(tiny_ckpt):
 def run_train(setup, out, *extra, env=None, command_only=False):
     args = ["--base=" + str(setup["base"]), "--shards=" + str(setup["shards"]), "--out_dir=" + str(out), "--rank=4",
             "--batch_size=4", "--steps=4", "--warmup=1", "--eval_every=2", "--eval_batches=1", "--save_every=2",
-            "--caption_dropout=0.3", "--init=mean", "--dtype=float32", *extra]  # float32: exact comparisons on any CPU
+            "--caption_dropout=0.3", "--init=mean", "--dtype=float32", "--log_every=1", *extra]  # float32: on any CPU
     # init=mean: GW on the tiny fixture runs all its iterations (~10 s a process) and these tests are about processes;
     # the DDP test keeps init=gw, so that every rank is seen to start from the same GW rows
     cmd = [sys.executable, str(ROOT / "train.py"), *args]
@@ -175,18 +175,27 @@ def test_ddp_two_processes_equal_one(tiny_setup):
     assert one.returncode == 0, one.stderr[-2000:]
     two = run_train(tiny_setup, tiny_setup["tmp"] / "two", "--steps=3", "--aux_loss_coef=0", "--init=gw", "--batch_size=2", "--nproc", "2")
     assert two.returncode == 0, two.stderr[-2000:]
-    a, b = load_file(tiny_setup["tmp"] / "one" / "adapter.safetensors"), load_file(tiny_setup["tmp"] / "two" / "adapter.safetensors")
-    assert a.keys() == b.keys()
-    # float32 sums in a different order for one batch of 4 than for two of 2 (~1e-7); Adam turns that into
-    # ~1e-6 on LoRA A matrices, whose gradient is exactly 0 at step 1 (B = 0) and tiny after (measured 1.6e-6)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert same_training(tiny_setup["tmp"] / "one", tiny_setup["tmp"] / "two")
     assert "trainable:" in one.stderr and "% of the" in one.stderr  # C2, printed at start
 
 
-def adapters_close(dir_a, dir_b, tol=1e-5):
+def same_training(dir_a, dir_b):
+    """Two runs of one global batch on different numbers of processes trained alike, as far as float32 allows.
+    Measured (tiny fixture, 6 steps, one process against DDP and FSDP on two, ATEN_CPU_CAPABILITY=avx2 and an AVX512
+    CPU's own kernels, 2026-12-04): the global gradient norm before clipping, which rank 0 logs after the all-reduce,
+    agrees to 2.4e-7 / 4.0e-7 (relative) at the first step, where only the summation order of the 2-way split differs,
+    and to 1.8e-5 within 6 steps; the adapters agree to 8.6e-5 / 8.0e-5 of each tensor's largest entry, most in LoRA A
+    matrices, whose gradients start at 0 (B = 0) and which Adam rescales to full steps. The bounds below are 25x, 5x
+    and 12x those. A skipped all-reduce, or gradients summed instead of averaged, moves every gradient norm by ~1e-1
+    or 2x, and the adapters by O(1) of their scale."""
     a, b = load_file(dir_a / "adapter.safetensors"), load_file(dir_b / "adapter.safetensors")
     assert a.keys() == b.keys()
-    return max((a[k] - b[k]).abs().max().item() for k in a) < tol
+    worst = max(((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)).item() for k in a)
+    norms = [[r["grad_norm"] for r in json.loads((d / "state.json").read_text())["log"] if "grad_norm" in r] for d in (dir_a, dir_b)]
+    assert len(norms[0]) == len(norms[1]) > 0, "both runs log every step (log_every=1)"
+    drift = [abs(x - y) / x for x, y in zip(*norms)]
+    assert drift[0] < 1e-5 and max(drift) < 1e-4, drift
+    return worst < 1e-3
 
 
 def test_fsdp_two_processes_equal_one_and_resume_anywhere(tiny_setup):
@@ -198,7 +207,7 @@ def test_fsdp_two_processes_equal_one_and_resume_anywhere(tiny_setup):
     for out, extra in [("one", ()), ("fsdp", fsdp)]:
         r = run_train(tiny_setup, tmp / out, *common, *extra, env=quiet)
         assert r.returncode == 0, r.stderr[-3000:]
-    assert adapters_close(tmp / "one", tmp / "fsdp")  # the same tolerance as DDP's
+    assert same_training(tmp / "one", tmp / "fsdp")
     # kill an FSDP run (both workers) as soon as it has saved a checkpoint, then resume it, twice over
     cmd = run_train(tiny_setup, tmp / "killed", *common, *fsdp, env=quiet, command_only=True)
     proc = subprocess.Popen(cmd, env=quiet, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -216,7 +225,7 @@ def test_fsdp_two_processes_equal_one_and_resume_anywhere(tiny_setup):
     assert all(torch.equal(a[k], b[k]) for k in a)  # resumed under FSDP: exactly the uninterrupted FSDP run
     r = run_train(tiny_setup, tmp / "killed-1", *common, "--resume", env=quiet)  # 1 process, batch 4: the same global batch
     assert r.returncode == 0, r.stderr[-3000:]
-    assert adapters_close(tmp / "fsdp", tmp / "killed-1")
+    assert same_training(tmp / "fsdp", tmp / "killed-1")
     assert json.loads((tmp / "killed-1" / "state.json").read_text())["world"] == 1
 
 
@@ -231,7 +240,7 @@ def test_torchrun_with_nproc_trains_on_that_many_processes(tiny_setup):
                        env=quiet, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp / "tr" / "state.json").read_text())["world"] == 2
-    assert adapters_close(tmp / "one", tmp / "tr")
+    assert same_training(tmp / "one", tmp / "tr")
 
 
 def test_bfloat16_training_on_the_cpu(tiny_setup, capsys, monkeypatch):
