@@ -235,7 +235,7 @@ def caption_use(model, shards, n=32, seed=0):
     row of codes and of all of them, for n training examples given their own caption, another example's caption,
     and none (the <eos> filler of caption dropout). Where the three agree, the model draws from memory of the
     codes so far, not from the caption."""
-    V, K = model.config.vocab_size, model.adapter.n_image_codes
+    K = model.adapter.n_image_codes
     own = np.random.default_rng(seed).choice(len(shards), min(n, len(shards)), replace=False)
     pairs = {"own caption": [shards[i] for i in own], "another's caption": [(shards[j][0], shards[i][1]) for i, j in zip(own, np.roll(own, 1))],
              "no caption": [shards[i] for i in own]}
@@ -295,7 +295,8 @@ def colour_confusion(asked, drawn, path, cell=40):
 
 def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"],
             top_k=SAMPLING["top_k"]):
-    from data import GROUPS, TokenShards, caption_rows, english_text, load_images, object_index, read_folder
+    from data import (GROUPS, TokenShards, asked_caption, caption_rows, english_text, load_images, object_index,
+                      read_folder)
     from vq import score_summary
     from gw_init import init_model
     from hf import load_tokenizer
@@ -388,8 +389,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], tempe
             if not idx:
                 continue
             own = torch.tensor(idx[:: max(1, len(idx) // samples)][:samples])
-            # "a red bicycle" (the colour phrasing) / "a lemon" / "a blue pear" (a pair's one phrasing)
-            captions = [(caps[-1] if group == "train" else caps[min(1, len(caps) - 1)]) for caps in (rows[i]["captions"] for i in own.tolist())]
+            captions = [asked_caption(rows[i], group) for i in own.tolist()]
             fake = []
             for caption in tqdm(captions, desc=f"drawing {title}", unit="image", leave=False):
                 ids = model.image_prompt(tokenizer.encode(caption).ids, vq.config.n_tokens)

@@ -34,7 +34,7 @@ from cli import BadInput, run
 from data import TokenShards, english_text, make_batch
 from hf import load_tokenizer
 from runs import (atomic_dir, batch_at, check_replaceable, keep_freed_memory, load_optimizer, lr_at,
-                  optimizer_tensors, read_json, read_tensors, recover_dir)
+                  optimizer_tensors, read_json, read_tensors, recover_dir, run_inputs)
 from mmmoe import SAMPLING, AdapterConfig, MMMoE, native_bfloat16
 
 
@@ -221,7 +221,7 @@ def learning_curve_setup(model, tokenizer, train_set, tc):
     held-out emoji, held-out colour pairs), greedily with guidance 1.5 (sample.py's; at guidance 3 the demo drew
     nothing recognisable), and scores each picture against the dataset's pictures (VQModel.scores, score_summary):
     the asked picture's rank by VQ features (0 = top-1), hue and colour-word agreement, the asked object's rank by shape."""
-    from data import GROUPS, caption_rows, load_images, object_index, read_folder
+    from data import GROUPS, asked_caption, caption_rows, load_images, object_index, read_folder
     from vq import load_vq, score_summary
     device = model.lm_head.weight.device
     vq = load_vq(train_set.index["vq"], device)
@@ -232,7 +232,7 @@ def learning_curve_setup(model, tokenizer, train_set, tc):
     for group in GROUPS:
         idx = caption_rows(rows, group)
         idx = idx[:: max(1, len(idx) // tc.curve_captions)][: tc.curve_captions]
-        picked[group] = [(i, rows[i]["captions"][-1 if group == "train" else min(1, len(rows[i]["captions"]) - 1)]) for i in idx]
+        picked[group] = [(i, asked_caption(rows[i], group)) for i in idx]
 
     @torch.no_grad()
     def curve(model, autocast):
@@ -406,7 +406,6 @@ def export(run_dir, out):
     (half their size; the LoRA stays float32, and load_adapter reads either), state.json, and the run's VQ as vq/,
     so that the directory is all sample.py needs besides the base. Each file is replaced by a rename, never half-written."""
     import shutil
-    from runs import run_inputs
     state, _, vq_dir = run_inputs(run_dir)
     tensors = read_tensors(Path(run_dir) / "adapter.safetensors")
     out = Path(out)

@@ -129,6 +129,13 @@ def object_index(rows):
 GROUPS = {"train": "training emoji", "val": "held-out emoji", "pairs": "held-out colour pairs"}
 
 
+def asked_caption(row, group):
+    """How a row's picture is asked for in GROUPS' group: training emoji with their colour ("a red bicycle", the last
+    phrasing), held-out emoji as people name them ("a lemon"), a held-out pair as its one caption ("a blue pear")."""
+    caps = row["captions"]
+    return caps[-1] if group == "train" else caps[min(1, len(caps) - 1)]
+
+
 def caption_rows(rows, group):
     """Indices of a dataset's rows in one of GROUPS, one per (object, colour)."""
     keep = {"train": lambda r: r["split"] == "train" and r["object"] is None, "val": lambda r: r["split"] == "val" and r["object"] is None,
