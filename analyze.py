@@ -51,6 +51,8 @@ def routing(model, batches):
     def count(i):
         def hook(moe, args, output):
             x, image_rows = args
+            if moe.gate is None:  # a dense layer among MoE layers routes nothing
+                return
             chosen = torch.softmax(moe.router_logits.float(), -1).topk(moe.top_k, dim=-1).indices  # (N, k)
             image = image_rows.reshape(-1) if image_rows is not None else torch.zeros(len(chosen), dtype=torch.bool)
             for m, rows in ((0, ~image), (1, image)):
@@ -93,7 +95,7 @@ def redundancy(model, probe):
             continue
         experts = layer.block_sparse_moe.experts
         rows = torch.ones(len(x), 1, dtype=torch.bool)
-        ys = [expert(x.float(), experts, e, rows) for e in range(model.config.n_experts)]
+        ys = [expert(x.float(), experts, e, rows) for e in range(layer.block_sparse_moe.n_experts)]
         pairs = [linear_cka(ys[i], ys[j]) for i in range(len(ys)) for j in range(i + 1, len(ys))]
         out.append(sum(pairs) / len(pairs))
     return out

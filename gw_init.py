@@ -148,7 +148,7 @@ def main(argv=None):
     from mmmoe import MMMoEConfig
     from vq import load_vq
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="Mixtral-layout checkpoint directory")
+    p.add_argument("--base", required=True, help="a Hugging Face MoE checkpoint directory (Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE)")
     p.add_argument("--vq", required=True, help="VQ model directory")
     p.add_argument("--out", required=True, help="output .safetensors with image_embed (and image_head if untied)")
     p.add_argument("--method", default="gw", choices=["gw", "random", "mean"])

@@ -78,6 +78,125 @@ class TensorReader:
         return out
 
 
+# -----------------------------------------------------------------------------
+# Layouts: the four Hugging Face MoE families, told apart by config.json's architectures
+
+
+ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+                 "Qwen3MoeForCausalLM": "qwen3_moe", "OlmoeForCausalLM": "olmoe"}
+
+
+def config_fields(hf):
+    """A parsed config.json -> MMMoEConfig's fields. What differs between the layouts is a handful of fields; a
+    setting that would change the math and is not implemented is refused, never ignored."""
+    archs = hf.get("architectures") or [{v: k for k, v in ARCHITECTURES.items()}.get(hf.get("model_type"), "MixtralForCausalLM")]
+    if len(archs) != 1 or archs[0] not in ARCHITECTURES:
+        raise BadInput(f"unsupported architecture {', '.join(map(str, archs))}: mmmoe reads {', '.join(ARCHITECTURES)} "
+                       "(turn a dense Llama/Mistral checkpoint into a Mixtral with upcycle.py)")
+    layout = ARCHITECTURES[archs[0]]
+    mixtral, qwen = layout == "mixtral", layout.startswith("qwen")
+    sizes = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "moe_intermediate_size" if qwen else "intermediate_size"]
+    missing = [k for k in sizes + ["shared_expert_intermediate_size"] * (layout == "qwen2_moe")
+               if not isinstance(hf.get(k), int) or hf[k] < 1]
+    if missing:
+        raise BadInput(f"config.json lacks a positive integer {missing[0]}")
+    # Mixtral's num_local_experts, the others' num_experts: transformers maps each name to the other, and writes either
+    experts = next((k for k in ("num_local_experts", "num_experts") if k in hf), "num_local_experts")
+    n_experts = hf.get(experts, 8)
+    if not 1 <= hf.get("num_experts_per_tok", 2) <= n_experts:
+        raise BadInput(f"config.json: num_experts_per_tok {hf.get('num_experts_per_tok')} must be 1..{experts} ({n_experts})")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise BadInput(f"unsupported hidden_act {hf['hidden_act']!r}: the experts here use silu")
+    # Two shapes of config.json are in the wild: older ones keep rope_theta and torch_dtype at the
+    # top level, newer ones nest it in rope_parameters and call the dtype "dtype".
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise BadInput(f"unsupported RoPE scaling {rope}: only plain RoPE is implemented")
+    dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise BadInput(f"unsupported dtype {dtype!r} in config.json (supported: float32, float16, bfloat16)")
+    if qwen and hf.get("use_sliding_window"):
+        raise BadInput("config.json: use_sliding_window is true: Qwen's per-layer sliding windows are not implemented")
+    L, step, eos, n_heads = hf["num_hidden_layers"], hf.get("decoder_sparse_step") or 1, hf.get("eos_token_id", 2), hf["num_attention_heads"]
+    # Qwen: layer i has experts unless listed in mlp_only_layers or off the decoder_sparse_step grid (then a dense MLP)
+    dense = [i for i in range(L) if i in (hf.get("mlp_only_layers") or []) or (i + 1) % step] if qwen else []
+    bias = hf.get("attention_bias", False)  # Qwen3-MoE and OLMoE: on all four projections
+    return dict(
+        layout=layout, vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=L, n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") if layout != "olmoe" and hf.get("head_dim") else hf["hidden_size"] // n_heads,
+        intermediate_size=hf["moe_intermediate_size" if qwen else "intermediate_size"], n_experts=n_experts,
+        top_k=hf.get("num_experts_per_tok", 2), norm_topk_prob=mixtral or bool(hf.get("norm_topk_prob", False)),
+        qkv_bias=bool(hf.get("qkv_bias", True)) if layout == "qwen2_moe" else bias, o_bias=bias,
+        qk_norm={"qwen3_moe": "head", "olmoe": "all"}.get(layout), clip_qkv=hf.get("clip_qkv") if layout == "olmoe" else None,
+        shared_expert_size=hf.get("shared_expert_intermediate_size", 0) if layout == "qwen2_moe" else 0,
+        dense_layers=tuple(dense), dense_size=hf.get("intermediate_size", 0) if dense else 0,
+        rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta", 1e6)),
+        norm_eps=hf.get("rms_norm_eps", 1e-5), max_seq_len=hf.get("max_position_embeddings", 32768),
+        sliding_window=hf.get("sliding_window") if mixtral else None, tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos, dtype=dtype,
+    )
+
+
+def hf_config(c):
+    """An MMMoEConfig -> the config.json its layout's loaders read (the newer shape); config_fields inverts it."""
+    out = {"architectures": [{v: k for k, v in ARCHITECTURES.items()}[c.layout]], "model_type": c.layout,
+           "vocab_size": c.vocab_size, "hidden_size": c.dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+           "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "num_experts_per_tok": c.top_k, "hidden_act": "silu",
+           "rms_norm_eps": c.norm_eps, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+           "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": c.tie_word_embeddings,
+           "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "dtype": c.dtype}
+    if c.layout == "mixtral":
+        return out | {"intermediate_size": c.intermediate_size, "num_local_experts": c.n_experts, "sliding_window": c.sliding_window}
+    out |= {"num_experts": c.n_experts, "norm_topk_prob": c.norm_topk_prob}
+    if c.layout == "olmoe":
+        return out | {"intermediate_size": c.intermediate_size, "attention_bias": c.o_bias, "clip_qkv": c.clip_qkv}
+    out |= {"moe_intermediate_size": c.intermediate_size, "intermediate_size": c.dense_size or c.intermediate_size,
+            "decoder_sparse_step": 1, "mlp_only_layers": list(c.dense_layers), "use_sliding_window": False}
+    if c.layout == "qwen3_moe":
+        return out | {"attention_bias": c.o_bias}
+    return out | {"shared_expert_intermediate_size": c.shared_expert_size, "qkv_bias": c.qkv_bias}
+
+
+# Checkpoint names, one table per layout: our name inside a layer -> the checkpoint's ({j}: expert j), for the
+# MoE block; attention and norms are named alike in every layout and need no entry. A dense layer among MoE
+# layers (Qwen's mlp_only_layers) is our MoE with one expert and no router: its weights are the "dense" entries.
+QWEN_MLP = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+MOE = "block_sparse_moe."
+LAYOUT_NAMES = {
+    "mixtral": {MOE + "gate.weight": MOE + "gate.weight",
+                **{f"{MOE}experts.{w}": f"{MOE}experts.{{j}}.{w}.weight" for w in QWEN_MLP}},
+    "qwen2_moe": {MOE + "gate.weight": "mlp.gate.weight",
+                  **{f"{MOE}experts.{w}": f"mlp.experts.{{j}}.{n}.weight" for w, n in QWEN_MLP.items()},
+                  **{f"{MOE}shared_expert.{w}": f"mlp.shared_expert.{n}.weight" for w, n in QWEN_MLP.items()},
+                  MOE + "shared_expert_gate.weight": "mlp.shared_expert_gate.weight",
+                  **{f"dense.{MOE}experts.{w}": f"mlp.{n}.weight" for w, n in QWEN_MLP.items()}},
+    "qwen3_moe": {MOE + "gate.weight": "mlp.gate.weight",
+                  **{f"{MOE}experts.{w}": f"mlp.experts.{{j}}.{n}.weight" for w, n in QWEN_MLP.items()},
+                  **{f"dense.{MOE}experts.{w}": f"mlp.{n}.weight" for w, n in QWEN_MLP.items()}},
+    "olmoe": {MOE + "gate.weight": "mlp.gate.weight",
+              **{f"{MOE}experts.{w}": f"mlp.experts.{{j}}.{n}.weight" for w, n in QWEN_MLP.items()}},
+}
+
+
+def checkpoint_names(model):
+    """{(our parameter name, j): the checkpoint's name} for every base parameter; j is the expert of a stacked
+    (E, out, in) expert tensor, None for any other. A shared expert and a dense MLP are stacks of one."""
+    table, layers = LAYOUT_NAMES[model.config.layout], model.model.layers
+    names = {}
+    for pname, p in model.named_parameters():
+        if model.is_adapter_param(pname) or (pname == "lm_head.weight" and model.config.tie_word_embeddings):
+            continue
+        prefix, i, local = re.fullmatch(r"(model\.layers\.(\d+)\.)?(.*)", pname).groups()
+        moe = layers[int(i)].block_sparse_moe if i is not None else None
+        hf = table.get(f"dense.{local}" if moe is not None and moe.gate is None else local, local)
+        # a stack's experts: the layer's n_experts (a shared base holds one copy for all), a shared expert's one
+        n = moe.n_experts if ".experts.w" in pname else 1 if ".shared_expert.w" in pname else 0
+        for j in range(n) if n else [None]:
+            names[pname, j] = (prefix or "") + hf.format(j=j)
+    return names
+
+
 def stack_experts(read, n):
     """One layer's n expert tensors -> (n, ...), or (1, ...) when all are copies of the first: then one copy
     is all that is ever held. read(j) -> expert j's tensor; read(j, like=t) -> whether it equals t."""
@@ -90,23 +209,40 @@ def stack_experts(read, n):
     return out
 
 
-def checkpoint_targets(name, shape, config):
-    """Checkpoint tensor name -> [(our parameter name, expert j or None, index into the tensor)].
-
-    Experts are stored one tensor per expert in the HF layout (experts.{j}.w1.weight), or fused 3-D
-    by newer transformers (experts.gate_up_proj = cat(w1, w3) on dim 1, experts.down_proj = w2); we keep
-    them stacked per layer as (E, out, in)."""
-    name = name.replace(".mlp.", ".block_sparse_moe.")  # transformers >= 5 calls the MoE block "mlp"
-    m = re.fullmatch(r"(.*\.experts)\.(\d+)\.(w[123])\.weight", name)
-    if m:
-        return [(f"{m[1]}.{m[3]}", int(m[2]), ())]
-    if name.endswith(".experts.gate_up_proj"):  # (E, 2I, C)
-        prefix, inter = name[: -len("gate_up_proj")], config.intermediate_size
-        return [(prefix + w, j, (j, part)) for w, part in (("w1", slice(0, inter)), ("w3", slice(inter, None)))
-                for j in range(shape[0])]
-    if name.endswith(".experts.down_proj"):  # (E, C, I)
-        return [(name[: -len("down_proj")] + "w2", j, (j,)) for j in range(shape[0])]
-    return [(name, None, ())]
+def checkpoint_sources(model, index):
+    """{our name: {j: (checkpoint name, index into it)}} for a checkpoint_index. Experts are stored one tensor
+    per expert (the layouts' tables), or fused 3-D by newer transformers in any layout: mlp.experts.gate_up_proj
+    = cat(w1, w3) on dim 1 (E, 2I, C) and mlp.experts.down_proj = w2 (E, C, I). Every name and shape is checked."""
+    names = checkpoint_names(model)
+    ours = {v: k for k, v in names.items()}
+    if model.config.layout == "mixtral":  # transformers >= 5 calls Mixtral's MoE block "mlp" too
+        ours |= {v.replace(f".{MOE}", ".mlp."): k for k, v in names.items()}
+    params, sources = dict(model.named_parameters()), {}
+    for name, (file, shape) in index.items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue  # some tied checkpoints store the shared matrix twice
+        m = re.fullmatch(r"(model\.layers\.\d+\.)mlp\.experts\.(gate_up_proj|down_proj)", name)
+        if m and f"{m[1]}{MOE}experts.w1" in params:
+            stack = f"{m[1]}{MOE}experts."
+            inter = params[stack + "w1"].shape[1]
+            parts = [("w1", slice(0, inter)), ("w3", slice(inter, None))] if m[2] == "gate_up_proj" else [("w2", slice(None))]
+            targets = [(stack + w, j, (j, part)) for w, part in parts for j in range(shape[0])]
+        elif name in ours:
+            targets = [(*ours[name], ())]
+        else:
+            raise BadInput(f"unexpected tensor {name} in {file.name}")
+        for pname, j, idx in targets:
+            want = params[pname].shape[j is not None:]
+            got = torch.empty(shape, device="meta")[idx].shape if j is None or j < len(params[pname]) else None
+            if got is None:
+                raise BadInput(f"unexpected tensor {name} in {file.name}")
+            if got != want:
+                raise BadInput(f"shape mismatch for {name}: checkpoint {tuple(got)}, model {tuple(want)}")
+            sources.setdefault(pname, {})[j] = (name, idx)
+    for (pname, j), name in names.items():
+        if j not in sources.get(pname, {}):
+            raise BadInput(f"missing tensor {name} in the checkpoint")
+    return sources
 
 
 def load_checkpoint(model, path, dtype, device):
@@ -116,53 +252,34 @@ def load_checkpoint(model, path, dtype, device):
     Copy upcycling makes every expert of a layer the same FFN (the paper's redundant start). Such a
     layer keeps one copy, and MoE.shared_base computes it once: 1/E of the memory, 1/top_k of the work.
     The copies are compared, not assumed: experts that differ in one number keep their own weights."""
-    cfg = model.config
     index = checkpoint_index(Path(path))
-    params = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens
-    sources = {n: {} for n in params}  # our name -> {expert j or None: (checkpoint name, index)}
-    for name, (file, shape) in index.items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue  # some tied checkpoints store the shared matrix twice
-        for pname, j, idx in checkpoint_targets(name, shape, cfg):
-            if pname not in params or (j is not None and j >= cfg.n_experts):
-                raise BadInput(f"unexpected tensor {name} in {file.name}")
-            got, want = torch.empty(shape, device="meta")[idx].shape, params[pname].shape[j is not None:]
-            if got != want:
-                raise BadInput(f"shape mismatch for {name}: checkpoint {tuple(got)}, model {tuple(want)}")
-            sources[pname][j] = (name, idx)
-    for pname in params:
-        for j in (range(cfg.n_experts) if ".experts." in pname else [None]):
-            if j not in sources[pname]:
-                name = pname if j is None else f"{pname[:-3]}.{j}.{pname[-2:]}.weight"
-                raise BadInput(f"missing tensor {name} in {path}")
-    read = TensorReader(index)
+    sources, read = checkpoint_sources(model, index), TensorReader(index)
     with torch.no_grad():
-        for pname, p in params.items():
+        for pname, p in list(model.named_parameters()):
+            if pname not in sources:  # a tied lm_head
+                continue
             def part(j, like=None):  # expert j's tensor (j None: a tensor outside the experts), or whether it equals like
                 t = read(*sources[pname][j], like=like)
                 return t if like is not None else t.to(dtype=dtype, device=device)
-            t = stack_experts(part, cfg.n_experts) if ".experts." in pname else part(None)
+            t = stack_experts(part, len(p)) if None not in sources[pname] else part(None)
             module, _, attr = pname.rpartition(".")
             setattr(model.get_submodule(module), attr, nn.Parameter(t, requires_grad=p.requires_grad))
             if pname.endswith(".experts.w3"):  # the last of a layer's three expert stacks (w1, w2, w3 order)
-                ex = model.get_submodule(module)
+                ex, n = model.get_submodule(module), len(p)
                 if len({len(ex.w1), len(ex.w2), len(ex.w3)}) > 1:  # some are copies, some not: expand the copies
-                    ex.w1, ex.w2, ex.w3 = (nn.Parameter(w.expand(cfg.n_experts, -1, -1).clone(), w.requires_grad)
+                    ex.w1, ex.w2, ex.w3 = (nn.Parameter(w.expand(n, -1, -1).clone(), w.requires_grad)
                                            for w in (ex.w1, ex.w2, ex.w3))
-    if cfg.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
 def hf_state_dict(model):
-    """Our parameters under Hugging Face Mixtral names, one (out, in) tensor per expert (a shared base's
-    one copy written for each), so that any Mixtral loader reads them."""
-    for name, p in model.named_parameters():  # a tied lm_head is left out: HF writes it once
-        if ".experts." in name:
-            prefix, w = name.rsplit(".", 1)
-            for j in range(model.config.n_experts):
-                yield f"{prefix}.{j}.{w}.weight", p[j if len(p) > 1 else 0]
-        else:
-            yield name, p
+    """Our base parameters under the layout's checkpoint names, one (out, in) tensor per expert (a shared base's
+    one copy written for each), so that any loader of that layout reads them."""
+    params = dict(model.named_parameters())
+    for (pname, j), name in checkpoint_names(model).items():
+        p = params[pname]
+        yield name, p if j is None else p[j if len(p) > 1 else 0]
 
 
 def write_hf_checkpoint(path, hf_config, tensors, tokenizer=None, extra_files=None, max_shard_bytes=2 * 1024**3):

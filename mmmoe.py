@@ -1,5 +1,6 @@
 """
-mmmoe.py: a Mixtral-layout Mixture-of-Experts transformer in one file, with Partial LoRA for images.
+mmmoe.py: a Mixture-of-Experts transformer in one file, with Partial LoRA for images. It reads the Hugging Face
+Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE layouts: each difference is a config field and the few lines that use it.
 
 Part of mmmoe, a reference implementation of Dutt et al. (arXiv 2503.22517): a pretrained text MoE
 learns to write discrete image codes while every text token keeps flowing through the frozen weights.
@@ -22,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from safetensors.torch import save_file
 
 from cli import BadInput, run
-from hf import hf_state_dict, load_checkpoint, load_tokenizer, write_hf_checkpoint
+from hf import config_fields, hf_config, hf_state_dict, load_checkpoint, load_tokenizer, write_hf_checkpoint
 from runs import read_json, read_tensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -57,9 +58,20 @@ class MMMoEConfig:
     eos_token_id: int | None = 2
     dtype: str = "bfloat16"  # the dtype the checkpoint was saved in
 
+    # What the layouts beyond Mixtral add (hf.config_fields reads them from config.json; all off for Mixtral)
+    layout: str = "mixtral"  # the checkpoint's names: mixtral, qwen2_moe, qwen3_moe or olmoe (hf.LAYOUT_NAMES)
+    norm_topk_prob: bool = True  # renormalise the top-k router weights to sum to 1 (Mixtral does; OLMoE does not)
+    qkv_bias: bool = False  # biases on q, k, v (Qwen2-MoE)
+    o_bias: bool = False  # and on o (attention_bias in Qwen3-MoE and OLMoE; off in their releases)
+    qk_norm: str | None = None  # RMSNorm on q and k: "head", each head's (Qwen3-MoE); "all", the projection's (OLMoE)
+    clip_qkv: float | None = None  # q, k, v clamped to +-clip_qkv (OLMoE, where set)
+    shared_expert_size: int = 0  # an always-on expert of this width, scaled by a sigmoid gate per token (Qwen2-MoE)
+    dense_layers: tuple = ()  # layers with a dense SwiGLU MLP instead of experts (Qwen's mlp_only_layers)
+    dense_size: int = 0  # that MLP's intermediate size
+
     @classmethod
     def from_hf(cls, path_or_dict):
-        """Read a Hugging Face Mixtral config.json (a directory, the file, or the parsed dict)."""
+        """Read a Hugging Face config.json of any of the four layouts (a directory, the file, or the parsed dict)."""
         hf = path_or_dict
         if not isinstance(hf, dict):
             path = Path(path_or_dict)
@@ -72,55 +84,11 @@ class MMMoEConfig:
                 raise BadInput(f"{path} is not valid JSON: {' '.join(str(e).split())}") from None
         if not isinstance(hf, dict):
             raise BadInput("config.json must hold a JSON object")
-        missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-                   if not isinstance(hf.get(k), int) or hf[k] < 1]
-        if missing:
-            raise BadInput(f"config.json lacks a positive integer {missing[0]}")
-        if not 1 <= hf.get("num_experts_per_tok", 2) <= hf.get("num_local_experts", 8):
-            raise BadInput(f"config.json: num_experts_per_tok {hf.get('num_experts_per_tok')} must be 1.."
-                           f"num_local_experts ({hf.get('num_local_experts')})")
-        archs = hf.get("architectures") or ["MixtralForCausalLM"]
-        if archs != ["MixtralForCausalLM"]:
-            raise BadInput(f"unsupported architecture {', '.join(archs)}: mmmoe implements MixtralForCausalLM "
-                           "(turn a dense Llama/Mistral checkpoint into one with upcycle.py)")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise BadInput(f"unsupported hidden_act {hf['hidden_act']!r}: Mixtral experts use silu")
-        # Two shapes of config.json are in the wild: older ones keep rope_theta and torch_dtype at the
-        # top level, newer ones nest it in rope_parameters and call the dtype "dtype".
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise BadInput(f"unsupported RoPE scaling {rope}: only plain RoPE is implemented")
-        dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-        if dtype not in DTYPES:
-            raise BadInput(f"unsupported dtype {dtype!r} in config.json (supported: {', '.join(DTYPES)})")
-        eos = hf.get("eos_token_id", 2)
-        n_heads = hf["num_attention_heads"]
-        return cls(
-            vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-            n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            intermediate_size=hf["intermediate_size"], n_experts=hf.get("num_local_experts", 8),
-            top_k=hf.get("num_experts_per_tok", 2),
-            rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta", 1e6)),
-            norm_eps=hf.get("rms_norm_eps", 1e-5), max_seq_len=hf.get("max_position_embeddings", 32768),
-            sliding_window=hf.get("sliding_window"), tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            bos_token_id=hf.get("bos_token_id"), eos_token_id=eos[0] if isinstance(eos, list) else eos,
-            dtype=dtype,
-        )
+        return cls(**config_fields(hf))
 
     def to_hf(self):
-        """The config.json any Mixtral loader reads (the newer shape)."""
-        return {
-            "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": self.vocab_size,
-            "hidden_size": self.dim, "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate_size, "num_local_experts": self.n_experts,
-            "num_experts_per_tok": self.top_k, "hidden_act": "silu", "rms_norm_eps": self.norm_eps,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
-            "max_position_embeddings": self.max_seq_len, "sliding_window": self.sliding_window,
-            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id, "dtype": self.dtype,
-        }
+        """The config.json its layout's loaders read."""
+        return hf_config(self)
 
 @dataclass
 class AdapterConfig:
@@ -214,19 +182,35 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.n_heads, self.n_kv_heads, self.head_dim, self.clip = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.clip_qkv
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:  # over each head (Qwen3-MoE) or over the whole projection (OLMoE)
+            q, kv = (cfg.head_dim, cfg.head_dim) if cfg.qk_norm == "head" else (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim)
+            self.q_norm, self.k_norm = RMSNorm(q, cfg.norm_eps), RMSNorm(kv, cfg.norm_eps)
         self.q_lora = self.k_lora = self.v_lora = self.o_lora = None  # PLoRA, once an adapter is added
         self.kv_cache = None
 
+    def project(self, x, name, image_rows):
+        """One of q, k, v, o: the frozen projection (with its bias, if the layout has one), plus PLoRA at image rows."""
+        proj = getattr(self, f"{name}_proj")
+        y = linear(x, proj.weight) if proj.bias is None else linear(x, proj.weight) + proj.bias
+        return plora(y, x, getattr(self, f"{name}_lora"), image_rows)
+
     def forward(self, x, cos, sin, mask, input_pos, image_rows):
         B, T, _ = x.shape
-        q = plora(linear(x, self.q_proj.weight), x, self.q_lora, image_rows).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = plora(linear(x, self.k_proj.weight), x, self.k_lora, image_rows).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = plora(linear(x, self.v_proj.weight), x, self.v_lora, image_rows).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (self.project(x, name, image_rows) for name in "qkv")  # (B, T, nh * hd), (B, T, n_kv * hd) x 2
+        if self.qk_norm == "all":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip:
+            q, k, v = (t.clamp(-self.clip, self.clip) for t in (q, k, v))
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # (B, T, heads, hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # q (B, nh, T, hd), k/v (B, n_kv, T, hd)
         if self.kv_cache is not None:
             k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
@@ -242,7 +226,7 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         # (B, T, nh * hd); reshape, not view: on CUDA the one-token path's output is not contiguous (seen on an H200)
         y = y.reshape(B, self.n_heads, T, self.head_dim).transpose(1, 2).reshape(B, T, -1)
-        return plora(linear(y, self.o_proj.weight), y, self.o_lora, image_rows)  # (B, T, C)
+        return self.project(y, "o", image_rows)  # (B, T, C)
 
 
 def expert(x, experts, e, image_rows=None):
@@ -268,33 +252,51 @@ def routed_lora(lora, x, mix):
     return (a.view(-1, N, E, lora.rank) * (mix * lora.scale)[..., None]).flatten(2)
 
 
+def expert_stack(n, inter, dim):
+    """n SwiGLU experts stacked as (n, out, in) tensors: w1 = gate, w3 = up, w2 = down projection."""
+    experts = nn.Module()
+    experts.w1 = nn.Parameter(torch.empty(n, inter, dim))
+    experts.w2 = nn.Parameter(torch.empty(n, dim, inter))
+    experts.w3 = nn.Parameter(torch.empty(n, inter, dim))
+    experts.w1_lora = experts.w2_lora = experts.w3_lora = None
+    return experts
+
+
 class MoE(nn.Module):
     """Top-k routed SwiGLU experts, stored stacked per layer as (E, out, in) tensors, or as one (1, out, in)
-    copy when every expert holds the same weights (a copy-upcycled base: the loader keeps one)."""
+    copy when every expert holds the same weights (a copy-upcycled base: the loader keeps one). A dense layer
+    among MoE layers is one expert without a router; Qwen2-MoE adds a shared expert that every token runs."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, dense=False):
         super().__init__()
-        self.top_k, self.n_experts = cfg.top_k, cfg.n_experts
-        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)  # the router
-        self.experts = nn.Module()
-        self.experts.w1 = nn.Parameter(torch.empty(cfg.n_experts, cfg.intermediate_size, cfg.dim))
-        self.experts.w2 = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, cfg.intermediate_size))
-        self.experts.w3 = nn.Parameter(torch.empty(cfg.n_experts, cfg.intermediate_size, cfg.dim))
-        self.gate_lora = self.experts.w1_lora = self.experts.w2_lora = self.experts.w3_lora = None
+        self.n_experts, inter = (1, cfg.dense_size) if dense else (cfg.n_experts, cfg.intermediate_size)
+        self.top_k, self.norm_topk_prob = (1, True) if dense else (cfg.top_k, cfg.norm_topk_prob)
+        self.gate = None if dense else nn.Linear(cfg.dim, cfg.n_experts, bias=False)  # the router
+        self.experts = expert_stack(self.n_experts, inter, cfg.dim)
+        self.shared_expert = self.shared_expert_gate = None
+        if cfg.shared_expert_size and not dense:
+            self.shared_expert = expert_stack(1, cfg.shared_expert_size, cfg.dim)
+            self.shared_expert_gate = nn.Linear(cfg.dim, 1, bias=False)
+        self.gate_lora = None
         self.router_logits = self.image_rows = None  # of the last forward: load balancing, routing analysis
 
     def forward(self, x, image_rows):
         B, T, C = x.shape
         x = x.view(-1, C)  # (N, C) with N = B * T
         image_rows = None if image_rows is None else image_rows.view(-1, 1)  # (N, 1)
-        router_logits = plora(self.gate(x), x, self.gate_lora, image_rows)  # (N, E)
-        self.router_logits, self.image_rows = router_logits, image_rows
-        # Mixtral's router: float32 softmax over all experts, keep the top k, renormalise them to sum to 1
-        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
-        weights, expert_idx = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
-        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        self.image_rows = image_rows
+        if self.gate is None:  # a dense layer: its one expert, weight 1
+            weights, expert_idx = x.new_ones(len(x), 1), torch.zeros(len(x), 1, dtype=torch.long, device=x.device)
+        else:
+            self.router_logits = plora(self.gate(x), x, self.gate_lora, image_rows)  # (N, E)
+            # the router: float32 softmax over all experts, keep the top k (Mixtral renormalises them to sum to 1)
+            probs = F.softmax(self.router_logits, dim=-1, dtype=torch.float32)
+            weights, expert_idx = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+            weights = (weights / weights.sum(dim=-1, keepdim=True) if self.norm_topk_prob else weights).to(x.dtype)
         shared = len(self.experts.w1) == 1
         y = (self.shared_base if shared else self.grouped)(x, weights, expert_idx, image_rows)
+        if self.shared_expert is not None:  # Qwen2-MoE: every token also runs the shared expert, gated per token
+            y = y + torch.sigmoid(linear(x, self.shared_expert_gate.weight)) * expert(x, self.shared_expert, 0, image_rows)
         return y.view(B, T, C)
 
     def grouped(self, x, weights, expert_idx, image_rows):
@@ -324,6 +326,8 @@ class MoE(nn.Module):
         ex = self.experts
         gate, up = linear(x, ex.w1[0]), linear(x, ex.w3[0])  # (N, I), shared by every expert
         h = F.silu(gate) * up  # (N, I)
+        if not self.norm_topk_prob:  # the top-k weights need not sum to 1: k copies give their sum times one output
+            h = h * weights.sum(-1, keepdim=True)
         if image_rows is None or ex.w1_lora is None:
             return linear(h, ex.w2[0])  # (N, C)
         # (k, N, E): each slot's expert, one-hot (F.one_hot would first check the ids' range: a GPU sync a layer)
@@ -341,12 +345,12 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, i):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.block_sparse_moe = MoE(cfg)
+        self.block_sparse_moe = MoE(cfg, dense=i in cfg.dense_layers)
 
     def forward(self, x, cos, sin, mask, input_pos, image_rows):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, image_rows)
@@ -369,7 +373,7 @@ class MMMoE(nn.Module):
         self.model = nn.ModuleDict(dict(
             # built uninitialised (weights are loaded); random init on the meta device costs torch a 2-s import
             embed_tokens=nn.Embedding(config.vocab_size, config.dim, _weight=torch.empty(config.vocab_size, config.dim)),
-            layers=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.n_layers)),
             norm=RMSNorm(config.dim, config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
@@ -390,10 +394,11 @@ class MMMoE(nn.Module):
             if a.attention:
                 attn.q_lora, attn.k_lora = LoRA(cfg.dim, q, a.rank, a.alpha), LoRA(cfg.dim, kv, a.rank, a.alpha)
                 attn.v_lora, attn.o_lora = LoRA(cfg.dim, kv, a.rank, a.alpha), LoRA(q, cfg.dim, a.rank, a.alpha)
-            moe.experts.w1_lora = LoRA(cfg.dim, cfg.intermediate_size, a.rank, a.alpha, cfg.n_experts)
-            moe.experts.w3_lora = LoRA(cfg.dim, cfg.intermediate_size, a.rank, a.alpha, cfg.n_experts)
-            moe.experts.w2_lora = LoRA(cfg.intermediate_size, cfg.dim, a.rank, a.alpha, cfg.n_experts)
-            if a.router:
+            for ex, n in [(moe.experts, moe.n_experts)] + [(moe.shared_expert, 1)] * (moe.shared_expert is not None):
+                inter = ex.w1.shape[1]  # each expert (and a shared expert, and a dense MLP) gets its own update
+                ex.w1_lora, ex.w3_lora = LoRA(cfg.dim, inter, a.rank, a.alpha, n), LoRA(cfg.dim, inter, a.rank, a.alpha, n)
+                ex.w2_lora = LoRA(inter, cfg.dim, a.rank, a.alpha, n)
+            if a.router and moe.gate is not None:
                 moe.gate_lora = LoRA(cfg.dim, cfg.n_experts, a.rank, a.alpha)
         self.to(device=self.lm_head.weight.device)  # the adapter stays float32 (its own master weights)
         for name, param in self.named_parameters():  # C2: only what the adapter added can learn
@@ -406,11 +411,11 @@ class MMMoE(nn.Module):
 
     def trainable_budget(self):
         """C2: trainable parameters by component, and the base's parameter count."""
-        parts = {"LoRA experts": "experts.w", "LoRA attention": "self_attn.", "LoRA router": "gate_lora", "image rows": "image_"}
+        parts = {"LoRA experts": "expert", "LoRA attention": "self_attn.", "LoRA router": "gate_lora", "image rows": "image_"}
         params = list(self.named_parameters())
         counts = {k: sum(p.numel() for n, p in params if p.requires_grad and v in n) for k, v in parts.items()}
         # a shared base stores one copy of a layer's identical experts; the MoE it stands for has n_experts
-        copies = lambda n, p: self.config.n_experts if ".experts.w" in n and len(p) == 1 else 1  # noqa: E731
+        copies = lambda n, p: self.get_submodule(n[:n.index(".experts.")]).n_experts if ".experts.w" in n and len(p) == 1 else 1  # noqa: E731
         return counts, sum(p.numel() * copies(n, p) for n, p in params if not p.requires_grad)
 
     # The adapter's checkpoint format, in a directory: adapter.safetensors holds only what training changed
@@ -420,7 +425,7 @@ class MMMoE(nn.Module):
     def save_adapter(self, path, state):
         tensors = {n: p.detach().contiguous().cpu() for n, p in self.named_parameters() if self.is_adapter_param(n)}
         save_file(tensors, Path(path) / "adapter.safetensors")
-        state = state | {"adapter": vars(self.adapter), "vocab_size": self.config.vocab_size}
+        state = state | {"adapter": vars(self.adapter), "vocab_size": self.config.vocab_size, "layout": self.config.layout}
         (Path(path) / "state.json").write_text(json.dumps(state, indent=1))
 
     def load_adapter(self, path):
@@ -433,6 +438,8 @@ class MMMoE(nn.Module):
         if state["vocab_size"] != self.config.vocab_size:
             raise BadInput(f"{path} was trained on a base with {state['vocab_size']} text tokens, this one has "
                            f"{self.config.vocab_size}")
+        if state.get("layout", "mixtral") != self.config.layout:
+            raise BadInput(f"{path} was trained on a {state.get('layout', 'mixtral')} base, this one is {self.config.layout}")
         if self.adapter is None:
             try:
                 self.add_image_adapter(AdapterConfig(**state["adapter"]))
@@ -537,7 +544,7 @@ class MMMoE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu"):
-        """Load a Hugging Face Mixtral checkpoint directory (config.json + safetensors)."""
+        """Load a Hugging Face checkpoint directory (config.json + safetensors) of any of the four layouts."""
         path = Path(path)
         config = MMMoEConfig.from_hf(path)
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype or DTYPES[config.dtype]
@@ -663,12 +670,12 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, allowed_ids=Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 # -----------------------------------------------------------------------------
-# Command line: continue a text prompt with any Mixtral-layout checkpoint
+# Command line: continue a text prompt with a checkpoint of any of the four layouts
 
 
 def main(argv=None):
     import argparse
-    p = argparse.ArgumentParser(description="Continue a prompt with a Mixtral-layout checkpoint.")
+    p = argparse.ArgumentParser(description="Continue a prompt with a Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE checkpoint.")
     p.add_argument("ckpt", help="directory with config.json, *.safetensors and tokenizer.json")
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=50)

@@ -40,7 +40,7 @@ from mmmoe import SAMPLING, AdapterConfig, MMMoE, native_bfloat16
 
 @dataclass
 class TrainConfig:
-    base: str = ""  # Mixtral-layout checkpoint directory; "" = the built-in upcycled SmolLM2-135M
+    base: str = ""  # a Hugging Face MoE checkpoint directory (any of the four layouts); "" = the built-in upcycled SmolLM2-135M
     shards: str = "out/openmoji/shards"
     out_dir: str = "out/train"
     init: str = "gw"  # new image rows: gw | random | mean
@@ -152,7 +152,7 @@ def load_balancing_loss(model):
     losses = []
     for layer in model.model.layers:
         moe = layer.block_sparse_moe
-        if moe.image_rows is None:
+        if moe.image_rows is None or moe.gate is None:  # no image tokens, or a dense layer (no router)
             continue
         logits = moe.router_logits[moe.image_rows.view(-1)]  # (n_image_tokens, E)
         probs = F.softmax(logits.float(), dim=-1)

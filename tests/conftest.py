@@ -1,4 +1,4 @@
-"""Tiny random checkpoints written in the exact Hugging Face Mixtral layout, by the tests themselves."""
+"""Tiny random checkpoints written in the exact Hugging Face layouts (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), by the tests themselves."""
 import json
 import sys
 from pathlib import Path
@@ -30,13 +30,51 @@ def tiny_hf_config(*, vocab=97, dim=64, layers=2, heads=4, kv_heads=2, inter=96,
     return cfg
 
 
+# The three other layouts, each as transformers 5 writes its config.json (the fields that matter), tiny and with
+# every feature on that the layout has: Qwen2-MoE a shared expert, q/k/v biases, a dense layer (mlp_only_layers)
+# and no renormalised top-k; Qwen3-MoE per-head q/k norms, head_dim unlike hidden / heads, a dense layer by
+# decoder_sparse_step; OLMoE q/k norms over the whole projection, clip_qkv, 8 experts top-3, no renormalisation.
+LAYOUTS = {
+    "qwen2_moe": {"architectures": ["Qwen2MoeForCausalLM"], "num_experts": 4, "moe_intermediate_size": 32,
+                  "intermediate_size": 80, "shared_expert_intermediate_size": 48, "norm_topk_prob": False,
+                  "qkv_bias": True, "decoder_sparse_step": 1, "mlp_only_layers": [1], "use_sliding_window": False,
+                  "sliding_window": 0, "max_window_layers": 28},
+    "qwen3_moe": {"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 4, "moe_intermediate_size": 32,
+                  "intermediate_size": 80, "head_dim": 24, "norm_topk_prob": True, "attention_bias": False,
+                  "decoder_sparse_step": 2, "mlp_only_layers": [], "use_sliding_window": False, "sliding_window": None},
+    "olmoe": {"architectures": ["OlmoeForCausalLM"], "num_experts": 8, "num_experts_per_tok": 3, "intermediate_size": 32,
+              "norm_topk_prob": False, "attention_bias": False, "clip_qkv": 2.0},
+}
+
+
+def tiny_layout_config(layout, layers=3, **kw):
+    """A tiny config.json of one of LAYOUTS (mixtral: tiny_hf_config's)."""
+    if layout == "mixtral":
+        return tiny_hf_config(layers=layers, **kw)
+    cfg = {k: v for k, v in tiny_hf_config(layers=layers, **kw).items()
+           if k not in ("num_local_experts", "sliding_window", "head_dim", "architectures")}
+    return cfg | {"model_type": layout, "rms_norm_eps": 1e-6} | LAYOUTS[layout]
+
+
+def dense_layer(cfg, i):
+    """Qwen's rule: a layer without experts if listed in mlp_only_layers or off the decoder_sparse_step grid."""
+    return cfg["model_type"].startswith("qwen") and (i in cfg["mlp_only_layers"] or (i + 1) % cfg["decoder_sparse_step"] != 0)
+
+
 def tiny_hf_state_dict(cfg, seed=0, copies=False):
-    """Random weights; copies=True: every expert of a layer holds the same FFN (a copy-upcycled base)."""
+    """Random weights under the layout's names; copies=True: every expert of a layer holds the same FFN (a
+    copy-upcycled base)."""
     g = torch.Generator().manual_seed(seed)
-    D, I, E, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_local_experts"], cfg["vocab_size"]
-    hd = D // cfg["num_attention_heads"]
+    layout = cfg["model_type"]
+    D, V = cfg["hidden_size"], cfg["vocab_size"]
+    E = cfg.get("num_local_experts") or cfg["num_experts"]
+    I = cfg["moe_intermediate_size"] if layout.startswith("qwen") else cfg["intermediate_size"]
+    hd = cfg.get("head_dim") or D // cfg["num_attention_heads"]
     H, KV = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    moe, names = ("block_sparse_moe", ("w1", "w2", "w3")) if layout == "mixtral" else ("mlp", ("gate_proj", "down_proj", "up_proj"))
     rnd = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
+    mlp = lambda p, inter: {p + names[0] + ".weight": rnd(inter, D), p + names[1] + ".weight": rnd(D, inter),  # noqa: E731
+                            p + names[2] + ".weight": rnd(inter, D)}
     sd = {"model.embed_tokens.weight": torch.randn(V, D, generator=g), "model.norm.weight": 1 + rnd(D)}
     if not cfg["tie_word_embeddings"]:
         sd["lm_head.weight"] = rnd(V, D)
@@ -44,14 +82,27 @@ def tiny_hf_state_dict(cfg, seed=0, copies=False):
         p = f"model.layers.{i}."
         sd |= {p + "input_layernorm.weight": 1 + rnd(D), p + "post_attention_layernorm.weight": 1 + rnd(D),
                p + "self_attn.q_proj.weight": rnd(H, D), p + "self_attn.k_proj.weight": rnd(KV, D),
-               p + "self_attn.v_proj.weight": rnd(KV, D), p + "self_attn.o_proj.weight": rnd(D, H),
-               p + "block_sparse_moe.gate.weight": rnd(E, D) * 5}
-        for j in range(E):
-            q = p + f"block_sparse_moe.experts.{j}."
-            if copies and j > 0:
-                sd |= {q + w: sd[p + f"block_sparse_moe.experts.0.{w}"].clone() for w in ("w1.weight", "w2.weight", "w3.weight")}
-            else:
-                sd |= {q + "w1.weight": rnd(I, D), q + "w2.weight": rnd(D, I), q + "w3.weight": rnd(I, D)}
+               p + "self_attn.v_proj.weight": rnd(KV, D), p + "self_attn.o_proj.weight": rnd(D, H)}
+        if dense_layer(cfg, i):
+            sd |= mlp(p + "mlp.", cfg["intermediate_size"])
+        else:
+            sd[p + f"{moe}.gate.weight"] = rnd(E, D) * 5
+            for j in range(E):
+                q = p + f"{moe}.experts.{j}."
+                if copies and j > 0:
+                    sd |= {q + f"{w}.weight": sd[p + f"{moe}.experts.0.{w}.weight"].clone() for w in names}
+                else:
+                    sd |= mlp(q, I)
+        if cfg.get("qkv_bias") or cfg.get("attention_bias"):
+            sd |= {p + "self_attn.q_proj.bias": rnd(H), p + "self_attn.k_proj.bias": rnd(KV), p + "self_attn.v_proj.bias": rnd(KV)}
+        if cfg.get("attention_bias"):
+            sd[p + "self_attn.o_proj.bias"] = rnd(D)
+        if layout in ("qwen3_moe", "olmoe"):
+            q, kv = (hd, hd) if layout == "qwen3_moe" else (H, KV)
+            sd |= {p + "self_attn.q_norm.weight": 1 + rnd(q), p + "self_attn.k_norm.weight": 1 + rnd(kv)}
+        if layout == "qwen2_moe" and not dense_layer(cfg, i):
+            sd |= mlp(p + "mlp.shared_expert.", cfg["shared_expert_intermediate_size"])
+            sd[p + "mlp.shared_expert_gate.weight"] = rnd(1, D) * 5
     return sd
 
 
@@ -80,8 +131,8 @@ def write_checkpoint(path, cfg, sd, shards=1):
 @pytest.fixture
 def tiny_ckpt(tmp_path):
     """A factory: tiny_ckpt(**config overrides, shards=n) -> (path, hf config, state dict)."""
-    def make(shards=1, seed=0, name="ckpt", copies=False, **kw):
-        cfg = tiny_hf_config(**kw)
+    def make(shards=1, seed=0, name="ckpt", copies=False, layout=None, **kw):
+        cfg = tiny_hf_config(**kw) if layout is None else tiny_layout_config(layout, **kw)
         sd = tiny_hf_state_dict(cfg, seed, copies)
         return write_checkpoint(tmp_path / name, cfg, sd, shards), cfg, sd
     return make

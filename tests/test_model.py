@@ -196,8 +196,8 @@ def test_unsupported_dtypes_and_architecture(tiny_ckpt, tmp_path):
     expect_bad(write_checkpoint(tmp_path / "a", cfg | {"torch_dtype": "int8", "dtype": "int8"}, sd), "dtype", "int8")
     sd8 = dict(sd, **{"model.norm.weight": sd["model.norm.weight"].to(torch.int8)})
     expect_bad(write_checkpoint(tmp_path / "b", cfg, sd8), "unsupported dtype I8", "model.norm.weight")
-    expect_bad(write_checkpoint(tmp_path / "c", cfg | {"architectures": ["Qwen2MoeForCausalLM"]}, sd),
-               "unsupported architecture Qwen2MoeForCausalLM")
+    expect_bad(write_checkpoint(tmp_path / "c", cfg | {"architectures": ["DeepseekV3ForCausalLM"]}, sd),
+               "unsupported architecture DeepseekV3ForCausalLM")
 
 
 def test_corrupt_header(tiny_ckpt):
