@@ -11,6 +11,7 @@ from conftest import LAYOUTS, ROOT, tiny_hf_state_dict, tiny_layout_config, writ
 from reference import reference_greedy, reference_logits
 from safetensors.torch import load_file
 
+import sample
 import train
 from mmmoe import AdapterConfig, BadInput, MMMoE, MMMoEConfig
 
@@ -99,6 +100,10 @@ def test_plora_on_each_layout_keeps_text_bitwise_and_trains(layout_ckpt, tiny_se
     assert torch.equal(trained(text)[0][..., :cfg["vocab_size"]], base(text)[0])
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["step"] == 2 and state["layout"] == cfg["model_type"]
+    model, tok, vq = sample.load_pipeline(tmp_path / "run")  # what sample.py --ckpt loads: this layout's base and adapter
+    n = vq.config.grid ** 2
+    codes = model.generate_image(model.image_prompt(tok.encode("w10 w20").ids, n), n, generator=torch.Generator().manual_seed(0))
+    assert model.config.layout == cfg["model_type"] and vq.detokenize(codes).shape == (1, 3, 16, 16)
     other = "olmoe" if cfg["model_type"] != "olmoe" else "qwen3_moe"  # the adapter refuses another layout's base
     c = tiny_layout_config(other)
     other_path = write_checkpoint(tmp_path / other, c, tiny_hf_state_dict(c))
