@@ -120,7 +120,7 @@ def config_fields(hf):
     L, step, eos, n_heads = hf["num_hidden_layers"], hf.get("decoder_sparse_step") or 1, hf.get("eos_token_id", 2), hf["num_attention_heads"]
     # Qwen: layer i has experts unless listed in mlp_only_layers or off the decoder_sparse_step grid (then a dense MLP)
     dense = [i for i in range(L) if i in (hf.get("mlp_only_layers") or []) or (i + 1) % step] if qwen else []
-    bias = hf.get("attention_bias", False)  # Qwen3-MoE and OLMoE: on all four projections
+    bias = bool(hf.get("attention_bias")) and layout in ("qwen3_moe", "olmoe")  # there: on all four projections
     return dict(
         layout=layout, vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=L, n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,

@@ -144,3 +144,14 @@ def test_the_command_line_continues_text_with_each_layout(tiny_ckpt):
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and out.stdout.strip(), out.stderr
         assert all(w.startswith("w") or w.startswith("<") for w in out.stdout.split())
+
+
+def test_attention_bias_on_all_four_projections(tmp_path):
+    """Qwen3-MoE's and OLMoE's attention_bias (off in their releases) puts biases on q, k, v and o."""
+    for layout in ("qwen3_moe", "olmoe"):
+        cfg = tiny_layout_config(layout) | {"attention_bias": True}
+        sd = tiny_hf_state_dict(cfg)
+        assert "model.layers.0.self_attn.o_proj.bias" in sd
+        model = MMMoE.from_pretrained(write_checkpoint(tmp_path / layout, cfg, sd))
+        ids = torch.randint(0, 97, (1, 7), generator=torch.Generator().manual_seed(5))
+        assert (model(ids)[0][0].double() - reference_logits(sd, cfg, ids[0].tolist())).abs().max() < 1e-4
