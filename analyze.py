@@ -41,28 +41,33 @@ DEMO = Path(__file__).parent / "demo"  # the committed demo model, as sample.py 
 
 @torch.no_grad()
 def routing(model, batches):
-    """Run the model over batches of token ids -> routed-slot counts (2, L, E) for text [0] and image [1]
-    tokens, and each layer's MoE inputs at image tokens (the redundancy probe). A hook sees every MoE call:
-    a sequence that starts with text runs in two (the text prefix alone, then the rest)."""
+    """Run the model over (token ids, left padding) batches -> routed-slot counts (2, L, E) for text [0] and image
+    [1] tokens, and each layer's MoE inputs at image tokens (the redundancy probe); padding is left out. A hook
+    sees every MoE call: a sequence that starts with text runs in two (the text prefix alone, then the rest)."""
     L, E = model.config.n_layers, model.config.n_experts
     counts = torch.zeros(2, L, E)
     probe = [[] for _ in range(L)]
+    ids, done = None, [0] * L  # the batch being run; the columns of it each layer has seen
 
     def count(i):
         def hook(moe, args, output):
-            x, image_rows = args
+            x = args[0]  # (B, t, C): columns done[i]..done[i] + t of the batch
+            cols = ids[:, done[i]:done[i] + x.shape[1]]
+            done[i] += x.shape[1]
             if moe.gate is None:  # a dense layer among MoE layers routes nothing
                 return
             chosen = torch.softmax(moe.router_logits.float(), -1).topk(moe.top_k, dim=-1).indices  # (N, k)
-            image = image_rows.reshape(-1) if image_rows is not None else torch.zeros(len(chosen), dtype=torch.bool)
-            for m, rows in ((0, ~image), (1, image)):
+            image = (cols >= model.config.vocab_size).reshape(-1)
+            text = ~image & (cols >= 0).reshape(-1)  # padding is marked -1 below
+            for m, rows in ((0, text), (1, image)):
                 counts[m, i] += torch.bincount(chosen[rows].flatten(), minlength=E).float()
             probe[i].append(x.reshape(-1, x.shape[-1])[image])
         return hook
     hooks = [layer.block_sparse_moe.register_forward_hook(count(i)) for i, layer in enumerate(model.model.layers)]
     try:
-        for idx in batches:
-            model(idx)
+        for idx, pad in batches:
+            ids, done[:] = torch.where(torch.arange(idx.shape[1]) < (0 if pad is None else pad[:, None]), -1, idx), [0] * L
+            model(idx, pad=pad)
     finally:
         for h in hooks:
             h.remove()
@@ -246,10 +251,10 @@ def caption_use(model, shards, n=32, seed=0):
         losses = []
         for b in range(0, len(examples), 8):
             batch = examples[b:b + 8]
-            idx, _ = make_batch(batch, range(len(batch)), np.full(len(batch), name == "no caption"), model)
-            logits = linear(model.hidden_states(idx), model.image_head[:K])  # (B, T, K)
+            idx, _, pad = make_batch(batch, range(len(batch)), np.full(len(batch), name == "no caption"), model)
+            logits = linear(model.hidden_states(idx, pad=pad), model.image_head[:K])  # (B, T, K)
             for r, (text, codes) in enumerate(batch):
-                start = 1 + len(text)  # the <boi> position predicts the first code
+                start = int(pad[r]) + 1 + len(text)  # the <boi> position predicts the first code
                 lp = torch.log_softmax(logits[r, start:start + len(codes)].float(), -1)
                 losses.append(-lp.gather(1, torch.as_tensor(codes)[:, None])[:, 0])
         per_code = torch.stack(losses).mean(0)  # (n_codes,)
@@ -259,9 +264,9 @@ def caption_use(model, shards, n=32, seed=0):
 
 
 def probe_batches(model, val, n, english):
-    """Held-out caption+image sequences, and English text, as token-id batches."""
-    idx, _ = make_batch(val, np.arange(min(n, len(val))), np.zeros(min(n, len(val)), bool), model)
-    return [idx[i:i + 8] for i in range(0, len(idx), 8)] + [english.view(-1, 256)[:4]]
+    """Held-out caption+image sequences, and English text, as batches of token ids and their left padding."""
+    idx, _, pad = make_batch(val, np.arange(min(n, len(val))), np.zeros(min(n, len(val)), bool), model)
+    return [(idx[i:i + 8], pad[i:i + 8]) for i in range(0, len(idx), 8)] + [(english.view(-1, 256)[:4], None)]
 
 
 def frechet(a, b):
@@ -296,7 +301,7 @@ def colour_confusion(asked, drawn, path, cell=40):
 
 
 def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"],
-            top_k=SAMPLING["top_k"]):
+            top_k=SAMPLING["top_k"], batch_size=16):
     from data import (GROUPS, TokenShards, asked_caption, caption_rows, english_text, load_images, object_index,
                       read_folder)
     from vq import score_summary
@@ -393,16 +398,21 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], tempe
             own = torch.tensor(idx[:: max(1, len(idx) // samples)][:samples])
             captions = [asked_caption(rows[i], group) for i in own.tolist()]
             fake = []
-            for caption in tqdm(captions, desc=f"drawing {title}", unit="image", leave=False):
-                ids = model.image_prompt(tokenizer.encode(caption).ids, vq.config.n_tokens)
-                fake.append(vq.detokenize(model.generate_image(ids, vq.config.n_tokens, cfg, temperature, top_k, None, g))[0])
-            fake = torch.stack(fake)
+            with tqdm(total=len(captions), desc=f"drawing {title}", unit="image", leave=False) as bar:
+                for b in range(0, len(captions), batch_size):  # batch_size prompts drawn together
+                    ids = [tokenizer.encode(c).ids for c in captions[b:b + batch_size]]
+                    fake.append(vq.detokenize(model.generate_image(ids, vq.config.n_tokens, cfg, temperature, top_k, None, g)))
+                    bar.update(len(ids))
+            fake = torch.cat(fake)
             scores = vq.scores(fake, gallery, own)
             asked = [gallery["colours"][i] for i in own.tolist()]
             coloured = [a for a in asked if a is not None]
             n_objects = int((gallery["objects"] == torch.arange(len(rows))).sum())
             drawn[group] = (everything[own], fake, captions, asked, scores["colour"])
-            report["images"][group] = score_summary(scores) | {
+            multi = torch.tensor([a is None for a in asked], dtype=torch.bool)  # a multi-coloured emoji: no colour word
+            by_kind = {f"top1_{k}": (scores["rank"][m.to(scores["rank"].device)] < 1).float().mean().item()
+                       for k, m in (("coloured", ~multi), ("multicolour", multi)) if m.any()}
+            report["images"][group] = score_summary(scores) | by_kind | {
                 "captions": captions, "ranks": scores["rank"].tolist(), "object_ranks": scores["object_rank"].tolist(),
                 "asked_colours": asked, "drawn_colours": scores["colour"],
                 # what drawing every picture in the commonest asked colour would score; what a random object would
@@ -432,6 +442,9 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], tempe
                   "| | " + " | ".join(GROUPS[c] for c in cols) + " |", "| --- |" + " --- |" * len(cols),
                   row("pictures drawn", lambda r: str(len(r["captions"]))),
                   row("asked picture top-1", pct("top1")), row("asked picture top-5", pct("top5")),
+                  row("... top-1 where it has a colour word", lambda r: f"{100 * r['top1_coloured']:.1f}%" if "top1_coloured" in r else "-"),
+                  row("... top-1 of multi-coloured emoji", lambda r: f"{100 * r['top1_multicolour']:.1f}%" if "top1_multicolour" in r else "-"),
+                  row("asked object's original top-1 among the originals", pct("original_top1")),
                   row("median rank", lambda r: str(r["median_rank"])),
                   row("dominant hue matches", pct("hue")),
                   row("colour word is the asked one", pct("colour")),
@@ -455,12 +468,13 @@ def main():
     p.add_argument("--ckpt", default=None, help="a train.py output directory (default: the built-in demo)")
     p.add_argument("--out", default="out/report")
     p.add_argument("--probe", type=int, default=32, help="held-out sequences for routing and redundancy")
-    p.add_argument("--samples", type=int, default=0, help="captions of training emoji, held-out emoji and held-out colour pairs "
+    p.add_argument("--samples", type=int, default=0, help="captions of training emoji (as people ask, and by bare name), held-out emoji and held-out colour pairs "
                    "to draw and score, of each (slow on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg", type=float, default=SAMPLING["cfg"], help="guidance for --samples (sample.py's default)")
     p.add_argument("--temperature", type=float, default=SAMPLING["temperature"])
     p.add_argument("--top-k", type=int, default=SAMPLING["top_k"])
+    p.add_argument("--batch", type=int, default=16, help="--samples: prompts drawn together")
     p.add_argument("--curve", metavar="PNG", help="only plot the checkpoint's learning curve (train.py's log) to PNG")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="only compare runs that differ in init and seed -> --out")
     p.add_argument("--target", type=float, default=5.0, help="--compare: the held-out loss whose first reaching is timed")
@@ -475,9 +489,9 @@ def main():
         plot_curve(state["log"], args.curve, n, state["train_config"]["batch_size"])
         print("\n".join(curve_table(state["log"])))
         return
-    if args.samples < 0 or not 0 <= args.cfg < math.inf or not 0 <= args.temperature < math.inf or (args.top_k or 1) < 1:
-        raise BadInput("--samples >= 0, --cfg and --temperature numbers >= 0, --top-k >= 1")
-    analyze(args.ckpt, args.out, args.probe, args.samples, args.seed, args.cfg, args.temperature, args.top_k)
+    if args.samples < 0 or not 0 <= args.cfg < math.inf or not 0 <= args.temperature < math.inf or (args.top_k or 1) < 1 or args.batch < 1:
+        raise BadInput("--samples >= 0, --cfg and --temperature numbers >= 0, --top-k >= 1, --batch >= 1")
+    analyze(args.ckpt, args.out, args.probe, args.samples, args.seed, args.cfg, args.temperature, args.top_k, args.batch)
     print((Path(args.out) / "report.md").read_text())
 
 

@@ -221,7 +221,7 @@ def bench_base(args):
     print(f"machine: bf16 matmul peak {matmul_peak_gflops(2048 if native else 512, torch.bfloat16):.1f} GFLOP/s "
           f"({'native' if native else 'emulated: no AVX512-BF16 or AMX, so train.py dtype=auto is float32 here'})")
 
-    def step_time(dtype, grouped=False):
+    def step_time(dtype, grouped=False, compiled=False):
         model = MMMoE.from_pretrained(builtin_base(), dtype=dtype)
         model.add_image_adapter(AdapterConfig(n_image_codes=1024, rank=args.rank, alpha=2.0 * args.rank)).train()
         B, V, g = 8, model.config.vocab_size, torch.Generator().manual_seed(0)
@@ -230,7 +230,9 @@ def bench_base(args):
                          torch.full((B, 1), model.image_token("eoi")), torch.full((B, 1), model.config.eos_token_id)], 1)
         targets = torch.full_like(idx, -1)
         targets[:, 9:74] = idx[:, 10:75]  # <boi> and the codes predict the codes and <eoi>
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)  # as train.py's
+        if compiled:  # as train.py's compile=true
+            model.compile_blocks()
         if grouped:  # the same experts as 8 separate copies: the general (grouped) path
             for layer in model.model.layers:
                 ex = layer.block_sparse_moe.experts
@@ -242,13 +244,15 @@ def bench_base(args):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return best_of(step), B * idx.shape[1]
+        return best_of(step), B * idx.shape[1]  # best_of's warm-up step is where a compiled step compiles (~15-60 s)
     (shared, n), (grouped, _) = step_time(torch.float32), step_time(torch.float32, True)
+    compiled, _ = step_time(torch.float32, compiled=True)
     line = (f"PLoRA training step, rank {args.rank}, {n} tokens (8 demo-shaped sequences): float32 shared base {shared:.2f} s "
-            f"({n / shared:.0f} tokens/s), grouped copies {grouped:.2f} s ({grouped / shared:.2f}x slower); ")
+            f"({n / shared:.0f} tokens/s; compiled {compiled:.2f} s), grouped copies {grouped:.2f} s ({grouped / shared:.2f}x slower); ")
     if native:
-        bf16, _ = step_time(torch.bfloat16)
-        line += f"bfloat16 shared base {bf16:.2f} s ({n / bf16:.0f} tokens/s, {shared / bf16:.2f}x faster than float32)"
+        (bf16, _), (bf16_compiled, _) = step_time(torch.bfloat16), step_time(torch.bfloat16, compiled=True)
+        line += (f"bfloat16 shared base {bf16:.2f} s ({n / bf16:.0f} tokens/s, {shared / bf16:.2f}x faster than float32; "
+                 f"compiled {bf16_compiled:.2f} s)")
     else:  # measured once on such a machine: 93 s a step, 20x slower than float32
         line += "bfloat16 not timed (emulated here)"
     print(line)

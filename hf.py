@@ -87,8 +87,20 @@ ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_
 
 
 def config_fields(hf):
-    """A parsed config.json -> MMMoEConfig's fields. What differs between the layouts is a handful of fields; a
-    setting that would change the math and is not implemented is refused, never ignored."""
+    """A config.json (a checkpoint directory, the file, or the parsed dict) -> MMMoEConfig's fields. What differs
+    between the layouts is a handful of fields; a setting that would change the math and is not implemented is
+    refused, never ignored."""
+    if not isinstance(hf, dict):
+        path = Path(hf)
+        path = path if path.suffix == ".json" else path / "config.json"
+        if not path.exists():
+            raise BadInput(f"no config.json in {path.parent}")
+        try:
+            hf = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadInput(f"{path} is not valid JSON: {' '.join(str(e).split())}") from None
+    if not isinstance(hf, dict):
+        raise BadInput("config.json must hold a JSON object")
     archs = hf.get("architectures") or [{v: k for k, v in ARCHITECTURES.items()}.get(hf.get("model_type"), "MixtralForCausalLM")]
     if len(archs) != 1 or archs[0] not in ARCHITECTURES:
         raise BadInput(f"unsupported architecture {', '.join(map(str, archs))}: mmmoe reads {', '.join(ARCHITECTURES)} "

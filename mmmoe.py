@@ -72,19 +72,7 @@ class MMMoEConfig:
     @classmethod
     def from_hf(cls, path_or_dict):
         """Read a Hugging Face config.json of any of the four layouts (a directory, the file, or the parsed dict)."""
-        hf = path_or_dict
-        if not isinstance(hf, dict):
-            path = Path(path_or_dict)
-            path = path if path.suffix == ".json" else path / "config.json"
-            if not path.exists():
-                raise BadInput(f"no config.json in {path.parent}")
-            try:
-                hf = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadInput(f"{path} is not valid JSON: {' '.join(str(e).split())}") from None
-        if not isinstance(hf, dict):
-            raise BadInput("config.json must hold a JSON object")
-        return cls(**config_fields(hf))
+        return cls(**config_fields(path_or_dict))
 
     def to_hf(self):
         """The config.json its layout's loaders read."""
@@ -99,9 +87,8 @@ class AdapterConfig:
     rank: int = 8
     alpha: float = 16.0
     attention: bool = True  # LoRA on q/k/v/o as well as on every expert's w1/w2/w3
-    # LoRA on the router too, by default: with a frozen router, image tokens could only be routed as their
-    # hidden states happen to fall, and modality-specific experts could not be learnt. Text routing is
-    # untouched all the same (C1), since this LoRA also acts at image positions only.
+    # LoRA on the router too, by default: with a frozen router, image tokens could only be routed as their hidden
+    # states fall, and no expert could learn to take images. Text routing is untouched all the same (C1).
     router: bool = True
 
 # -----------------------------------------------------------------------------
@@ -119,20 +106,25 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
+# MKL, torch's BLAS on x86, picks its kernels by CPU vendor, and with them the faster of two equal forms of a
+# decoding step's few-row product: x @ w^T on Intel (2.4x the other for two rows on a Xeon with AMX), (w @ x^T)^T
+# elsewhere (1.5-2x on two AMD EPYCs; docs/speed.md). A rule, not a timing: the same picture from the same seed.
+FEW_ROWS_TRANSPOSED = Path("/proc/cpuinfo").exists() and "GenuineIntel" not in Path("/proc/cpuinfo").read_text()
+
+
 def linear(x, w):
-    """x (..., in) @ w.T for a weight w (out, in). For the few rows of a decoding step it is computed as
-    (w @ x^T)^T, the same product, which CPU BLAS runs ~1.5-2x faster there; with many rows (and for
-    the backward pass) x @ w.T is the faster one."""
+    """x (..., in) @ w.T for a weight w (out, in); for up to 16 rows on a CPU, in the form its BLAS runs faster."""
     rows = x.reshape(-1, x.shape[-1])
-    y = (w @ rows.T).T if len(rows) <= 16 else rows @ w.T
+    transposed = FEW_ROWS_TRANSPOSED and len(rows) <= 16 and x.device.type == "cpu"
+    y = (w @ rows.T).T if transposed else rows @ w.T
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def rope_cos_sin(positions, head_dim, theta, dtype):
-    """RoPE tables for integer positions (T,) -> cos, sin of shape (T, head_dim), in float32 then dtype."""
+    """RoPE tables for integer positions (T,) or (B, T) -> cos, sin of shape (..., T, head_dim), in float32 then dtype."""
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd): the "rotate_half" layout pairs i with i + hd/2
+    freqs = positions.float()[..., None] * inv_freq  # (..., T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, hd): the "rotate_half" layout pairs i with i + hd/2
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -154,14 +146,18 @@ class LoRA(nn.Module):
 
     def forward(self, x, expert=0):
         r = slice(expert * self.rank, (expert + 1) * self.rank)  # this expert's block
-        return linear(linear(x, self.A[r]), self.B[:, r]) * self.scale
+        return linear(linear(x, self.A[r]) * self.scale, self.B[:, r])  # scaled at rank r: the smallest tensor
 
 
 def plora(y, x, lora, image_rows):
     """Partial LoRA: y + lora(x) where image_rows (..., 1) is true. C1: every other row IS y, bit for bit."""
-    if lora is None or image_rows is None:
-        return y
-    return torch.where(image_rows, y + lora(x), y)
+    return y if lora is None or image_rows is None else at_images(image_rows, y + lora(x), y)
+
+
+def at_images(image_rows, a, b):
+    """a at image rows, b at the others; image_rows True says every row is an image row (the image part of a
+    training batch, where this is a, with no selection)."""
+    return a if image_rows is True else torch.where(image_rows, a, b)
 
 
 class KVCache(nn.Module):
@@ -173,6 +169,7 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    @torch.compiler.disable  # compiled blocks (compile_blocks) leave the cache out: its size changes with every batch
     def update(self, input_pos, k, v):  # input_pos (T,), k/v (B, n_kv, T, hd); under autocast, any dtype
         self.k[:, :, input_pos] = k.to(self.k.dtype)
         self.v[:, :, input_pos] = v.to(self.v.dtype)
@@ -216,9 +213,8 @@ class Attention(nn.Module):
             k_all, v_all = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, hd)
             if mask is not None and mask.shape[-1] == k_all.shape[2]:  # the mask spans the cache: attend to it
                 k, v = k_all, v_all
-        if T == 1 and mask is not None:  # a decoding step: the query heads that share a K/V head are the rows of one
-            # query, (B, n_kv, nh / n_kv, hd), so K and V are not copied per head (grouped-query attention); with q
-            # contiguous (linear() may return it transposed), SDPA runs its fused kernel
+        if T == 1 and mask is not None:  # a decoding step: the query heads that share a K/V head are the rows of one query
+            # (B, n_kv, nh / n_kv, hd), so K, V are not copied per head; q contiguous, so that SDPA runs its fused kernel
             q = q.contiguous().view(B, self.n_kv_heads, -1, self.head_dim)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
@@ -243,10 +239,9 @@ def expert(x, experts, e, image_rows=None):
 
 
 def routed_lora(lora, x, mix):
-    """Each slot's own expert's low-rank update, for all rows at once, with no sort and no loop: A (all
-    experts' A's) gives every expert's projection in one matmul; mix (k, N, E) keeps each slot's expert
-    (and may weigh it); B (all experts' B's) then sums what is left in one matmul.
-    x (N, in) or (k, N, in) -> (k, N, E*r), to be multiplied by B."""
+    """Each slot's own expert's low-rank update, for all rows at once, with no sort and no loop: A (all experts' A's)
+    gives every expert's projection in one matmul; mix (k, N, E) keeps each slot's expert (and may weigh it); B (all
+    experts' B's) then sums what is left in one matmul. x (N, in) or (k, N, in) -> (k, N, E*r), to be multiplied by B."""
     a = linear(x, lora.A)  # (N, E*r) or (k, N, E*r)
     N, E = mix.shape[1:]
     return (a.view(-1, N, E, lora.rank) * (mix * lora.scale)[..., None]).flatten(2)
@@ -283,22 +278,24 @@ class MoE(nn.Module):
     def forward(self, x, image_rows):
         B, T, C = x.shape
         x = x.view(-1, C)  # (N, C) with N = B * T
-        image_rows = None if image_rows is None else image_rows.view(-1, 1)  # (N, 1)
-        self.image_rows = image_rows
+        rows = image_rows if image_rows is None or image_rows is True else image_rows.view(-1, 1)  # (N, 1), None or True
+        # as a mask for the paths that select rows, for load balancing and for the routing analysis
+        self.image_rows = x.new_ones(len(x), 1, dtype=torch.bool) if rows is True else rows
         if self.gate is None:  # a dense layer: its one expert, weight 1
             weights, expert_idx = x.new_ones(len(x), 1), torch.zeros(len(x), 1, dtype=torch.long, device=x.device)
         else:
-            self.router_logits = plora(self.gate(x), x, self.gate_lora, image_rows)  # (N, E)
+            self.router_logits = plora(self.gate(x), x, self.gate_lora, rows)  # (N, E)
             # the router: float32 softmax over all experts, keep the top k (Mixtral renormalises them to sum to 1)
             probs = F.softmax(self.router_logits, dim=-1, dtype=torch.float32)
             weights, expert_idx = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
             weights = (weights / weights.sum(dim=-1, keepdim=True) if self.norm_topk_prob else weights).to(x.dtype)
-        shared = len(self.experts.w1) == 1
-        y = (self.shared_base if shared else self.grouped)(x, weights, expert_idx, image_rows)
+        shared = len(self.experts.w1) == 1  # shared_base takes image_rows True as it is; grouped selects rows
+        y = self.shared_base(x, weights, expert_idx, rows) if shared else self.grouped(x, weights, expert_idx, self.image_rows)
         if self.shared_expert is not None:  # Qwen2-MoE: every token also runs the shared expert, gated per token
-            y = y + torch.sigmoid(linear(x, self.shared_expert_gate.weight)) * expert(x, self.shared_expert, 0, image_rows)
+            y = y + torch.sigmoid(linear(x, self.shared_expert_gate.weight)) * expert(x, self.shared_expert, 0, self.image_rows)
         return y.view(B, T, C)
 
+    @torch.compiler.disable  # a loop over data-dependent slices: compiled blocks (compile_blocks) run it eagerly
     def grouped(self, x, weights, expert_idx, image_rows):
         """Distinct experts. Grouped dispatch: flatten the N*k (token, slot) pairs and sort them by expert
         id, so that every expert sees one contiguous slice and runs one matmul per weight on it."""
@@ -325,9 +322,11 @@ class MoE(nn.Module):
         A text row has no update at all: with weights summing to 1 it is exactly the dense FFN."""
         ex = self.experts
         gate, up = linear(x, ex.w1[0]), linear(x, ex.w3[0])  # (N, I), shared by every expert
-        h = F.silu(gate) * up  # (N, I)
-        if not self.norm_topk_prob:  # the top-k weights need not sum to 1: k copies give their sum times one output
-            h = h * weights.sum(-1, keepdim=True)
+        h = None  # the base's own h (N, I), where a row is text or there is no adapter
+        if image_rows is not True or ex.w1_lora is None:
+            h = F.silu(gate) * up
+            if not self.norm_topk_prob:  # the top-k weights need not sum to 1: k copies give their sum times one output
+                h = h * weights.sum(-1, keepdim=True)
         if image_rows is None or ex.w1_lora is None:
             return linear(h, ex.w2[0])  # (N, C)
         # (k, N, E): each slot's expert, one-hot (F.one_hot would first check the ids' range: a GPU sync a layer)
@@ -338,10 +337,10 @@ class MoE(nn.Module):
         up_k = torch.baddbmm(up, routed_lora(ex.w3_lora, x, route), B3)
         h_k = F.silu(gate_k) * up_k  # (k, N, I): what each slot's expert computes before w2
         w = weights.T[..., None]  # (k, N, 1)
-        h = torch.where(image_rows, (w * h_k).sum(0), h)  # (N, I); C1: text rows keep the base's h
+        h = at_images(image_rows, (w * h_k).sum(0), h)  # (N, I); C1: text rows keep the base's h
         y = linear(h, ex.w2[0])  # (N, C)
         lora = linear(routed_lora(ex.w2_lora, h_k, route * w).sum(0), ex.w2_lora.B)  # sum_s w_s B_s A_s h_s: (N, C)
-        return torch.where(image_rows, y + lora, y)
+        return at_images(image_rows, y + lora, y)
 
 
 class Block(nn.Module):
@@ -445,8 +444,7 @@ class MMMoE(nn.Module):
                 self.add_image_adapter(AdapterConfig(**state["adapter"]))
             except TypeError as e:
                 raise BadInput(f"damaged checkpoint file {path / 'state.json'}: adapter {e}") from None
-        params = {n: p for n, p in self.named_parameters() if self.is_adapter_param(n)}
-        for name, p in params.items():
+        for name, p in [(n, p) for n, p in self.named_parameters() if self.is_adapter_param(n)]:
             if name not in tensors or tensors[name].shape != p.shape:
                 got = tuple(tensors[name].shape) if name in tensors else "missing"
                 raise BadInput(f"adapter tensor {name} in {path}: {got}, this model has {tuple(p.shape)}")
@@ -459,38 +457,30 @@ class MMMoE(nn.Module):
         K, V = self.adapter.n_image_codes, self.config.vocab_size
         return {"boi": V + K, "eoi": V + K + 1}[which] if isinstance(which, str) else which + V
 
-    def image_prompt(self, caption_ids, n_codes):
-        """A caption's token ids -> the (1, T) prompt  <start> caption <boi>  that asks for its picture."""
-        ids = [self.start_token, *caption_ids, self.image_token("boi")]
-        if len(ids) + n_codes > self.config.max_seq_len:
-            raise BadInput(f"prompt too long: {len(ids)} tokens + {n_codes} image codes exceed the model's context of "
-                           f"{self.config.max_seq_len}")
-        return torch.tensor([ids])
-
-    def forward(self, idx, targets=None, input_pos=None):
-        """idx (B, T) token ids -> (logits (B, T, V [+ K + 2 with an adapter]), None), or with targets
-        (None, loss): a loss needs the output layer only at its targets, and over a 49k text vocabulary
-        the rest would be a large share of a training step. input_pos None: a whole sequence from
-        position 0 (training, scoring); input_pos (T,): the positions of idx in the KV cache that
-        setup_caches made (prefill, then one token at a time)."""
+    def forward(self, idx, targets=None, input_pos=None, pad=None):
+        """idx (B, T) token ids -> (logits (B, T, V [+ K + 2 with an adapter]), None), or with targets (None, loss): a
+        loss needs the output layer only at its targets (over a 49k text vocabulary the rest would be a large share of
+        a step). input_pos None: whole sequences from column 0 (training, scoring); input_pos (T,): the columns of idx
+        in the KV cache of setup_caches (prefill, then one token at a time). pad (B,): the columns at the start of each
+        row that are left padding, seen by no token, so that rows of different lengths share a batch."""
+        pad = pad if pad is not None and bool(pad.any()) else None  # no row padded: plain causal attention
         if targets is not None and (targets >= 0).any():  # causal: the columns after the last target cannot change the loss
             last = int((targets >= 0).any(0).nonzero()[-1]) + 1
             idx, targets = idx[:, :last], targets[:, :last]
         B, T = idx.shape
         image = idx >= self.config.vocab_size
         if input_pos is None and self.adapter is not None and image.any() and not image[:, 0].any():
-            # C1 for sequences that start with text: the columns before the batch's first image token run
-            # alone, exactly as the base model runs them (same shapes, frozen weights, no gradient); the
-            # rest attends to them through a KV cache. So that text's logits are the base's bit for bit,
-            # whatever follows, and no backward pass runs through the frozen prefix.
+            # C1 for sequences that start with text: the columns before the batch's first image token run alone,
+            # exactly as the base model runs them (same shapes, frozen weights, no gradient); the rest attends to them
+            # through a KV cache. So that text's logits are the base's bit for bit, and no backward pass runs there.
             P = int(image.any(dim=0).nonzero()[0])
             self.setup_caches(B, T)
             with torch.no_grad():
-                parts = [self.hidden_states(idx[:, :P], torch.arange(P, device=idx.device))]
-            parts.append(self.hidden_states(idx[:, P:], torch.arange(P, T, device=idx.device)))
+                parts = [self.hidden_states(idx[:, :P], torch.arange(P, device=idx.device), pad)]
+            parts.append(self.hidden_states(idx[:, P:], torch.arange(P, T, device=idx.device), pad))
             self.clear_caches()
         else:
-            parts = [self.hidden_states(idx, input_pos)]
+            parts = [self.hidden_states(idx, input_pos, pad)]
         if targets is not None:
             return None, self.loss(torch.cat(parts, dim=1), targets)
         return torch.cat([self.logits(x) for x in parts], dim=1), None
@@ -500,21 +490,27 @@ class MMMoE(nn.Module):
         logits = linear(x, self.lm_head.weight)
         return logits if self.adapter is None else torch.cat([logits, linear(x, self.image_head)], dim=-1)
 
-    def hidden_states(self, idx, input_pos=None):
+    def hidden_states(self, idx, input_pos=None, pad=None):
         """idx (B, T) -> the final normalised hidden states (B, T, C), before any output layer."""
         cfg, V = self.config, self.config.vocab_size
-        positions = torch.arange(idx.shape[1], device=idx.device) if input_pos is None else input_pos
-        # (B, T, 1), or None for text only: then this is exactly the base model's computation
-        image_rows = (idx >= V)[..., None] if self.adapter is not None and bool((idx >= V).any()) else None
+        columns = torch.arange(idx.shape[1], device=idx.device) if input_pos is None else input_pos  # (T,)
+        # each row's own positions: after left padding a row starts at position 0, its padding is negative
+        positions = columns if pad is None else columns - pad[:, None]  # (T,) or (B, T)
+        image = idx >= V
+        # where PLoRA acts: None, nowhere (exactly the base model's computation); True, everywhere; or a (B, T, 1) mask
+        image_rows = None if self.adapter is None or not bool(image.any()) else True if bool(image.all()) else image[..., None]
         x = self.model.embed_tokens(idx.clamp(max=V - 1))  # (B, T, C)
-        if image_rows is not None:
-            x = torch.where(image_rows, self.image_embed[(idx - V).clamp(min=0)], x)
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        if int(positions[0]) == 0:  # from the start: attend to these tokens only, as the uncached forward does
-            mask = None if cfg.sliding_window is None else attention_mask(positions, positions, cfg.sliding_window)
-        else:  # continuing a cached sequence: attend over the whole cache (unwritten slots are masked)
-            cache_len = self.model.layers[0].self_attn.kv_cache.k.shape[2]  # needs setup_caches() first
-            mask = attention_mask(positions, torch.arange(cache_len, device=idx.device), cfg.sliding_window)
+        if image_rows is not None:  # the image rows join the residual stream in its dtype (bf16 stays bf16)
+            x = torch.where(image[..., None], self.image_embed[(idx - V).clamp(min=0)].to(x.dtype), x)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)  # (..., T, hd)
+        start = int(columns[0]) == 0  # from the start: attend to these tokens only, as the uncached forward does;
+        # else continuing a cached sequence: attend over the whole cache (unwritten slots are masked)
+        keys = positions if start else torch.arange(self.model.layers[0].self_attn.kv_cache.k.shape[2], device=idx.device)
+        keys = keys if start or pad is None else keys - pad[:, None]  # (S,) or (B, S)
+        plain = start and pad is None and cfg.sliding_window is None  # causal attention, no mask needed
+        mask = None if plain else attention_mask(positions, keys, cfg.sliding_window)  # (T, S) or (B, T, S)
+        if pad is not None:  # one table and one mask per row, shared by the heads
+            cos, sin, mask = cos[:, None], sin[:, None], mask[:, None]  # (B, 1, T, hd), (B, 1, T, S)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, input_pos, image_rows)
         return self.model.norm(x)
@@ -533,10 +529,9 @@ class MMMoE(nn.Module):
 
     def setup_caches(self, batch_size, max_seq_len):
         """Allocate a static KV cache in every layer (replacing any previous one)."""
-        p = self.model.embed_tokens.weight
+        p, c = self.model.embed_tokens.weight, self.config
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
-                                               self.config.head_dim, p.dtype, p.device)
+            layer.self_attn.kv_cache = KVCache(batch_size, c.n_kv_heads, max_seq_len, c.head_dim, p.dtype, p.device)
 
     def clear_caches(self):
         for layer in self.model.layers:
@@ -559,44 +554,49 @@ class MMMoE(nn.Module):
         write_hf_checkpoint(path, config, hf_state_dict(self), tokenizer, max_shard_bytes=max_shard_bytes)
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, allowed_ids=None,
-                 stop_at_eos=False, generator=None, head=None, feed=None, image_steps=False):
-        """Continue each row of idx (R, T) by max_new_tokens with a static KV cache -> (R, T + n).
-
-        temperature 0 is greedy; allowed_ids (a 1-D tensor of token ids) restricts what can be sampled;
-        stop_at_eos ends early once every row has produced eos (finished rows then repeat eos).
-        head(hidden (R, C)) -> logits (B, n) to sample from (default: self.logits) and feed(sampled (B,))
-        -> the next tokens (R,) (default: the sampled ones) let a caller steer it: generate_image, which
+                 stop_at_eos=False, generator=None, head=None, feed=None, image_steps=False, pad=None):
+        """Continue each row of idx (R, T), left-padded by pad (R,) columns if given, by max_new_tokens with a static
+        KV cache -> (R, T + n). temperature 0 is greedy; allowed_ids (a 1-D tensor of token ids) restricts what can
+        be sampled; stop_at_eos ends early once every row has produced eos (finished rows then repeat eos).
+        head(hidden (R, C), i) -> logits (B, n) to sample new token i from (default: self.logits) and feed(sampled
+        (B,), i) -> the tokens (R,) fed back (default: the sampled ones) let a caller steer it: generate_image, which
         also says image_steps (every token fed is an image token) so that the steps run folded_plora()."""
         R, T = idx.shape
         if T + max_new_tokens > self.config.max_seq_len:
             raise BadInput(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds the model's context of "
                            f"{self.config.max_seq_len} tokens")
-        head, feed = head or self.logits, feed or (lambda t: t)
-        eos = self.config.eos_token_id
-        out, pos = [idx], torch.arange(T, device=idx.device)
+        head, feed = head or (lambda x, i: self.logits(x)), feed or (lambda t, i: t)
+        pad = pad if pad is not None and bool(pad.any()) else None  # no row padded: plain causal attention
+        eos, out, pos = self.config.eos_token_id, [idx], torch.arange(T, device=idx.device)
         with torch.inference_mode():  # no autograd bookkeeping at all: ~20% less time per operator in a step
             self.setup_caches(R, T + max_new_tokens)
             done = torch.zeros(R, dtype=torch.bool, device=idx.device)
-            logits = head(self.hidden_states(idx, pos)[:, -1])  # prefill: the prompt's text rows run as the base's
+            logits = head(self.hidden_states(idx, pos, pad)[:, -1], 0)  # prefill: the prompt's text rows run as the base's
             with self.folded_plora() if image_steps else nullcontext():
                 for i in range(max_new_tokens):
-                    nxt = feed(sample_next(logits, temperature, top_k, top_p, allowed_ids, generator))  # (R,)
+                    nxt = feed(sample_next(logits, temperature, top_k, top_p, allowed_ids, generator), i)  # (R,)
                     if stop_at_eos:
                         nxt = torch.where(done, eos, nxt)
                         done |= nxt == eos
                     out.append(nxt[:, None])
                     if i + 1 == max_new_tokens or (stop_at_eos and done.all()):
                         break
-                    logits = head(self.hidden_states(nxt[:, None], pos[-1:] + 1 + i)[:, -1])  # decode one token
+                    logits = head(self.hidden_states(nxt[:, None], pos[-1:] + 1 + i, pad)[:, -1], i + 1)  # decode one token
         self.clear_caches()
         return torch.cat(out, dim=1)  # outside inference mode: an ordinary tensor for the caller
 
+    def compile_blocks(self):
+        """torch.compile each block (train.py's compile=true): one graph, its elementwise chains fused, for every layer
+        and length."""
+        for layer in self.model.layers:
+            layer.compile(dynamic=True)
+        return self
+
     @contextmanager
     def folded_plora(self):
-        """For steps whose tokens are all image tokens (generate_image's decoding): PLoRA's attention and router
-        updates folded into their weights, W + scale B A, so each is one matmul instead of three and a select
-        (~30% fewer operators a step; drawing ~10% faster on the demo). The same function up to rounding; the
-        expert updates stay routed, each token's own experts'. On exit the base's own weights are back."""
+        """For steps whose tokens are all image tokens (generate_image's decoding): PLoRA's attention and router updates
+        folded into their weights, W + scale B A, one matmul instead of three (~30% fewer operators a step). The same
+        function up to rounding; the expert updates stay routed. On exit the base's own weights are back."""
         folds = []  # (the nn.Linear, its base weight, the module that holds its LoRA, the LoRA's name, the LoRA)
         for layer in self.model.layers:
             for m, w, name in [(layer.self_attn, f"{p}_proj", f"{p}_lora") for p in "qkvo"] + [(layer.block_sparse_moe, "gate", "gate_lora")]:
@@ -618,37 +618,46 @@ class MMMoE(nn.Module):
         """<bos>, or <eos> for a base that has no <bos>: the first token of every sequence and prompt."""
         return self.config.bos_token_id if self.config.bos_token_id is not None else self.config.eos_token_id
 
-    def generate_image(self, prompt_ids, n_codes, cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"],
+    def generate_image(self, captions, n_codes, cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"],
                        top_k=SAMPLING["top_k"], top_p=None, generator=None):
-        """prompt_ids (B, T), each <start> caption <boi> -> image tokens (B, n_codes). Inside an image only image
-        tokens can be sampled (the decoding rule), so the output layer is their rows alone: at the first position
-        the colour tokens, if the tokenizer has them, then the codes. With cfg, each row gets an unconditional
-        twin, the caption replaced by <eos> (train.py's caption dropout), and the two rows' logits mix:
-        uncond + cfg * (cond - uncond) (classifier-free guidance)."""
-        B, K, n_colours = prompt_ids.shape[0], self.adapter.n_image_codes, self.adapter.colour_tokens
-        idx = prompt_ids
-        if cfg:
-            uncond = prompt_ids.clone()
-            uncond[:, 1:-1] = self.config.eos_token_id
-            idx = torch.cat([prompt_ids, uncond])  # (2B, T): cond rows, then their unconditional twins
+        """Captions' token ids (a list of lists) -> image tokens (B, n_codes), drawn as one batch: each prompt
+        <start> caption <boi>, left-padded with <eos> (seen by no token). Inside an image only image tokens can be
+        sampled (the decoding rule), so the output layer is their rows alone: first the colour tokens, if the VQ has
+        them, then the codes. With cfg, each row gets an unconditional twin, the caption replaced by <eos> (train.py's
+        caption dropout), and the two rows' logits mix: uncond + cfg * (cond - uncond) (classifier-free guidance)."""
+        rows = [[self.start_token, *ids, self.image_token("boi")] for ids in captions]
+        B, T = len(rows), max(map(len, rows))
+        if T + n_codes > self.config.max_seq_len:
+            raise BadInput(f"prompt too long: {T} tokens + {n_codes} image codes exceed the model's context of "
+                           f"{self.config.max_seq_len}")
+        K, n_colours, eos = self.adapter.n_image_codes, self.adapter.colour_tokens, self.config.eos_token_id
+        idx = torch.tensor([[eos] * (T - len(r)) + r for r in rows], device=self.lm_head.weight.device)  # (B, T)
+        pad = T - torch.tensor([len(r) for r in rows], device=idx.device)  # (B,)
+        if cfg:  # the twin keeps <start> and <boi>, <eos> everywhere else
+            column = torch.arange(T, device=idx.device)
+            keep = (column == pad[:, None]) | (column == T - 1)
+            idx, pad = torch.cat([idx, torch.where(keep, idx, eos)]), pad.repeat(2)  # (2B, T): cond rows, then twins
 
-        def draw(idx, n, lo, hi):  # continue idx by n tokens among the image tokens lo..hi-1
-            def head(x):  # (2B or B, C) -> (B, hi - lo)
-                logits = linear(x, self.image_head[lo:hi])
-                return logits[B:] + cfg * (logits[:B] - logits[B:]) if cfg else logits
-            feed = lambda t: self.image_token(lo + t).repeat(2 if cfg else 1)  # noqa: E731  (both twins get it)
-            return self.generate(idx, n, temperature, top_k, top_p, generator=generator, head=head, feed=feed, image_steps=True)
-        if n_colours:  # the colour token first; the codes then follow the caption and that colour
-            idx = draw(idx, 1, K - n_colours, K)
-        out = draw(idx, n_codes - (n_colours > 0), 0, K - n_colours)
-        return out[:B, prompt_ids.shape[1]:] - self.config.vocab_size
+        def span(i):  # new token i is one of the image tokens lo..hi-1: a colour token first, if any, then codes
+            return (K - n_colours, K) if n_colours and i == 0 else (0, K - n_colours)
+
+        def head(x, i):  # (2B or B, C) -> (B, hi - lo)
+            lo, hi = span(i)
+            logits = linear(x, self.image_head[lo:hi])
+            return logits[B:] + cfg * (logits[:B] - logits[B:]) if cfg else logits
+        feed = lambda t, i: self.image_token(span(i)[0] + t).repeat(2 if cfg else 1)  # noqa: E731  (both twins get it)
+        out = self.generate(idx, n_codes, temperature, top_k, top_p, generator=generator, head=head, feed=feed,
+                            image_steps=True, pad=pad)
+        return out[:B, T:] - self.config.vocab_size
 
 
 def attention_mask(q_pos, k_pos, window):
-    """(Tq, Tk) bool, True where a query may attend: causal, and within the sliding window if any.
-    A key is visible from query q when k <= q and q - k < window (Mistral/Mixtral's convention)."""
-    diff = q_pos[:, None] - k_pos[None, :]
-    return (diff >= 0) & (diff < window) if window is not None else diff >= 0
+    """q_pos (..., Tq), k_pos (..., Tk) -> (..., Tq, Tk) bool, True where a query may attend: causal, and within
+    the sliding window if any: key k is visible from query q when k <= q and q - k < window (Mistral/Mixtral's
+    convention). Left padding (negative positions) is seen by no token but itself (a query with no key would be NaN)."""
+    diff = q_pos[..., :, None] - k_pos[..., None, :]
+    mask = (diff >= 0) & ((k_pos[..., None, :] >= 0) | (diff == 0))
+    return mask & (diff < window) if window is not None else mask
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, allowed_ids=None, generator=None):
@@ -658,16 +667,12 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, allowed_ids=Non
         logits = torch.full_like(logits, float("-inf")).index_copy(1, allowed_ids, logits[:, allowed_ids])
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
+    # the candidates, most likely first: the top k (then a draw among 50 codes costs 50 random numbers, not 16k), or all
+    logits, ids = torch.topk(logits, min(top_k or logits.size(-1), logits.size(-1)), dim=-1)  # (B, k)
+    probs = F.softmax(logits / temperature, dim=-1)
     if top_p is not None:  # nucleus: keep the smallest set of tokens whose probability reaches top_p
-        sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # mass before this token already >= p
-        probs = probs.scatter(-1, sorted_idx, sorted_probs.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > top_p, 0.0)  # the mass before it already >= p
+    return ids.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
 
 # -----------------------------------------------------------------------------
 # Command line: continue a text prompt with a checkpoint of any of the four layouts

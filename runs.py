@@ -144,13 +144,15 @@ def lr_at(step, lr, warmup, steps, min_lr=0.0):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def batch_at(n, size, step, seed):
-    """Example indices (size,) of one optimiser step: a fixed function of (seed, step), a fresh
-    permutation of the n examples every epoch, so a resumed run sees exactly the same data."""
-    per_epoch = max(1, n // size)
+def batch_at(n, size, step, seed, repeats=None):
+    """Example indices (size,) of one optimiser step: a fixed function of (seed, step), a fresh permutation of
+    the n examples every epoch, so a resumed run sees exactly the same data. repeats (n,): how many times each
+    example comes in an epoch (a data mix; 0 leaves it out); None: once each."""
+    pool = np.arange(n) if repeats is None else np.repeat(np.arange(n), repeats)
+    per_epoch = max(1, len(pool) // size)
     epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[(i * size + np.arange(size)) % n]  # wraps around a dataset smaller than one batch
+    order = pool[np.random.default_rng([seed, epoch]).permutation(len(pool))]
+    return order[(i * size + np.arange(size)) % len(pool)]  # wraps around a dataset smaller than one batch
 
 
 def run_inputs(run_dir):

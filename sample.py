@@ -4,26 +4,35 @@ sample.py: draw pictures from text with a multimodal MoE.
     python sample.py "a red bicycle"                              # the built-in demo model, -> sample.png
     python sample.py "blue heart" "green apple" -n 4 --out grid.png
     python sample.py "a lemon" --ckpt out/demo --cfg 1.5 --temperature 0 # greedy: one picture per prompt
+    python sample.py --from-file prompts.txt --out-dir out/pictures  # one PNG per line; a rerun skips what is written
 
 The prompt becomes  <bos> prompt <boi>; the model then writes the image codes one at a time with the
 KV cache, and the VQ decoder turns them into pixels. Inside an image only image codes can be sampled
 (the decoding rule of the paper's setup). Classifier-free guidance runs the prompt and the
 unconditional prompt (the same length, caption replaced by <eos>, train.py's filler) as two rows
-of one batch and mixes their logits: uncond + cfg * (cond - uncond).
+of one batch and mixes their logits: uncond + cfg * (cond - uncond). All prompts (times -n) are drawn
+together, --batch of them at a time, left-padded to one length; a batch is drawn from its own seed,
+(--seed, its number), so a picture does not depend on which batches were drawn before it.
 """
 import argparse
+import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 from cli import BadInput, run
 from hf import load_tokenizer
 from runs import run_inputs
 from mmmoe import SAMPLING, MMMoE
+from vq import save_grid, to_pil
 
 DEMO = Path(__file__).parent / "demo"  # the committed demo: adapter.safetensors + state.json, and vq/
 
@@ -44,12 +53,41 @@ def load_pipeline(ckpt=None, device="cpu"):
     return model.eval(), load_tokenizer(base), vq
 
 
+def read_prompts(path):
+    """A prompt file: one prompt per line (UTF-8; surrounding spaces dropped). An empty file or a blank line is a mistake."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"cannot read the prompt file {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not lines:
+        raise BadInput(f"the prompt file {path} is empty")
+    blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+    if blank:
+        raise BadInput(f"{path}: line {blank[0]} is blank (one prompt per line, no empty lines)")
+    return [line.strip() for line in lines]
+
+
+def file_names(prompts, n):
+    """Each prompt's file names in --out-dir: its words in lower case joined by '-' (at most 80 characters), a second
+    prompt with the same name gets '-2', and so on; with -n above 1, one file per picture: name_0.png, name_1.png, ..."""
+    seen, names = {}, []
+    for prompt in prompts:
+        stem = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:80].strip("-") or "prompt"
+        seen[stem] = seen.get(stem, 0) + 1
+        stem += f"-{seen[stem]}" if seen[stem] > 1 else ""
+        names.append([f"{stem}.png"] if n == 1 else [f"{stem}_{k}.png" for k in range(n)])
+    return names
+
+
 def check_args(args):
-    from PIL import Image
     out = Path(args.out)
     for bad, message in [
+            (not args.prompts and not args.from_file, "give prompts, or --from-file FILE"),
+            (args.prompts and args.from_file, "give prompts or --from-file FILE, not both"),
+            (bool(args.from_file) != bool(args.out_dir), "--from-file and --out-dir go together: a file of prompts, a folder of pictures"),
             (any(not p.strip() for p in args.prompts), "empty prompt"),
             (args.n < 1, f"-n must be at least 1 (got {args.n})"),
+            (args.batch < 1, f"--batch must be at least 1 (got {args.batch})"),
             (not 0 <= args.cfg < math.inf, f"--cfg must be a number >= 0 (got {args.cfg})"),
             (not 0 <= args.temperature < math.inf, f"--temperature must be a number >= 0 (got {args.temperature})"),
             (args.top_k is not None and args.top_k < 1, f"--top-k must be at least 1 (got {args.top_k})"),
@@ -57,8 +95,9 @@ def check_args(args):
             (not 8 <= args.size <= 4096, f"--size must be 8..4096 pixels (got {args.size})"),
             (args.threads is not None and args.threads < 1, f"--threads must be at least 1 (got {args.threads})"),
             (args.cols is not None and (args.cols < 1 or args.n != 1), "--cols needs -n 1 and at least one column"),
-            (out.is_dir(), f"--out {out} is a directory; give a file name such as {out / 'sample.png'}"),
-            (not out.parent.is_dir(), f"--out {out}: no directory {out.parent}"),
+            (args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir(), f"--out-dir {args.out_dir} is a file"),
+            (not args.out_dir and out.is_dir(), f"--out {out} is a directory; give a file name such as {out / 'sample.png'}"),
+            (not args.out_dir and not out.parent.is_dir(), f"--out {out}: no directory {out.parent}"),
             (out.suffix.lower() not in Image.registered_extensions(), f"--out {out}: not an image file name (.png, .jpg, ...)")]:
         if bad:
             raise BadInput(message)
@@ -66,40 +105,76 @@ def check_args(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompts", nargs="+")
+    p.add_argument("prompts", nargs="*")
     p.add_argument("-n", type=int, default=1, help="images per prompt")
     p.add_argument("--out", default="sample.png")
+    p.add_argument("--from-file", metavar="FILE", help="prompts, one per line, each drawn to its own PNG in --out-dir")
+    p.add_argument("--out-dir", metavar="DIR", help="with --from-file: where the pictures go (a rerun skips those written)")
     p.add_argument("--ckpt", default=None, help="a train.py output directory (default: the built-in demo model)")
     p.add_argument("--cfg", type=float, default=SAMPLING["cfg"], help="classifier-free guidance scale (0 = off)")
     p.add_argument("--temperature", type=float, default=SAMPLING["temperature"], help="0 = greedy (then -n gives identical pictures)")
     p.add_argument("--top-k", type=int, default=SAMPLING["top_k"])
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16, help="pictures drawn together (memory grows with it)")
     p.add_argument("--size", type=int, default=256, help="pixels per picture in the output (enlarged to be seen)")
     p.add_argument("--cols", type=int, default=None, help="with -n 1: lay the prompts out this many per row")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     check_args(args)  # before anything slow: a mistake costs a second, not a whole drawing
+    prompts = read_prompts(args.from_file) if args.from_file else [p.strip() for p in args.prompts]
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tokenizer, vq = load_pipeline(args.ckpt)
     n_tokens = vq.config.n_tokens
-    rows = []
-    generator = torch.Generator().manual_seed(args.seed)
+    ids = [tokenizer.encode(prompt).ids for prompt in prompts]
+    room = model.config.max_seq_len - n_tokens - 2  # <bos> and <boi> besides the caption
+    too_long = [k for k, i in enumerate(ids) if len(i) > room]
+    if too_long:
+        where = f"line {too_long[0] + 1} of {args.from_file}" if args.from_file else f"prompt {too_long[0] + 1}"
+        raise BadInput(f"prompt too long ({where}): {len(ids[too_long[0]])} tokens + {n_tokens} image codes exceed the "
+                       f"model's context of {model.config.max_seq_len}")
+    jobs = [(k, caption) for k, caption in enumerate(ids) for _ in range(args.n)]  # one per picture, prompt by prompt
+    names = file_names(prompts, args.n) if args.out_dir else None
+    if args.out_dir:  # an index of what each file shows; pictures of earlier runs are kept
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        index = "".join(json.dumps({"file": f, "prompt": prompt}) + "\n" for prompt, files in zip(prompts, names) for f in files)
+        (out_dir / "index.jsonl.tmp").write_text(index)
+        os.replace(out_dir / "index.jsonl.tmp", out_dir / "index.jsonl")
+        files = [out_dir / f for fs in names for f in fs]  # in the order of jobs
     t1 = time.time()
-    for prompt in args.prompts:
-        ids = model.image_prompt(tokenizer.encode(prompt.strip()).ids, n_tokens).repeat(args.n, 1)
-        rows.append(vq.detokenize(model.generate_image(ids, n_tokens, args.cfg, args.temperature, args.top_k, args.top_p, generator)))
-    from vq import save_grid
-    pictures, labels = torch.stack(rows), args.prompts
+    starts = range(0, len(jobs), args.batch)  # batch k is jobs[starts[k]:starts[k] + args.batch]
+    written = [bool(args.out_dir) and all(f.exists() for f in files[s:s + args.batch]) for s in starts]
+    skipped = sum(len(jobs[s:s + args.batch]) for s, w in zip(starts, written) if w)
+    pictures = []
+    with tqdm(total=len(jobs), initial=skipped, desc="drawing", unit="picture", disable=len(starts) == 1) as bar:
+        for k, s in enumerate(starts):
+            if written[k]:
+                continue
+            # the batch's own seed, from (--seed, k): the same pictures whichever batches a rerun skips
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, k]).generate_state(1)[0]))
+            codes = model.generate_image([caption for _, caption in jobs[s:s + args.batch]], n_tokens, args.cfg,
+                                         args.temperature, args.top_k, args.top_p, generator)
+            drawn = vq.detokenize(codes)  # (batch, 3, H, W)
+            for picture, path in zip(drawn, files[s:s + args.batch] if args.out_dir else []):
+                to_pil(picture).resize((args.size, args.size), Image.NEAREST).save(tmp := path.with_suffix(".tmp.png"))
+                os.replace(tmp, path)  # each file whole or absent
+            pictures += [] if args.out_dir else [drawn]
+            bar.update(len(codes))
+    n = len(jobs)
+    if args.out_dir:
+        print(f"{args.out_dir}: {n} picture(s) of {len(prompts)} prompt(s) ({skipped} there already); drawn in "
+              f"{time.time() - t1:.1f}s (+{t1 - t0:.1f}s loading)", file=sys.stderr)
+        return
+    pictures, labels = torch.cat(pictures).view(len(prompts), args.n, *pictures[0].shape[1:]), prompts
     if args.cols:  # a grid of single pictures, each under its own prompt (empty cells stay white)
-        cells = -(-len(args.prompts) // args.cols) * args.cols
-        pictures = torch.cat([pictures[:, 0], torch.ones(cells - len(rows), *pictures.shape[2:])])
+        cells = -(-len(prompts) // args.cols) * args.cols
+        pictures = torch.cat([pictures[:, 0], torch.ones(cells - len(prompts), *pictures.shape[2:])])
         pictures = pictures.view(-1, args.cols, *pictures.shape[1:])
-        labels = [(args.prompts + [""] * cells)[i:i + args.cols] for i in range(0, cells, args.cols)]
+        labels = [(prompts + [""] * cells)[i:i + args.cols] for i in range(0, cells, args.cols)]
     save_grid(pictures, args.out, args.size, labels=labels)
-    n = len(args.prompts) * args.n
     print(f"wrote {args.out}: {n} image(s) in {time.time() - t1:.1f}s (+{t1 - t0:.1f}s loading)", file=sys.stderr)
 
 

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from cli import BadInput, run
-from data import TokenShards, english_text, make_batch
+from data import TokenShards, english_text, make_batch, mix_repeats, parse_mix
 from hf import load_tokenizer
 from runs import (atomic_dir, batch_at, check_replaceable, keep_freed_memory, load_optimizer, lr_at,
                   optimizer_tensors, read_json, read_tensors, recover_dir, run_inputs)
@@ -65,10 +65,18 @@ class TrainConfig:
     curve_every: int = 0  # draw fixed training and held-out captions and score them (the learning curve); 0: never
     curve_captions: int = 12  # of each split
     init_from: str = ""  # a checkpoint to warm-start from (adapter and step, fresh optimizer) when out_dir has none
+    # with init_from: a stage of its own, `steps` more steps with their own warm-up and decay from the warm start's
+    # step (without it, steps, warm-up and decay are the whole run's, counted from step 0)
+    restart_schedule: bool = False
+    # a data mix: how many times each kind of example (data.MIX_KINDS) comes in an epoch, "multicolour=4,bare=3";
+    # a kind not named comes once, 0 leaves it out. The order stays a function of (seed, step)
+    mix: str = ""
     save_every: int = 100
     # bfloat16: the frozen base stored in bf16 and every matmul under bf16 autocast (the adapter keeps float32
     # master weights); auto: bfloat16 where the hardware has it (CUDA, a CPU with AVX512-BF16 or AMX), else float32
     dtype: str = "auto"
+    # each transformer block through torch.compile: one graph serves every layer, its chains of elementwise operations
+    # fused (on a CPU that needs a C++ compiler; without one, a warning and eager). The first steps compile (~15-30 s)
     compile: bool = False
     fsdp: bool = False
     seed: int = 0
@@ -116,6 +124,7 @@ def parse_args(argv):
         else:
             raise BadInput(f"unexpected argument {arg!r}: a config/*.json file, --key=value, --resume, --nproc N or --export DIR")
     tc = TrainConfig(**values)
+    parse_mix(tc.mix)  # a mistake in it is one line now, not after the model has loaded
     for ok, what in [(tc.steps >= 1, "steps >= 1"), (tc.batch_size >= 1, "batch_size >= 1"), (tc.grad_accum >= 1, "grad_accum >= 1"),
                      (tc.rank >= 1, "rank >= 1"), (tc.lr > 0 and tc.min_lr >= 0, "lr > 0 and min_lr >= 0"),
                      (tc.warmup >= 0, "warmup >= 0"), (0 <= tc.caption_dropout < 1, "0 <= caption_dropout < 1"),
@@ -123,6 +132,7 @@ def parse_args(argv):
                      (tc.curve_every >= 0 and tc.curve_captions >= 1, "curve_every >= 0, curve_captions >= 1"),
                      (not (tc.fsdp and tc.curve_every), "curve_every=0 under --fsdp (the curve draws with the whole model in one process)"),
                      (tc.init in ("gw", "random", "mean"), "init: gw, random or mean"),
+                     (not tc.restart_schedule or tc.init_from, "init_from with restart_schedule (a stage starts from a checkpoint)"),
                      (0 < tc.init_scale < math.inf, "init_scale > 0"),
                      (tc.dtype in ("auto", "float32", "bfloat16"), "dtype: auto, float32 or bfloat16"),
                      (nproc is None or nproc >= 1, "--nproc >= 1")]:
@@ -164,6 +174,15 @@ def load_balancing_loss(model):
 # Model, checkpoints
 
 
+def compiler_found(device):
+    """torch.compile writes C++ for a CPU, which needs a compiler (inductor calls g++ or clang++); CUDA needs none."""
+    import shutil
+    if device.type == "cuda" or shutil.which("g++") or shutil.which("clang++"):
+        return True
+    print("warning: compile=true, but no C++ compiler (g++ or clang++) was found: training runs eagerly", file=sys.stderr)
+    return False
+
+
 def use_bfloat16(tc, device):
     return tc.dtype == "bfloat16" or (tc.dtype == "auto" and native_bfloat16(device))
 
@@ -178,12 +197,13 @@ def build_model(tc, device, n_codes=None, colour_tokens=0):
     return model.add_image_adapter(adapter), base
 
 
-def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir, world=1, samples=None):
+def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir, world=1, samples=None, schedule_start=0):
     """Only what training changed (adapter tensors) + optimizer + RNG + step, atomically; and samples.png, the
     learning curve's latest pictures (samples: the grid and labels its curve() returned), if there are any."""
     from vq import save_grid
     opt_tensors, param_groups = optimizer_tensors(opt)
-    state = {"step": step, "train_config": asdict(tc), "world": world, "param_groups": param_groups, "vq": str(vq_dir), "log": log}
+    state = {"step": step, "train_config": asdict(tc), "world": world, "param_groups": param_groups, "vq": str(vq_dir), "log": log,
+             "schedule_start": schedule_start}
     try:
         with atomic_dir(out_dir) as tmp:
             model.save_adapter(tmp, state)
@@ -206,9 +226,9 @@ def evaluate(model, tc, val, text_ids, device, autocast):
     losses = []
     for b in range(tc.eval_batches):
         idx = np.arange(b * tc.batch_size, (b + 1) * tc.batch_size) % len(val)
-        x, y = make_batch(val, idx, np.zeros(len(idx), bool), model)
+        x, y, pad = make_batch(val, idx, np.zeros(len(idx), bool), model)
         with autocast:
-            losses.append(model(x.to(device), y.to(device))[1].item())
+            losses.append(model(x.to(device), y.to(device), pad=pad.to(device))[1].item())
     seq = text_ids.view(-1, 256).to(device)  # (n, 256) chunks of English
     with autocast:
         text_loss = model(seq[:, :-1], seq[:, 1:])[1].item()
@@ -243,15 +263,10 @@ def learning_curve_setup(model, tokenizer, train_set, tc):
         for group, chosen in picked.items():
             if not chosen:
                 continue
-            prompts = [model.image_prompt(tokenizer.encode(caption).ids, n)[0] for _, caption in chosen]
-            tokens = [None] * len(prompts)
-            for length in {len(p) for p in prompts}:  # prompts of one length are drawn as one batch
-                same = [k for k, p in enumerate(prompts) if len(p) == length]
-                with autocast:  # the model as it trains; the VQ in float32
-                    drawn = model.generate_image(torch.stack([prompts[k] for k in same]).to(device), n, cfg=SAMPLING["cfg"], temperature=0)
-                for k, t in zip(same, drawn):
-                    tokens[k] = t
-            pictures, own = vq.detokenize(torch.stack(tokens)), torch.tensor([i for i, _ in chosen])
+            with autocast:  # the model as it trains, all captions of the group as one batch; the VQ in float32
+                tokens = model.generate_image([tokenizer.encode(caption).ids for _, caption in chosen], n,
+                                              cfg=SAMPLING["cfg"], temperature=0)
+            pictures, own = vq.detokenize(tokens), torch.tensor([i for i, _ in chosen])
             out |= {f"{group}_{k}": v for k, v in score_summary(vq.scores(pictures, gallery, own)).items()}
             grid += [images[own[:12]].cpu(), pictures[:12].cpu()]
             labels += [f"{GROUPS[group]}: asked", "drawn (greedy, guidance 1.5)"]
@@ -288,15 +303,17 @@ def train(tc, resume=False):
         raise BadInput(f"{tc.shards} has {len(train_set)} training and {len(val)} held-out examples: training needs both")
     model, base = build_model(tc, device, train_set.index["codebook_size"], train_set.index.get("colour_tokens", 0))
     tokenizer = load_tokenizer(base)
-    step, log, state = 0, [], None
+    step, log, state, first = 0, [], None, 0  # first: the step this run's schedule counts from
+    repeats = mix_repeats(train_set, tc.mix)  # (n,) times each example comes in an epoch, or None
     if resume and (out_dir / "state.json").exists():
         state = read_json(out_dir / "state.json", ("step", "log", "train_config", "param_groups"))
         model.load_adapter(out_dir)
-        step, log = state["step"], state["log"]
+        step, log, first = state["step"], state["log"], state.get("schedule_start", 0)
         # a resumed run continues the same computation: settings that change it must be the run's own
         # (the number of processes may change: what counts is the global batch, batch_size x processes x grad_accum)
-        computation = ("base", "shards", "init", "init_scale", "rank", "alpha", "attention", "router", "steps", "lr",
-                "min_lr", "warmup", "weight_decay", "grad_clip", "caption_dropout", "aux_loss_coef", "dtype", "seed")
+        computation = ("base", "shards", "init", "init_scale", "rank", "alpha", "attention", "router", "steps", "lr", "min_lr",
+                       "warmup", "weight_decay", "grad_clip", "caption_dropout", "aux_loss_coef", "dtype", "seed", "mix",
+                       "restart_schedule")
         saved = state["train_config"]
         differ = [f"{k}={getattr(tc, k)} (run: {saved[k]})" for k in computation if k in saved and saved[k] != getattr(tc, k)]
         run_batch = saved.get("batch_size", tc.batch_size) * state.get("world", 1) * saved.get("grad_accum", tc.grad_accum)
@@ -307,7 +324,8 @@ def train(tc, resume=False):
                            "start a new --out_dir with --init_from to continue from it")
     elif tc.init_from:  # e.g. the committed demo/ on a machine where the run's own checkpoints are gone
         step, log = (s := model.load_adapter(tc.init_from))["step"], s["log"]
-        log.append({"step": step, "warm_start": tc.init_from})
+        first = step if tc.restart_schedule else 0
+        log.append({"step": step, "warm_start": tc.init_from} | ({"schedule_start": step} if tc.restart_schedule else {}))
         print(f"warm start from {tc.init_from} at step {step}: adapter loaded, optimizer state starts afresh",
               file=sys.stderr)
     else:
@@ -323,7 +341,8 @@ def train(tc, resume=False):
         print(f"trainable: {total:,} parameters = {100 * total / n_base:.2f}% of the {n_base:,}-parameter base ("
               + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + ")", file=sys.stderr)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay)
+    # fused: one kernel updates every tensor (AdamW's loop over ~500 tensors was ~4% of a step on a CPU)
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay, fused=True)
     if state is not None:
         tensors = read_tensors(out_dir / "optimizer.safetensors", device=str(device))
         if "rng" not in tensors:
@@ -338,31 +357,32 @@ def train(tc, resume=False):
         fully_shard(model, ignored_params=set(params))
     elif world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if tc.compile:
-        trained = torch.compile(trained)
+    if tc.compile and compiler_found(device):
+        model.compile_blocks()  # evaluation and drawing run eagerly (below): compiling their shapes would not pay
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bfloat16(tc, device) else nullcontext()
     text_ids = english_text(tokenizer)
     global_size = tc.batch_size * world * tc.grad_accum
-    bar = tqdm(total=tc.steps, initial=step, desc="training", unit="step", disable=not main_process)
+    last = first + tc.steps
+    bar = tqdm(total=last, initial=step, desc="training", unit="step", disable=not main_process)
     curve = samples = None
     t0, tokens = time.time(), 0
     model.train()
-    while step < tc.steps:
-        indices = batch_at(len(train_set), global_size, step, tc.seed)
+    while step < last:
+        indices = batch_at(len(train_set), global_size, step, tc.seed, repeats)
         drop = np.random.default_rng([tc.seed, step, 1]).random(len(indices)) < tc.caption_dropout
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, tc.lr, tc.warmup, tc.steps, tc.min_lr)
+            g["lr"] = lr_at(step - first, tc.lr, tc.warmup, tc.steps, tc.min_lr)
         for micro in range(tc.grad_accum):
             part = slice((micro * world + rank) * tc.batch_size, (micro * world + rank + 1) * tc.batch_size)
-            idx, targets = make_batch(train_set, indices[part], drop[part], model)
-            idx, targets = idx.to(device), targets.to(device)
+            idx, targets, pad = make_batch(train_set, indices[part], drop[part], model)
+            idx, targets, pad = idx.to(device), targets.to(device), pad.to(device)
             sync = nullcontext() if micro == tc.grad_accum - 1 or world == 1 or tc.fsdp else trained.no_sync()
             with sync, autocast:
-                _, loss = trained(idx, targets)
+                _, loss = trained(idx, targets, pad=pad)
                 aux = load_balancing_loss(model)
-                # every trainable tensor takes part in every step, even with no image token in the batch,
-                # so DDP's gradient all-reduce always sees the same set of parameters
-                total = (loss + tc.aux_loss_coef * aux) / tc.grad_accum + 0.0 * sum(p.sum() for p in params)
+                total = (loss + tc.aux_loss_coef * aux) / tc.grad_accum
+                if world > 1:  # every trainable tensor takes part in every step, even with no image token in the
+                    total = total + 0.0 * sum(p.sum() for p in params)  # batch: DDP's all-reduce sees the same set
             total.backward()
             tokens += idx.numel()
         if tc.fsdp and world > 1:  # the adapter is not FSDP's: average its gradients in one all-reduce, as DDP would
@@ -380,21 +400,23 @@ def train(tc, resume=False):
         step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if main_process and (step % tc.log_every == 0 or step == tc.steps):
-            log.append({"step": step, "loss": loss.item(), "aux": aux.item(), "grad_norm": norm.item(), "lr": lr_at(step - 1, tc.lr, tc.warmup, tc.steps, tc.min_lr),
+        if main_process and (step % tc.log_every == 0 or step == last):
+            log.append({"step": step, "loss": loss.item(), "aux": aux.item(), "grad_norm": norm.item(), "lr": lr_at(step - 1 - first, tc.lr, tc.warmup, tc.steps, tc.min_lr),
                         "tokens_per_s": tokens * world / (time.time() - t0)})
-        if step % tc.eval_every == 0 or step == tc.steps:
-            result = evaluate(model, tc, val, text_ids, device, autocast)
+        if step % tc.eval_every == 0 or step == last:
+            with torch.compiler.set_stance("force_eager"):
+                result = evaluate(model, tc, val, text_ids, device, autocast)
             if main_process:
                 log.append({"step": step} | result)
                 bar.write(json.dumps(log[-1]))
-        if main_process and tc.curve_every and (step % tc.curve_every == 0 or step == tc.steps):
+        if main_process and tc.curve_every and (step % tc.curve_every == 0 or step == last):
             curve = curve or learning_curve_setup(model, tokenizer, train_set, tc)
-            figures, *samples = curve(model, autocast)
+            with torch.compiler.set_stance("force_eager"):
+                figures, *samples = curve(model, autocast)
             log.append({"step": step, "epoch": step * global_size / len(train_set)} | figures)
             bar.write(json.dumps(log[-1]))
-        if main_process and (step % tc.save_every == 0 or step == tc.steps):
-            save_checkpoint(out_dir, model, opt, step, tc, log, train_set.index["vq"], world, samples)
+        if main_process and (step % tc.save_every == 0 or step == last):
+            save_checkpoint(out_dir, model, opt, step, tc, log, train_set.index["vq"], world, samples, first)
     bar.close()
     if world > 1:
         dist.destroy_process_group()

@@ -322,7 +322,8 @@ class VQModel(nn.Module):
         hue_ok, 1 if the dominant hues agree, 0 if not, -1 where the image has no colour; colour, the colour
         word of the picture (or None) and colour_ok, whether it is the asked image's (-1: that has none);
         object_rank, where the asked image's object comes among the gallery's objects by shape, whatever
-        the colours (a blue pear drawn as a green pear is rank 0)."""
+        the colours (a blue pear drawn as a green pear is rank 0); original_rank, where the asked image's object
+        comes among the originals alone by feature similarity (recoloured copies left out of the gallery)."""
         from data import colour_word, dominant_hue
         x, own = pictures.clamp(-1, 1), own.to(pictures.device)
         def rank(f, g, i):  # where g[i] comes among g by similarity to f: the number of entries more similar
@@ -335,18 +336,20 @@ class VQModel(nn.Module):
         asked = [gallery["colours"][i] for i in own.tolist()]
         return {"rank": rank(self.features(x), gallery["features"], own),
                 "object_rank": rank(self.shape_features(x), gallery["shapes"][is_object], is_object.cumsum(0)[objects] - 1),
+                "original_rank": rank(self.features(x), gallery["features"][is_object], is_object.cumsum(0)[objects] - 1),
                 "hue_ok": torch.where(want < 0, -1, (drawn == want).long()),
                 "colour": colour, "colour_ok": torch.tensor([-1 if a is None else int(a == c) for a, c in zip(asked, colour)], device=x.device)}
 
 
 def score_summary(scores):
     """VQModel.scores of some pictures -> their figures (shares in 0..1): top-1 and top-5 retrieval of the asked
-    picture, its median rank, hue and colour-word agreement, the asked object in the top 5 by shape, and the
-    colour and the object both right (composition)."""
+    picture, its median rank, top-1 among the originals alone, hue and colour-word agreement, the asked object in
+    the top 5 by shape, and the colour and the object both right (composition)."""
     share = lambda ok: ok[ok >= 0].float().mean().item() if (ok >= 0).any() else 0.0  # noqa: E731
     ranks = scores["rank"]
     return {"top1": (ranks < 1).float().mean().item(), "top5": (ranks < 5).float().mean().item(),
-            "median_rank": int(ranks.sort().values[len(ranks) // 2]), "hue": share(scores["hue_ok"]),
+            "median_rank": int(ranks.sort().values[len(ranks) // 2]), "original_top1": (scores["original_rank"] < 1).float().mean().item(),
+            "hue": share(scores["hue_ok"]),
             "colour": share(scores["colour_ok"]), "object_top1": (scores["object_rank"] < 1).float().mean().item(),
             "object_top5": (scores["object_rank"] < 5).float().mean().item(),
             "both": share(torch.where(scores["colour_ok"] >= 0, scores["colour_ok"] * (scores["object_rank"] < 5), -1))}
@@ -627,23 +630,47 @@ def to_pil(x):
 def save_grid(rows_of_images, path, size=None, labels=None):
     """(R, C, 3, H, W) -> one image file with R rows of C pictures, each enlarged to size x size pixels
     (nearest neighbour: every pixel of a 32-px emoji stays a sharp square). labels: one per row (above
-    it), or R lists of C (one above each picture)."""
+    it, running on), or R lists of C (one above each picture, wrapped to its width: up to three lines)."""
     from PIL import Image, ImageDraw, ImageFont
     R, C, _, H, W = rows_of_images.shape
     size = size or H
     font = ImageFont.load_default(size=max(10, min(16, size // 16)))
-    band = font.size + 8 if labels else 0
     if labels and isinstance(labels[0], str):  # one label per row: above its first picture, running on
-        labels = [[label] + [""] * (C - 1) for label in labels]
+        labels = [[[label]] + [[]] * (C - 1) for label in labels]
+    elif labels:  # one per picture: its words in lines no wider than the picture
+        labels = [[wrap(label, font, size - 8) for label in row] for row in labels]
+    line = font.size + 4
+    band = max((len(cell) for row in labels for cell in row), default=0) * line + 4 if labels else 0
     canvas = Image.new("RGB", (C * size, R * (size + band)), "white")
     draw = ImageDraw.Draw(canvas)
     for r in range(R):
         for c in range(C):
             y = r * (size + band)
-            if labels:
-                draw.text((c * size + 4, y + 3), labels[r][c], fill="black", font=font)
+            for k, text in enumerate(labels[r][c] if labels else []):
+                draw.text((c * size + 4, y + 3 + k * line), text, fill="black", font=font)
             canvas.paste(to_pil(rows_of_images[r, c]).resize((size, size), Image.NEAREST), (c * size, y + band))
     canvas.save(path)
+
+
+def wrap(text, font, width, max_lines=3):
+    """text -> at most max_lines lines no wider than width pixels in font (the last one cut short with ... if need be)."""
+    lines = []
+    for word in text.split():
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    lines = [cut(s, font, width) for s in lines]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines - 1] + [cut(" ".join(lines[max_lines - 1:]) + "...", font, width)]
+    return lines
+
+
+def cut(text, font, width):
+    """text, shortened with ... until it is no wider than width pixels."""
+    while font.getlength(text) > width and len(text) > 3:
+        text = text[:-4].rstrip() + "..."
+    return text
 
 
 def main(argv=None):

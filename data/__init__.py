@@ -126,19 +126,22 @@ def object_index(rows):
 # The pictures a trained model is asked for (analyze.py, train.py's learning curve): training emoji as people ask
 # ("a red bicycle"), held-out emoji ("a lemon"), and held-out pairs, known objects in a colour they were never
 # trained in ("a blue pear")
-GROUPS = {"train": "training emoji", "val": "held-out emoji", "pairs": "held-out colour pairs"}
+GROUPS = {"train": "training emoji", "bare": "training emoji by bare name", "val": "held-out emoji",
+          "pairs": "held-out colour pairs"}
 
 
 def asked_caption(row, group):
     """How a row's picture is asked for in GROUPS' group: training emoji with their colour ("a red bicycle", the last
-    phrasing), held-out emoji as people name them ("a lemon"), a held-out pair as its one caption ("a blue pear")."""
+    phrasing), one-colour training emoji by their first caption, the bare name ("bicycle": drawn in its own colour?),
+    held-out emoji as people name them ("a lemon"), a held-out pair as its one caption ("a blue pear")."""
     caps = row["captions"]
-    return caps[-1] if group == "train" else caps[min(1, len(caps) - 1)]
+    return caps[-1] if group == "train" else caps[0] if group == "bare" else caps[min(1, len(caps) - 1)]
 
 
 def caption_rows(rows, group):
     """Indices of a dataset's rows in one of GROUPS, one per (object, colour)."""
     keep = {"train": lambda r: r["split"] == "train" and r["object"] is None, "val": lambda r: r["split"] == "val" and r["object"] is None,
+            "bare": lambda r: r["split"] == "train" and r["object"] is None and r["colour"] is not None,
             "pairs": lambda r: r["split"] == "val" and r["object"] is not None}[group]
     return list({(r["object"] or r["image"], r["colour"]): i for i, r in enumerate(rows) if keep(r)}.values())
 
@@ -248,7 +251,7 @@ def augment(x, generator, max_shift=0.06):
 def fingerprint(rows, vq_dir, tokenizer_file, augment_copies):
     """A hash of everything the shards depend on: captions, image files (size + mtime), VQ weights,
     tokenizer. Same fingerprint -> nothing to do."""
-    h = hashlib.sha256(json.dumps({"augment": augment_copies}).encode())
+    h = hashlib.sha256(json.dumps({"augment": augment_copies, "format": 2}).encode())  # 2: examples' kinds (MIX_KINDS)
     for r in rows:
         st = os.stat(r["image"]) if os.path.exists(r["image"]) else None
         h.update(json.dumps([str(r["image"]), r["captions"], r["split"], st and st.st_size, st and st.st_mtime_ns]).encode())
@@ -290,12 +293,14 @@ def write_shards(data, vq, vq_dir, tokenizer_file, out, augment_copies=0, seed=0
                                                          augment(images[keep[b:b + batch_size]], g))
                                              for b in batches]) if keep else []
                 for i, image in zip(keep, image_codes):  # one example per way of asking for the image
-                    for caption in rows[i]["captions"]:
+                    r = rows[i]
+                    for phrasing, caption in enumerate(r["captions"]):
                         ids = tokenizer.encode(caption).ids
                         codes.append(image)
                         text.extend(ids)
                         offsets.append(offsets[-1] + len(ids))
-                        lines.append(json.dumps({"image": str(rows[i]["image"]), "caption": caption, "copy": c}))
+                        lines.append(json.dumps({"image": str(r["image"]), "caption": caption, "copy": c,
+                                                 "kind": example_kind(r, phrasing)}))
             np.save(tmp / f"{split}.codes.npy", (torch.stack(codes) if codes else torch.zeros(0, vq.config.n_tokens)).numpy().astype(dtype))
             np.save(tmp / f"{split}.text.npy", np.array(text, dtype=np.int32))
             np.save(tmp / f"{split}.offsets.npy", np.array(offsets, dtype=np.int64))
@@ -305,21 +310,60 @@ def write_shards(data, vq, vq_dir, tokenizer_file, out, augment_copies=0, seed=0
     print(f"wrote {index['splits']} examples to {out}")
 
 
+# What a data mix (train.py's mix) can draw more or less often: each example is one of these
+MIX_KINDS = {"copy": "a recoloured copy of another picture", "multicolour": "a picture with no colour word",
+             "bare": "a one-colour picture asked for by its first caption (OpenMoji: the bare name, 'lemon')",
+             "original": "a one-colour picture asked for any other way ('an emoji of a lemon', 'a yellow lemon')"}
+
+
+def example_kind(row, phrasing):
+    """The MIX_KINDS kind of the example that asks for row's picture with its caption number `phrasing`."""
+    return "copy" if row["object"] else "multicolour" if row["colour"] is None else "bare" if phrasing == 0 else "original"
+
+
+def parse_mix(mix):
+    """A data mix, "kind=n,kind=n" (MIX_KINDS, n a whole number >= 0) -> {kind: n}; "" -> {}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in mix.split(","))):
+        kind, _, n = part.partition("=")
+        if kind.strip() not in MIX_KINDS or not n.strip().isdigit():
+            raise BadInput(f"mix: {part!r} is not kind=n, with n a whole number >= 0 and kind one of {', '.join(MIX_KINDS)}")
+        out[kind.strip()] = int(n)
+    return out
+
+
+def mix_repeats(shards, mix):
+    """-> (len(shards),) how many times each example comes in an epoch under the data mix (parse_mix), or None for
+    no mix: every example once."""
+    weights = parse_mix(mix)
+    if not weights:
+        return None
+    if None in shards.kinds:
+        raise BadInput(f"mix: the shards in {shards.path} were written before examples had kinds; write them again "
+                       "with the same vq.py shards command")
+    repeats = np.array([weights.get(k, 1) for k in shards.kinds])
+    if not repeats.any():
+        raise BadInput(f"mix: {mix!r} leaves no training example")
+    return repeats
+
+
 class TokenShards:
     """Read-only view of one split of the shards: shards[i] -> (caption ids, image codes), int64 arrays.
-    The arrays are memory-mapped: opening costs nothing, and workers share the pages."""
+    The arrays are memory-mapped: opening costs nothing, and workers share the pages. captions, kinds: each
+    example's caption and MIX_KINDS kind (None in shards written before kinds were)."""
 
     def __init__(self, path, split):
         path = Path(path)
         if not (path / "index.json").exists():
             raise BadInput(f"no token shards in {path} (make them with: python vq.py shards ...)")
-        self.index = json.loads((path / "index.json").read_text())
+        self.path, self.index = path, json.loads((path / "index.json").read_text())
         if split not in self.index["splits"]:
             raise BadInput(f"no {split!r} split in {path}")
         self.codes = np.load(path / f"{split}.codes.npy", mmap_mode="r")
         self.text = np.load(path / f"{split}.text.npy", mmap_mode="r")
         self.offsets = np.load(path / f"{split}.offsets.npy", mmap_mode="r")
-        self.captions = [json.loads(line)["caption"] for line in (path / f"{split}.jsonl").read_text().splitlines()]
+        examples = [json.loads(line) for line in (path / f"{split}.jsonl").read_text().splitlines()]
+        self.captions, self.kinds = [e["caption"] for e in examples], [e.get("kind") for e in examples]
 
     def __len__(self):
         return len(self.codes)
@@ -330,27 +374,28 @@ class TokenShards:
 
 
 def make_batch(shards, indices, drop, model):
-    """-> idx (B, T), targets (B, T): targets are the next image code at every position that predicts
-    one, -1 elsewhere. Each example is  <bos> caption <boi> code_1 ... code_n <eoi> <eos>, padded with <eos>.
-    drop[i]: example i gets the unconditional prompt (its caption's tokens all <eos>: classifier-free
+    """-> idx (B, T), targets (B, T), pad (B,): targets are the next image code at every position that predicts
+    one, -1 elsewhere. Each example is  <bos> caption <boi> code_1 ... code_n <eoi> <eos>, left-padded with pad[i]
+    <eos> tokens that no token sees (MMMoE.forward), so that every row's <boi> is in one column: the columns before
+    it are all text, which runs as the base runs it, and the image part is all image tokens, where PLoRA acts on
+    every row. drop[i]: example i gets the unconditional prompt (its caption's tokens all <eos>: classifier-free
     guidance's caption dropout)."""
     seqs, tgts = [], []
     bos, boi, eoi, eos = model.start_token, model.image_token("boi"), model.image_token("eoi"), model.config.eos_token_id
-    pad = eos
     for i, d in zip(indices, drop):
         text, codes = shards[i]
-        text = np.full_like(text, pad) if d else text
+        text = np.full_like(text, eos) if d else text
         image = model.image_token(codes)
         seq = np.concatenate([[bos], text, [boi], image, [eoi, eos]])
         tgt = np.full(len(seq), -1)
-        start = 1 + len(text)  # the <boi> position predicts the first code
-        tgt[start:start + len(codes)] = image
+        tgt[1 + len(text):1 + len(text) + len(codes)] = image  # the <boi> position predicts the first code
         seqs.append(seq)
         tgts.append(tgt)
     T = max(map(len, seqs))
-    idx = torch.tensor(np.stack([np.pad(s, (0, T - len(s)), constant_values=pad) for s in seqs]))
-    targets = torch.tensor(np.stack([np.pad(t, (0, T - len(t)), constant_values=-1) for t in tgts]))
-    return idx, targets
+    pad = [T - len(s) for s in seqs]
+    idx = torch.tensor(np.stack([np.pad(s, (p, 0), constant_values=eos) for s, p in zip(seqs, pad)]))
+    targets = torch.tensor(np.stack([np.pad(t, (p, 0), constant_values=-1) for t, p in zip(tgts, pad)]))
+    return idx, targets, torch.tensor(pad)
 
 
 def english_text(tokenizer, n_tokens=4096):

@@ -190,6 +190,7 @@ def test_a_list_of_captions_makes_one_example_each(tmp_path):
     root = colour_dataset(tmp_path / "data")
     rows = [json.loads(line) for line in (root / "captions.jsonl").read_text().splitlines()]
     rows[0]["caption"] = [rows[0]["caption"], "a " + rows[0]["caption"], "an emoji of " + rows[0]["caption"]]
+    rows[0]["colour"], rows[4]["object"], rows[4]["split"] = "red", rows[0]["image"], rows[0].get("split")  # a recoloured copy
     (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     vq.save_vq(vq.VQModel(TINY), tmp_path / "vq")
     data.write_shards(root, vq.load_vq(tmp_path / "vq"), tmp_path / "vq", tiny_tokenizer(tmp_path / "tok.json"), tmp_path / "shards")
@@ -198,6 +199,10 @@ def test_a_list_of_captions_makes_one_example_each(tmp_path):
     same = [i for i, c in enumerate(shards.captions) if c.endswith(rows[0]["caption"][0])]
     assert [shards.captions[i] for i in same] == rows[0]["caption"]  # three examples, one per phrasing ...
     assert all(np.array_equal(shards[i][1], shards[same[0]][1]) for i in same)  # ... of the same picture
+    # each example's kind, for a data mix: by its first caption or another, a copy, or a picture with no colour word
+    kinds = dict(zip(shards.captions, shards.kinds))
+    assert [kinds[c] for c in rows[0]["caption"]] == ["bare", "original", "original"] and kinds[rows[4]["caption"]] == "copy"
+    assert set(data.TokenShards(tmp_path / "shards", "train").kinds) == {"multicolour"}  # no colour word given
     for bad in ('{"image": "0.png", "caption": 7}', '{"image": "0.png", "caption": []}', '{"image": "0.png", "caption": [""]}'):
         (root / "captions.jsonl").write_text(bad + "\n")
         with pytest.raises(BadInput, match="captions.jsonl:1: expected"):

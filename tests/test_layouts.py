@@ -102,7 +102,7 @@ def test_plora_on_each_layout_keeps_text_bitwise_and_trains(layout_ckpt, tiny_se
     assert state["step"] == 2 and state["layout"] == cfg["model_type"]
     model, tok, vq = sample.load_pipeline(tmp_path / "run")  # what sample.py --ckpt loads: this layout's base and adapter
     n = vq.config.grid ** 2
-    codes = model.generate_image(model.image_prompt(tok.encode("w10 w20").ids, n), n, generator=torch.Generator().manual_seed(0))
+    codes = model.generate_image([tok.encode("w10 w20").ids], n, generator=torch.Generator().manual_seed(0))
     assert model.config.layout == cfg["model_type"] and vq.detokenize(codes).shape == (1, 3, 16, 16)
     other = "olmoe" if cfg["model_type"] != "olmoe" else "qwen3_moe"  # the adapter refuses another layout's base
     c = tiny_layout_config(other)

