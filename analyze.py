@@ -30,56 +30,13 @@ from tqdm import tqdm
 
 from cli import BadInput, run
 from data import make_batch
+from pipeline import DEMO
+from routing import routing, routing_stats
 from runs import run_inputs
 from mmmoe import SAMPLING, MMMoE, linear
 
-DEMO = Path(__file__).parent / "demo"  # the committed demo model, as sample.py draws with it
-
 # -----------------------------------------------------------------------------
 # Routing and redundancy
-
-
-@torch.no_grad()
-def routing(model, batches):
-    """Run the model over (token ids, left padding) batches -> routed-slot counts (2, L, E) for text [0] and image
-    [1] tokens, and each layer's MoE inputs at image tokens (the redundancy probe); padding is left out. A hook
-    sees every MoE call: a sequence that starts with text runs in two (the text prefix alone, then the rest)."""
-    L, E = model.config.n_layers, model.config.n_experts
-    counts = torch.zeros(2, L, E)
-    probe = [[] for _ in range(L)]
-    ids, done = None, [0] * L  # the batch being run; the columns of it each layer has seen
-
-    def count(i):
-        def hook(moe, args, output):
-            x = args[0]  # (B, t, C): columns done[i]..done[i] + t of the batch
-            cols = ids[:, done[i]:done[i] + x.shape[1]]
-            done[i] += x.shape[1]
-            if moe.gate is None:  # a dense layer among MoE layers routes nothing
-                return
-            chosen = torch.softmax(moe.router_logits.float(), -1).topk(moe.top_k, dim=-1).indices  # (N, k)
-            image = (cols >= model.config.vocab_size).reshape(-1)
-            text = ~image & (cols >= 0).reshape(-1)  # padding is marked -1 below
-            for m, rows in ((0, text), (1, image)):
-                counts[m, i] += torch.bincount(chosen[rows].flatten(), minlength=E).float()
-            probe[i].append(x.reshape(-1, x.shape[-1])[image])
-        return hook
-    hooks = [layer.block_sparse_moe.register_forward_hook(count(i)) for i, layer in enumerate(model.model.layers)]
-    try:
-        for idx, pad in batches:
-            ids, done[:] = torch.where(torch.arange(idx.shape[1]) < (0 if pad is None else pad[:, None]), -1, idx), [0] * L
-            model(idx, pad=pad)
-    finally:
-        for h in hooks:
-            h.remove()
-    return counts, [torch.cat(p) if p else None for p in probe]
-
-
-def routing_stats(counts):
-    """counts (2, L, E) -> shares (2, L, E), specificity (L, E), usage entropy (2, L) in [0, 1]."""
-    shares = counts / counts.sum(-1, keepdim=True).clamp_min(1)
-    spec = (shares[1] - shares[0]) / (shares[1] + shares[0]).clamp_min(1e-12)
-    entropy = -(shares * shares.clamp_min(1e-12).log()).sum(-1) / math.log(counts.shape[-1])
-    return shares, spec, entropy
 
 
 def linear_cka(a, b):
@@ -177,7 +134,7 @@ def plot_curve(log, path, examples_per_epoch, batch):
 
 def curve_table(log):
     """train.py's log -> markdown lines: the learning curve's points (train_top1, pairs_colour, ...) by step."""
-    keys = ["train_top1", "train_top5", "val_hue", "pairs_colour", "pairs_object_top5", "pairs_both"]
+    keys = ["train_top1", "train_top5", "train_original_top1", "bare_colour", "val_hue", "pairs_colour", "pairs_object_top5", "pairs_both"]
     points = [r for r in log if "train_top1" in r]
     keys = [k for k in keys if any(k in r for r in points)]
     val = {r["step"]: r["val_image_loss"] for r in log if "val_image_loss" in r}
@@ -301,7 +258,7 @@ def colour_confusion(asked, drawn, path, cell=40):
 
 
 def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"],
-            top_k=SAMPLING["top_k"], batch_size=16):
+            top_k=SAMPLING["top_k"], batch_size=16, offset=0):
     from data import (GROUPS, TokenShards, asked_caption, caption_rows, english_text, load_images, object_index,
                       read_folder)
     from vq import score_summary
@@ -342,7 +299,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], tempe
     for name in ("before", "after"):
         if name == "after":
             model.load_adapter(ckpt)
-        counts, probe = routing(model, probe_batches(model, val, n_probe, english))
+        counts, probe, _ = routing(model, probe_batches(model, val, n_probe, english))
         shares, spec, entropy = routing_stats(counts)
         heatmap(spec, out / f"specificity_{name}.png", f"image-specificity {name} (red: image, blue: text)")
         report[name] = {"specificity": spec.tolist(), "entropy_text": entropy[0].tolist(), "entropy_image": entropy[1].tolist(),
@@ -395,7 +352,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], tempe
             idx = caption_rows(rows, group)
             if not idx:
                 continue
-            own = torch.tensor(idx[:: max(1, len(idx) // samples)][:samples])
+            own = torch.tensor(idx[offset:: max(1, len(idx) // samples)][:samples])  # evenly spread; offset: another set
             captions = [asked_caption(rows[i], group) for i in own.tolist()]
             fake = []
             with tqdm(total=len(captions), desc=f"drawing {title}", unit="image", leave=False) as bar:
@@ -475,6 +432,7 @@ def main():
     p.add_argument("--temperature", type=float, default=SAMPLING["temperature"])
     p.add_argument("--top-k", type=int, default=SAMPLING["top_k"])
     p.add_argument("--batch", type=int, default=16, help="--samples: prompts drawn together")
+    p.add_argument("--offset", type=int, default=0, help="--samples: start the evenly spread captions here (another set)")
     p.add_argument("--curve", metavar="PNG", help="only plot the checkpoint's learning curve (train.py's log) to PNG")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="only compare runs that differ in init and seed -> --out")
     p.add_argument("--target", type=float, default=5.0, help="--compare: the held-out loss whose first reaching is timed")
@@ -489,9 +447,10 @@ def main():
         plot_curve(state["log"], args.curve, n, state["train_config"]["batch_size"])
         print("\n".join(curve_table(state["log"])))
         return
-    if args.samples < 0 or not 0 <= args.cfg < math.inf or not 0 <= args.temperature < math.inf or (args.top_k or 1) < 1 or args.batch < 1:
-        raise BadInput("--samples >= 0, --cfg and --temperature numbers >= 0, --top-k >= 1, --batch >= 1")
-    analyze(args.ckpt, args.out, args.probe, args.samples, args.seed, args.cfg, args.temperature, args.top_k, args.batch)
+    if args.samples < 0 or not 0 <= args.cfg < math.inf or not 0 <= args.temperature < math.inf or (args.top_k or 1) < 1 or \
+            args.batch < 1 or args.offset < 0:
+        raise BadInput("--samples >= 0, --cfg and --temperature numbers >= 0, --top-k >= 1, --batch >= 1, --offset >= 0")
+    analyze(args.ckpt, args.out, args.probe, args.samples, args.seed, args.cfg, args.temperature, args.top_k, args.batch, args.offset)
     print((Path(args.out) / "report.md").read_text())
 
 

@@ -90,6 +90,7 @@ class AdapterConfig:
     # LoRA on the router too, by default: with a frozen router, image tokens could only be routed as their hidden
     # states fall, and no expert could learn to take images. Text routing is untouched all the same (C1).
     router: bool = True
+    expert_rank: int = 0  # the experts' updates' rank, if not rank: a dense base's one expert at rank 32 has the budget of 8 at 4
 
 # -----------------------------------------------------------------------------
 # Building blocks
@@ -106,9 +107,8 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
-# MKL, torch's BLAS on x86, picks its kernels by CPU vendor, and with them the faster of two equal forms of a
-# decoding step's few-row product: x @ w^T on Intel (2.4x the other for two rows on a Xeon with AMX), (w @ x^T)^T
-# elsewhere (1.5-2x on two AMD EPYCs; docs/speed.md). A rule, not a timing: the same picture from the same seed.
+# MKL, torch's BLAS on x86, picks kernels by CPU vendor, and so the faster of two forms of a decoding step's few-row
+# product: x @ w^T on Intel (2.4x the other on a Xeon with AMX), (w @ x^T)^T on AMD (1.5-2x; docs/speed.md).
 FEW_ROWS_TRANSPOSED = Path("/proc/cpuinfo").exists() and "GenuineIntel" not in Path("/proc/cpuinfo").read_text()
 
 
@@ -250,9 +250,7 @@ def routed_lora(lora, x, mix):
 def expert_stack(n, inter, dim):
     """n SwiGLU experts stacked as (n, out, in) tensors: w1 = gate, w3 = up, w2 = down projection."""
     experts = nn.Module()
-    experts.w1 = nn.Parameter(torch.empty(n, inter, dim))
-    experts.w2 = nn.Parameter(torch.empty(n, dim, inter))
-    experts.w3 = nn.Parameter(torch.empty(n, inter, dim))
+    experts.w1, experts.w2, experts.w3 = (nn.Parameter(torch.empty(n, *shape)) for shape in ((inter, dim), (dim, inter), (inter, dim)))
     experts.w1_lora = experts.w2_lora = experts.w3_lora = None
     return experts
 
@@ -394,9 +392,9 @@ class MMMoE(nn.Module):
                 attn.q_lora, attn.k_lora = LoRA(cfg.dim, q, a.rank, a.alpha), LoRA(cfg.dim, kv, a.rank, a.alpha)
                 attn.v_lora, attn.o_lora = LoRA(cfg.dim, kv, a.rank, a.alpha), LoRA(q, cfg.dim, a.rank, a.alpha)
             for ex, n in [(moe.experts, moe.n_experts)] + [(moe.shared_expert, 1)] * (moe.shared_expert is not None):
-                inter = ex.w1.shape[1]  # each expert (and a shared expert, and a dense MLP) gets its own update
-                ex.w1_lora, ex.w3_lora = LoRA(cfg.dim, inter, a.rank, a.alpha, n), LoRA(cfg.dim, inter, a.rank, a.alpha, n)
-                ex.w2_lora = LoRA(inter, cfg.dim, a.rank, a.alpha, n)
+                inter, r = ex.w1.shape[1], a.expert_rank or a.rank  # each expert (a shared one, a dense MLP) gets its own update
+                ex.w1_lora, ex.w3_lora = (LoRA(cfg.dim, inter, r, a.alpha * r / a.rank, n) for _ in "13")  # alpha / r as elsewhere
+                ex.w2_lora = LoRA(inter, cfg.dim, r, a.alpha * r / a.rank, n)
             if a.router and moe.gate is not None:
                 moe.gate_lora = LoRA(cfg.dim, cfg.n_experts, a.rank, a.alpha)
         self.to(device=self.lm_head.weight.device)  # the adapter stays float32 (its own master weights)
@@ -435,8 +433,7 @@ class MMMoE(nn.Module):
         state = read_json(path / "state.json", ("adapter", "vocab_size"))
         tensors = read_tensors(path / "adapter.safetensors")
         if state["vocab_size"] != self.config.vocab_size:
-            raise BadInput(f"{path} was trained on a base with {state['vocab_size']} text tokens, this one has "
-                           f"{self.config.vocab_size}")
+            raise BadInput(f"{path} was trained on a base with {state['vocab_size']} text tokens, this one has {self.config.vocab_size}")
         if state.get("layout", "mixtral") != self.config.layout:
             raise BadInput(f"{path} was trained on a {state.get('layout', 'mixtral')} base, this one is {self.config.layout}")
         if self.adapter is None:
@@ -586,8 +583,7 @@ class MMMoE(nn.Module):
         return torch.cat(out, dim=1)  # outside inference mode: an ordinary tensor for the caller
 
     def compile_blocks(self):
-        """torch.compile each block (train.py's compile=true): one graph, its elementwise chains fused, for every layer
-        and length."""
+        """torch.compile each block (train.py's compile=true): one graph for every layer and length, elementwise fused."""
         for layer in self.model.layers:
             layer.compile(dynamic=True)
         return self
@@ -614,17 +610,17 @@ class MMMoE(nn.Module):
                 setattr(m, name, up)
 
     @property
-    def start_token(self):
-        """<bos>, or <eos> for a base that has no <bos>: the first token of every sequence and prompt."""
+    def start_token(self):  # <bos>, or <eos> for a base that has no <bos>: the first token of every sequence and prompt
         return self.config.bos_token_id if self.config.bos_token_id is not None else self.config.eos_token_id
 
     def generate_image(self, captions, n_codes, cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"],
-                       top_k=SAMPLING["top_k"], top_p=None, generator=None):
+                       top_k=SAMPLING["top_k"], top_p=None, generator=None, progress=None):
         """Captions' token ids (a list of lists) -> image tokens (B, n_codes), drawn as one batch: each prompt
         <start> caption <boi>, left-padded with <eos> (seen by no token). Inside an image only image tokens can be
         sampled (the decoding rule), so the output layer is their rows alone: first the colour tokens, if the VQ has
         them, then the codes. With cfg, each row gets an unconditional twin, the caption replaced by <eos> (train.py's
-        caption dropout), and the two rows' logits mix: uncond + cfg * (cond - uncond) (classifier-free guidance)."""
+        caption dropout), and the two rows' logits mix: uncond + cfg * (cond - uncond) (classifier-free guidance).
+        progress(i, tokens (B,)), if given, sees each new image token as it is drawn (serve.py's page)."""
         rows = [[self.start_token, *ids, self.image_token("boi")] for ids in captions]
         B, T = len(rows), max(map(len, rows))
         if T + n_codes > self.config.max_seq_len:
@@ -645,7 +641,11 @@ class MMMoE(nn.Module):
             lo, hi = span(i)
             logits = linear(x, self.image_head[lo:hi])
             return logits[B:] + cfg * (logits[:B] - logits[B:]) if cfg else logits
-        feed = lambda t, i: self.image_token(span(i)[0] + t).repeat(2 if cfg else 1)  # noqa: E731  (both twins get it)
+        def feed(t, i):  # (B,) sampled among lo..hi-1 -> the image tokens fed back, to both twins
+            codes = span(i)[0] + t
+            if progress is not None:
+                progress(i, codes)
+            return self.image_token(codes).repeat(2 if cfg else 1)
         out = self.generate(idx, n_codes, temperature, top_k, top_p, generator=generator, head=head, feed=feed,
                             image_steps=True, pad=pad)
         return out[:B, T:] - self.config.vocab_size

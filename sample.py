@@ -23,34 +23,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from cli import BadInput, run
-from hf import load_tokenizer
-from runs import run_inputs
-from mmmoe import SAMPLING, MMMoE
+from mmmoe import SAMPLING
+from pipeline import batch_generator, load_pipeline
 from vq import save_grid, to_pil
-
-DEMO = Path(__file__).parent / "demo"  # the committed demo: adapter.safetensors + state.json, and vq/
-
-
-def load_pipeline(ckpt=None, device="cpu"):
-    """-> (model with adapter, tokenizer, VQ) for a train.py checkpoint directory, or the built-in demo."""
-    from upcycle import builtin_base
-    from vq import load_vq
-    ckpt = ckpt or DEMO
-    _, base, vq_dir = run_inputs(ckpt)
-    base = base or builtin_base()
-    model = MMMoE.from_pretrained(base, dtype=torch.float32, device=device)
-    model.load_adapter(ckpt)
-    vq = load_vq(vq_dir, device)
-    if (vq.config.vocab_size, vq.config.colour_tokens) != (model.adapter.n_image_codes, model.adapter.colour_tokens):
-        raise BadInput(f"the VQ has {vq.config.vocab_size} image tokens ({vq.config.colour_tokens} of them colours) but the "
-                       f"adapter was trained for {model.adapter.n_image_codes} ({model.adapter.colour_tokens})")
-    return model.eval(), load_tokenizer(base), vq
 
 
 def read_prompts(path):
@@ -122,7 +102,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     check_args(args)  # before anything slow: a mistake costs a second, not a whole drawing
-    prompts = read_prompts(args.from_file) if args.from_file else [p.strip() for p in args.prompts]
+    prompts = read_prompts(args.from_file) if args.from_file else [prompt.strip() for prompt in args.prompts]
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -135,7 +115,7 @@ def main(argv=None):
         where = f"line {too_long[0] + 1} of {args.from_file}" if args.from_file else f"prompt {too_long[0] + 1}"
         raise BadInput(f"prompt too long ({where}): {len(ids[too_long[0]])} tokens + {n_tokens} image codes exceed the "
                        f"model's context of {model.config.max_seq_len}")
-    jobs = [(k, caption) for k, caption in enumerate(ids) for _ in range(args.n)]  # one per picture, prompt by prompt
+    jobs = [caption for caption in ids for _ in range(args.n)]  # one per picture, prompt by prompt
     names = file_names(prompts, args.n) if args.out_dir else None
     if args.out_dir:  # an index of what each file shows; pictures of earlier runs are kept
         out_dir = Path(args.out_dir)
@@ -153,10 +133,8 @@ def main(argv=None):
         for k, s in enumerate(starts):
             if written[k]:
                 continue
-            # the batch's own seed, from (--seed, k): the same pictures whichever batches a rerun skips
-            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, k]).generate_state(1)[0]))
-            codes = model.generate_image([caption for _, caption in jobs[s:s + args.batch]], n_tokens, args.cfg,
-                                         args.temperature, args.top_k, args.top_p, generator)
+            codes = model.generate_image(jobs[s:s + args.batch], n_tokens, args.cfg, args.temperature, args.top_k,
+                                         args.top_p, batch_generator(args.seed, k))
             drawn = vq.detokenize(codes)  # (batch, 3, H, W)
             for picture, path in zip(drawn, files[s:s + args.batch] if args.out_dir else []):
                 to_pil(picture).resize((args.size, args.size), Image.NEAREST).save(tmp := path.with_suffix(".tmp.png"))

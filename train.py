@@ -49,6 +49,7 @@ class TrainConfig:
     alpha: float = 16.0
     attention: bool = True
     router: bool = True
+    expert_rank: int = 0  # the experts' updates' rank, if not rank (mmmoe.AdapterConfig): equal budgets across layouts
     batch_size: int = 16  # sequences per process per micro-step
     grad_accum: int = 1
     steps: int = 1000
@@ -76,7 +77,7 @@ class TrainConfig:
     # master weights); auto: bfloat16 where the hardware has it (CUDA, a CPU with AVX512-BF16 or AMX), else float32
     dtype: str = "auto"
     # each transformer block through torch.compile: one graph serves every layer, its chains of elementwise operations
-    # fused (on a CPU that needs a C++ compiler; without one, a warning and eager). The first steps compile (~15-30 s)
+    # fused (on a CPU that needs a C++ compiler; without one, a warning and eager). The first steps compile (20-60 s)
     compile: bool = False
     fsdp: bool = False
     seed: int = 0
@@ -126,7 +127,8 @@ def parse_args(argv):
     tc = TrainConfig(**values)
     parse_mix(tc.mix)  # a mistake in it is one line now, not after the model has loaded
     for ok, what in [(tc.steps >= 1, "steps >= 1"), (tc.batch_size >= 1, "batch_size >= 1"), (tc.grad_accum >= 1, "grad_accum >= 1"),
-                     (tc.rank >= 1, "rank >= 1"), (tc.lr > 0 and tc.min_lr >= 0, "lr > 0 and min_lr >= 0"),
+                     (tc.rank >= 1 and tc.expert_rank >= 0, "rank >= 1, expert_rank >= 0"),
+                     (tc.lr > 0 and tc.min_lr >= 0, "lr > 0 and min_lr >= 0"),
                      (tc.warmup >= 0, "warmup >= 0"), (0 <= tc.caption_dropout < 1, "0 <= caption_dropout < 1"),
                      (min(tc.log_every, tc.eval_every, tc.eval_batches, tc.save_every) >= 1, "log_every, eval_every, eval_batches, save_every >= 1"),
                      (tc.curve_every >= 0 and tc.curve_captions >= 1, "curve_every >= 0, curve_captions >= 1"),
@@ -193,7 +195,7 @@ def build_model(tc, device, n_codes=None, colour_tokens=0):
     # the adapter is float32 always; under bf16 autocast a float32 base would be rounded to bf16 at every matmul
     model = MMMoE.from_pretrained(base, dtype=torch.bfloat16 if use_bfloat16(tc, device) else torch.float32, device=device)
     adapter = AdapterConfig(n_image_codes=n_codes, colour_tokens=colour_tokens, rank=tc.rank, alpha=tc.alpha,
-                            attention=tc.attention, router=tc.router)
+                            attention=tc.attention, router=tc.router, expert_rank=tc.expert_rank)
     return model.add_image_adapter(adapter), base
 
 
@@ -311,8 +313,8 @@ def train(tc, resume=False):
         step, log, first = state["step"], state["log"], state.get("schedule_start", 0)
         # a resumed run continues the same computation: settings that change it must be the run's own
         # (the number of processes may change: what counts is the global batch, batch_size x processes x grad_accum)
-        computation = ("base", "shards", "init", "init_scale", "rank", "alpha", "attention", "router", "steps", "lr", "min_lr",
-                       "warmup", "weight_decay", "grad_clip", "caption_dropout", "aux_loss_coef", "dtype", "seed", "mix",
+        computation = ("base", "shards", "init", "init_scale", "rank", "expert_rank", "alpha", "attention", "router", "steps",
+                       "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "caption_dropout", "aux_loss_coef", "dtype", "seed", "mix",
                        "restart_schedule")
         saved = state["train_config"]
         differ = [f"{k}={getattr(tc, k)} (run: {saved[k]})" for k in computation if k in saved and saved[k] != getattr(tc, k)]

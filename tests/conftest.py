@@ -141,10 +141,13 @@ def tiny_ckpt(tmp_path):
 @pytest.fixture
 def tiny_setup(tmp_path, tiny_ckpt):
     """A tiny base, a tiny VQ and token shards of coloured squares: everything train.py needs."""
+    return make_tiny_setup(tmp_path, tiny_ckpt(dim=64, layers=2, experts=4, top_k=2)[0])
+
+
+def make_tiny_setup(tmp_path, base):
     import data
     import vq
     from PIL import Image
-    base, _, _ = tiny_ckpt(dim=64, layers=2, experts=4, top_k=2)
     folder = tmp_path / "squares"
     folder.mkdir()
     colours = [(220, 30, 30), (30, 180, 60), (30, 60, 220), (240, 210, 30)]

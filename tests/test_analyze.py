@@ -33,9 +33,10 @@ def test_a_router_that_sends_image_tokens_to_expert_0(tiny_ckpt):
         layer.block_sparse_moe.gate_lora = ImageBoost()
     idx = torch.cat([torch.randint(0, 97, (3, 6)), model.image_token(torch.randint(0, 16, (3, 10)))], 1)
     pad = torch.tensor([2, 0, 1])  # rows left-padded by this many columns: padding is counted as neither
-    counts, _ = analyze.routing(model, [(idx, None), (idx, pad)])
+    counts, _, routes = analyze.routing(model, [(idx, None), (idx, pad)])
     L = model.config.n_layers
     assert torch.equal(counts.sum(-1), torch.tensor([[2 * 18 + 2 * 15] * L, [2 * 30 + 2 * 30] * L]).float())
+    assert routes.shape == (L, 3, 16, 2) and (routes[:, :, 6:] <= 1).all()  # each token's experts: 0 and 1 for images
     shares, spec, entropy = analyze.routing_stats(counts)
     assert torch.allclose(spec[:, 0], torch.ones(2))  # expert 0: image tokens only
     assert torch.allclose(spec[:, 1], torch.zeros(2))  # expert 1: half of both

@@ -228,6 +228,27 @@ def test_compiled_blocks_equal_eager(tiny_ckpt, copies):
         assert (eager - comp).norm() <= 1e-5 * eager.norm()
 
 
+def test_redundancy_variants_have_equal_budgets_and_a_dense_base_keeps_c1(tiny_ckpt):
+    """config/redundancy.sh's variants: 4 experts at rank 2, the router frozen, one dense expert at rank 8. The
+    experts' and attention's trainable counts are equal (from trainable_budget, not by hand), only the router's LoRA
+    differs; the frozen router trains no router tensor; the dense variant's text logits are its base's, bit for bit."""
+    moe_path, cfg, _ = tiny_ckpt(experts=4, top_k=2, copies=True, name="moe")
+    dense_path, _, _ = tiny_ckpt(experts=1, top_k=1, name="dense")
+    moe, frozen = (with_random_adapter(moe_path, expert_rank=2, router=r) for r in (True, False))
+    dense = with_random_adapter(dense_path, expert_rank=8, router=False)
+    (m, _), (f, _), (d, _) = (x.trainable_budget() for x in (moe, frozen, dense))
+    assert m["LoRA experts"] == f["LoRA experts"] == d["LoRA experts"] > 0 and m["LoRA attention"] == f["LoRA attention"] == d["LoRA attention"]
+    assert m["LoRA router"] > 0 == f["LoRA router"] == d["LoRA router"]
+    assert not [n for n, p in frozen.named_parameters() if p.requires_grad and "gate" in n]
+    text = torch.randint(0, cfg["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(3))
+    image = dense.image_token(torch.randint(0, 16, (2, 5), generator=torch.Generator().manual_seed(4)))
+    mixed = torch.cat([text, torch.full((2, 1), dense.image_token("boi")), image], 1)
+    base = MMMoE.from_pretrained(dense_path)
+    assert torch.equal(dense(text)[0][..., :cfg["vocab_size"]], base(text)[0])
+    assert torch.equal(dense(mixed)[0][:, :9, :cfg["vocab_size"]], base(text)[0])
+    assert dense.model.layers[0].block_sparse_moe.experts.w1_lora.A.shape == (8, 64)  # rank 8, one expert
+
+
 def test_folded_plora_equals_plain_on_image_tokens_and_is_undone(tiny_ckpt):
     """generate_image's decoding steps run with the attention and router updates folded into their weights
     (MMMoE.folded_plora): on image tokens the same function up to rounding; afterwards the base's own weights."""

@@ -1,0 +1,37 @@
+"""
+pipeline.py: a trained run (or the committed demo) loaded for drawing, as sample.py and serve.py draw: the base with
+its adapter, the base's tokenizer, and the run's image tokenizer; and the seed of each batch of pictures.
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cli import BadInput
+from hf import load_tokenizer
+from mmmoe import MMMoE
+from runs import run_inputs
+
+DEMO = Path(__file__).parent / "demo"  # the committed demo: adapter.safetensors + state.json, and vq/
+
+
+def load_pipeline(ckpt=None, device="cpu"):
+    """-> (model with adapter, tokenizer, VQ) for a train.py checkpoint directory, or the built-in demo."""
+    from upcycle import builtin_base
+    from vq import load_vq
+    ckpt = ckpt or DEMO
+    _, base, vq_dir = run_inputs(ckpt)
+    base = base or builtin_base()
+    model = MMMoE.from_pretrained(base, dtype=torch.float32, device=device)
+    model.load_adapter(ckpt)
+    vq = load_vq(vq_dir, device)
+    if (vq.config.vocab_size, vq.config.colour_tokens) != (model.adapter.n_image_codes, model.adapter.colour_tokens):
+        raise BadInput(f"the VQ has {vq.config.vocab_size} image tokens ({vq.config.colour_tokens} of them colours) but the "
+                       f"adapter was trained for {model.adapter.n_image_codes} ({model.adapter.colour_tokens})")
+    return model.eval(), load_tokenizer(base), vq
+
+
+def batch_generator(seed, k):
+    """The random numbers of batch k of a drawing: its own seed, from (seed, k), so that a picture does not depend on
+    which batches were drawn before it (a rerun that skips what is written draws the rest as the first run did)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))

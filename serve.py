@@ -1,0 +1,250 @@
+"""
+serve.py: a local page that shows the method at work: the picture drawn code by code, the experts that drew it
+against the ones the prompt's text went to, and the text untouched by the adapter (C1).
+
+    python serve.py                          # the built-in demo, on http://127.0.0.1:8000
+    python serve.py --ckpt out/run --port 8080
+    python serve.py --host 0.0.0.0           # reachable from other machines too (it says so when it starts)
+
+No web framework: the standard library's HTTP server and one page, serve.html, in plain JavaScript. The API, JSON
+in and out; a mistake is answered 400 with one line, {"error": "..."}:
+
+    GET  /        the page
+    POST /draw    {"prompt": "a red bicycle", "n": 1, "cfg": 1.5, "temperature": 0.7, "seed": 0} -> JSON lines as the
+                  pictures are drawn: {"row": r, "images": [...]} after each row of codes (PNG, base64), then
+                  {"done": true, "images", "codes", "routing"}: the finished pictures (as sample.py draws them with
+                  the same seed), their tokens, and which experts the first one's image tokens and its prompt's
+                  text tokens went to in each layer (routing.py, as analyze.py counts them)
+    POST /text    {"prompt": "..."} -> the prompt's next-token distribution with the adapter and on the base alone
+                  (torch.equal: C1), and the chat answer of each, greedy
+
+One request works at a time; QUEUE more wait; past that the answer is 503. A client that leaves mid-drawing stops
+its drawing, not the server; Ctrl-C ends the server.
+"""
+import argparse
+import base64
+import io
+import json
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from cli import BadInput, run
+from mmmoe import SAMPLING, MMMoE
+from pipeline import DEMO, batch_generator, load_pipeline
+from routing import routing, routing_stats
+from runs import run_inputs
+from upcycle import builtin_base, chat_prompt
+from vq import to_pil
+
+PAGE = Path(__file__).parent / "serve.html"
+MAX_BODY, MAX_PROMPT, QUEUE, SIZE = 4096, 200, 2, 256  # bytes, characters, waiting requests, pixels of a picture sent
+FIELDS = {  # what a request may hold: the type, the range and the default of each field
+    "draw": {"prompt": (str, 1, MAX_PROMPT, None), "n": (int, 1, 8, 1), "cfg": (float, 0, 10, SAMPLING["cfg"]),
+             "temperature": (float, 0, 2, SAMPLING["temperature"]), "seed": (int, 0, 2**31 - 1, 0)},
+    "text": {"prompt": (str, 1, MAX_PROMPT, None)},
+}
+
+
+class Refused(Exception):
+    """A request answered with an error: its HTTP status and one line saying why."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+class ClientGone(Exception):
+    pass
+
+
+def checked(body, fields):
+    """A request body (bytes) -> {field: value}, every field of `fields` present (or its default) and in range."""
+    try:
+        req = json.loads(body or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Refused(400, "the body is not JSON") from None
+    if not isinstance(req, dict):
+        raise Refused(400, "the body must be a JSON object")
+    unknown = sorted(set(req) - set(fields))
+    if unknown:
+        raise Refused(400, f"unknown field {unknown[0]!r} (fields: {', '.join(fields)})")
+    out = {}
+    for name, (kind, lo, hi, default) in fields.items():
+        value = req.get(name, default)
+        if value is None:
+            raise Refused(400, f"{name} is missing")
+        if kind is str:
+            if not isinstance(value, str) or not lo <= len(value.strip()) <= hi:
+                raise Refused(400, f"{name} must be text of {lo} to {hi} characters")
+            value = value.strip()
+        else:
+            ok = isinstance(value, int) if kind is int else isinstance(value, (int, float)) and value == value
+            if isinstance(value, bool) or not ok or not lo <= value <= hi:
+                raise Refused(400, f"{name} must be {'a whole number' if kind is int else 'a number'} from {lo} to {hi}")
+        out[name] = value
+    return out
+
+
+def png(picture, size=SIZE):
+    """(3, H, W) in [-1, 1] -> base64 PNG enlarged to size x size, as sample.py writes a picture."""
+    buf = io.BytesIO()
+    to_pil(picture).resize((size, size), Image.NEAREST).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class Explorer:
+    """The model, its base and the VQ, and what the page asks of them. One request uses them at a time."""
+
+    def __init__(self, ckpt=None):
+        self.model, self.tokenizer, self.vq = load_pipeline(ckpt)
+        _, base_dir, _ = run_inputs(ckpt or DEMO)
+        self.base = MMMoE.from_pretrained(base_dir or builtin_base(), dtype=torch.float32)  # C1's reference: no adapter
+        with torch.no_grad():  # a white picture's tokens: what a picture not yet drawn shows
+            self.blank = self.vq.tokenize(torch.ones(1, 3, self.vq.config.image_size, self.vq.config.image_size))
+        self.lock, self.slots = threading.Lock(), threading.BoundedSemaphore(1 + QUEUE)
+
+    def caption(self, prompt):
+        ids = self.tokenizer.encode(prompt).ids
+        if len(ids) + 2 + self.vq.config.n_tokens > self.model.config.max_seq_len:
+            raise Refused(400, f"prompt too long: {len(ids)} tokens + {self.vq.config.n_tokens} image codes exceed the "
+                               f"model's context of {self.model.config.max_seq_len}")
+        return ids
+
+    def draw(self, req, ids, send):
+        """Draw req's pictures (its caption's token ids), calling send(dict) after each row of codes and at the end."""
+        n, vq = req["n"], self.vq
+        grid, first = vq.config.grid, vq.config.colour_tokens > 0  # the codes follow a colour token, if the VQ has them
+        drawn = []
+
+        def progress(i, tokens):  # new token i of every picture (n,)
+            drawn.append(tokens)
+            codes = i + 1 - first
+            if codes > 0 and codes % grid == 0:  # a row of codes done: decode what there is, white where not yet
+                partial = torch.cat([torch.stack(drawn, 1), self.blank[:, len(drawn):].expand(n, -1)], 1)
+                send({"row": codes // grid, "images": [png(p) for p in vq.detokenize(partial)]})
+        tokens = self.model.generate_image([ids] * n, vq.config.n_tokens, req["cfg"], req["temperature"],
+                                           SAMPLING["top_k"], None, batch_generator(req["seed"], 0), progress)
+        seq = torch.tensor([[self.model.start_token, *ids, self.model.image_token("boi"), *self.model.image_token(tokens[0]).tolist()]])
+        counts, _, routes = routing(self.model, [(seq, None)])
+        shares, spec, _ = routing_stats(counts)
+        send({"done": True, "images": [png(p) for p in vq.detokenize(tokens)], "codes": tokens.tolist(),
+              "routing": {"text": shares[0].tolist(), "image": shares[1].tolist(), "specificity": spec.tolist(),
+                          "counts": counts.tolist(),
+                          # each image token's experts in every layer (L, n_tokens, k), for the page's hover
+                          "routes": routes[:, 0, -vq.config.n_tokens:].tolist(), "first_code": int(first), "grid": grid}})
+
+    @torch.no_grad()
+    def text(self, req):
+        """C1 made visible: the next-token distribution of the prompt, and a chat answer, with the adapter and without."""
+        V, tok = self.model.config.vocab_size, self.tokenizer
+        idx = torch.tensor([[self.model.start_token, *self.caption(req["prompt"])]])
+        mm, base = self.model(idx)[0][0, -1, :V], self.base(idx)[0][0, -1]
+        probs = torch.softmax(mm.float(), -1)
+        top = probs.topk(10)
+        chat = torch.tensor([tok.encode(chat_prompt(req["prompt"])).ids])
+        answers = [tok.decode(m.generate(chat, 32, temperature=0, stop_at_eos=True, allowed_ids=torch.arange(V))[0, chat.shape[1]:].tolist())
+                   for m in (self.model, self.base)]
+        return {"equal": torch.equal(mm, base), "max_difference": (mm - base).abs().max().item(),
+                "top": [{"token": tok.decode([int(i)]), "p": float(p)} for p, i in zip(top.values, top.indices)],
+                "answer": answers[0], "base_answer": answers[1]}
+
+
+def handler(explorer):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"  # a streamed answer ends when the connection closes
+
+        def log_message(self, fmt, *args):  # one short line a request
+            print(f"{self.address_string()} {fmt % args}", file=sys.stderr)
+
+        def reply(self, status, body, kind="application/json"):
+            data = body if isinstance(body, bytes) else (json.dumps(body) + "\n").encode()
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path in ("/", "/index.html"):
+                self.reply(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+            else:
+                self.reply(404, {"error": f"no page {self.path[:80]}"})
+
+        def do_POST(self):
+            try:
+                if self.path not in ("/draw", "/text"):
+                    raise Refused(404, f"no endpoint {self.path[:80]} (POST /draw or /text)")
+                length = self.headers.get("Content-Length", "")
+                if not length.isdigit() or int(length) > MAX_BODY:
+                    raise Refused(400 if not length.isdigit() else 413, f"a body of at most {MAX_BODY} bytes, with its Content-Length")
+                req = checked(self.rfile.read(int(length)), FIELDS[self.path[1:]])
+                if not explorer.slots.acquire(blocking=False):
+                    raise Refused(503, f"busy: one request at work and {QUEUE} waiting; try again shortly")
+            except Refused as e:
+                return self.reply(e.status, {"error": str(e)})
+            try:
+                with explorer.lock:
+                    if self.path == "/text":
+                        return self.reply(200, explorer.text(req))
+                    ids = explorer.caption(req["prompt"])  # a prompt too long is refused before anything is sent
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/x-ndjson")
+                    self.end_headers()
+                    explorer.draw(req, ids, self.send_line)
+            except Refused as e:
+                self.reply(e.status, {"error": str(e)})
+            except ClientGone:
+                print(f"{self.address_string()} left before its drawing was done: stopped", file=sys.stderr)
+            finally:
+                explorer.slots.release()
+
+        def send_line(self, message):
+            try:
+                self.wfile.write((json.dumps(message) + "\n").encode())
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                raise ClientGone from None
+    return Handler
+
+
+def make_server(explorer, host="127.0.0.1", port=8000):
+    try:
+        server = ThreadingHTTPServer((host, port), handler(explorer))
+    except OSError as e:
+        raise BadInput(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    server.daemon_threads = True
+    return server
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="a train.py output directory (default: the built-in demo)")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if not 0 <= args.port <= 65535 or (args.threads is not None and args.threads < 1):
+        raise BadInput("--port must be 0..65535 and --threads at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    explorer = Explorer(args.ckpt)
+    server = make_server(explorer, args.host, args.port)
+    host, port = server.server_address[:2]
+    if args.host != "127.0.0.1":
+        print(f"warning: listening on {host}, so other machines can reach this page and draw with this CPU", file=sys.stderr)
+    print(f"serving on http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/ (Ctrl-C ends it)", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    run(main)
