@@ -169,7 +169,6 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    @torch.compiler.disable  # compiled blocks (compile_blocks) leave the cache out: its size changes with every batch
     def update(self, input_pos, k, v):  # input_pos (T,), k/v (B, n_kv, T, hd); under autocast, any dtype
         self.k[:, :, input_pos] = k.to(self.k.dtype)
         self.v[:, :, input_pos] = v.to(self.v.dtype)
@@ -293,7 +292,6 @@ class MoE(nn.Module):
             y = y + torch.sigmoid(linear(x, self.shared_expert_gate.weight)) * expert(x, self.shared_expert, 0, self.image_rows)
         return y.view(B, T, C)
 
-    @torch.compiler.disable  # a loop over data-dependent slices: compiled blocks (compile_blocks) run it eagerly
     def grouped(self, x, weights, expert_idx, image_rows):
         """Distinct experts. Grouped dispatch: flatten the N*k (token, slot) pairs and sort them by expert
         id, so that every expert sees one contiguous slice and runs one matmul per weight on it."""
@@ -583,8 +581,10 @@ class MMMoE(nn.Module):
         return torch.cat(out, dim=1)  # outside inference mode: an ordinary tensor for the caller
 
     def compile_blocks(self):
-        """torch.compile each block (train.py's compile=true): one graph for every layer and length, elementwise fused."""
+        """torch.compile each block for training (train.py draws under set_stance("force_eager")): one graph for every
+        length, elementwise fused; grouped dispatch (data-dependent slices) stays eager. Imports the compiler (~1 s)."""
         for layer in self.model.layers:
+            layer.block_sparse_moe.grouped = torch.compiler.disable(layer.block_sparse_moe.grouped)
             layer.compile(dynamic=True)
         return self
 
