@@ -106,7 +106,7 @@ def line_chart(d, box, series, title, ylim, xmax, marks=()):
             d.line([(px(x), py(y)) for x, y in zip(xv, yv)], fill=colour, width=2)
         for x, y in zip(xv, yv) if len(xv) < 50 else ():
             d.ellipse([px(x) - 2, py(y) - 2, px(x) + 2, py(y) + 2], fill=colour)
-        d.text((x1 - 150, y0 + 6 + 14 * k), label, fill=colour)
+        d.text((x1 + 12, y0 + 6 + 14 * k), label, fill=colour)  # the legend, right of the box
 
 
 def plot_curve(log, path, examples_per_epoch, batch):
@@ -117,14 +117,15 @@ def plot_curve(log, path, examples_per_epoch, batch):
     curve = [r for r in log if "train_top1" in r]
     marks = [epoch(r) for r in log if "warm_start" in r]  # where a run was continued from another checkpoint
     xmax = max([epoch(r) for r in loss + val + curve] or [1])
-    im = Image.new("RGB", (720, 620), "white")
+    im = Image.new("RGB", (920, 620), "white")
     d = ImageDraw.Draw(im)
     d.text((12, 4), f"x: epochs over the training examples ({examples_per_epoch:,} = emoji x phrasings)", fill="black")
     line_chart(d, (60, 40, 700, 290), {
         "training loss (image codes)": ([epoch(r) for r in loss], [r["loss"] for r in loss], (90, 90, 90)),
         "held-out loss": ([epoch(r) for r in val], [r["val_image_loss"] for r in val], (200, 40, 40))},
-        "cross-entropy of the image codes (nats; uniform over 1,026 tokens = 6.93; grey line: warm start)", (0, 12), xmax, marks)
+        "cross-entropy of the image codes (nats; grey lines: warm starts)", (0, 12), xmax, marks)
     series = {"training captions: top-1": ("train_top1", (30, 90, 200)), "training captions: top-5": ("train_top5", (120, 170, 240)),
+              "bare names: own colour": ("bare_colour", (20, 160, 170)),
               "held-out emoji: hue right": ("val_hue", (230, 130, 0)), "held-out pairs: colour right": ("pairs_colour", (40, 160, 60)),
               "held-out pairs: colour + object": ("pairs_both", (150, 40, 160))}
     line_chart(d, (60, 340, 700, 590), {label: ([epoch(r) for r in curve if k in r], [r[k] for r in curve if k in r], colour)
@@ -177,7 +178,7 @@ def compare_inits(runs, out, target):
                      f" ({reached} of {len(stats)}) |")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    im = Image.new("RGB", (720, 620), "white")
+    im = Image.new("RGB", (920, 620), "white")
     d = ImageDraw.Draw(im)
     d.text((12, 4), "x: training steps; each run its own line, coloured by init (red gw, blue random, green mean, "
                     "orange gw rescaled)", fill="black")

@@ -134,6 +134,6 @@ def test_learning_curve_plot_marks_a_warm_start(tmp_path):
     log += [{"step": s, "val_image_loss": 6.0} for s in (50, 100)] + [{"step": 100, "train_top1": 0.5, "train_top5": 0.75, "val_hue": 0.5}]
     analyze.plot_curve(log, tmp_path / "curve.png", examples_per_epoch=400, batch=8)
     im = Image.open(tmp_path / "curve.png").convert("RGB")
-    assert im.size == (720, 620)
+    assert im.size == (920, 620)  # the legend right of the plots
     x = round(60 + 640 * (50 * 8 / 400) / (100 * 8 / 400))  # the warm start, half-way along the x axis
     assert im.getpixel((x, 150)) == (170, 170, 170) and im.getpixel((x + 3, 150)) == (255, 255, 255)
