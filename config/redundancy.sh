@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Does the MoE's redundancy help a new modality, at an equal budget? (the paper's title claim; docs/redundancy.md)
 # One variant of the same base function, trained on one slice of OpenMoji where capacity binds (160 objects in 11
-# colours each, colour tokens: demo/vq), with its learning curve (training emoji, held-out pairs) in its run:
+# colours each, colour tokens: demo/vq), with its learning curve (training emoji, held-out pairs) and, for an MoE,
+# its routing report, in its run:
 #     moe            8 copied experts, top-2, routed PLoRA (rank 4 each) and a LoRA on the router: the recipe
 #     frozen-router  the same, the router frozen (no routing can specialise)
 #     dense          one expert (the dense model itself), its update of rank 32: the budget of 8 x 4
@@ -31,3 +32,5 @@ python vq.py shards --vq demo/vq --data "$data" --out "$runs/shards-160"
 python train.py config/redundancy.json --base="$base" --shards="$runs/shards-160" --out_dir="$runs/$variant-s$seed" \
     --seed="$seed" "${set[@]}" --resume "$@"
 python analyze.py --ckpt "$runs/$variant-s$seed" --curve "$runs/$variant-s$seed/curve.png"
+# the MoE variants' specialisation: image-leaning experts and expert CKA, before and after (report.md; no drawing)
+[ "$experts" = 1 ] || python analyze.py --ckpt "$runs/$variant-s$seed" --out "$runs/$variant-s$seed/report"
