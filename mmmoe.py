@@ -301,8 +301,7 @@ class MoE(nn.Module):
         counts = torch.bincount(flat_expert, minlength=self.n_experts).tolist()
         x_sorted = x[token_idx]  # (N*k, C)
         rows_sorted = None if image_rows is None else image_rows[token_idx]  # (N*k, 1)
-        out = torch.empty_like(x_sorted)
-        start = 0
+        out, start = torch.empty_like(x_sorted), 0
         for e, n in enumerate(counts):
             if n:
                 rows = None if rows_sorted is None else rows_sorted[start:start + n]
@@ -452,7 +451,7 @@ class MMMoE(nn.Module):
         K, V = self.adapter.n_image_codes, self.config.vocab_size
         return {"boi": V + K, "eoi": V + K + 1}[which] if isinstance(which, str) else which + V
 
-    def forward(self, idx, targets=None, input_pos=None, pad=None):
+    def forward(self, idx, targets=None, input_pos=None, pad=None, colour_weight=1.0):
         """idx (B, T) token ids -> (logits (B, T, V [+ K + 2 with an adapter]), None), or with targets (None, loss): a
         loss needs the output layer only at its targets (over a 49k text vocabulary the rest would be a large share of
         a step). input_pos None: whole sequences from column 0 (training, scoring); input_pos (T,): the columns of idx
@@ -477,7 +476,7 @@ class MMMoE(nn.Module):
         else:
             parts = [self.hidden_states(idx, input_pos, pad)]
         if targets is not None:
-            return None, self.loss(torch.cat(parts, dim=1), targets)
+            return None, self.loss(torch.cat(parts, dim=1), targets, colour_weight)
         return torch.cat([self.logits(x) for x in parts], dim=1), None
 
     def logits(self, x):
@@ -510,16 +509,18 @@ class MMMoE(nn.Module):
             x = layer(x, cos, sin, mask, input_pos, image_rows)
         return self.model.norm(x)
 
-    def loss(self, x, targets):
-        """Mean cross-entropy over targets >= 0 from the final hidden states x (B, T, C), each target over
-        its own modality (the decoding rule): a text target against the text vocabulary only, so text
-        probabilities are exactly the base's; an image target against the image tokens only."""
+    def loss(self, x, targets, colour_weight=1.0):
+        """Mean cross-entropy over targets >= 0 from the final hidden states x (B, T, C), each target over its own
+        modality (the decoding rule): a text target against the text vocabulary only, so text probabilities are exactly
+        the base's; an image target against the image tokens only. A colour token's term is multiplied by colour_weight."""
         V = self.config.vocab_size
         x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
         text, image = (targets >= 0) & (targets < V), targets >= V
         nll = [F.cross_entropy(linear(x[text], self.lm_head.weight).float(), targets[text], reduction="none")]
         if self.adapter is not None:
-            nll.append(F.cross_entropy(linear(x[image], self.image_head).float(), targets[image] - V, reduction="none"))
+            code = targets[image] - V  # the colour tokens are the last adapter.colour_tokens codes
+            weight = torch.where(code >= self.adapter.n_image_codes - self.adapter.colour_tokens, colour_weight, 1.0)
+            nll.append(F.cross_entropy(linear(x[image], self.image_head).float(), code, reduction="none") * weight)
         return torch.cat(nll).mean()
 
     def setup_caches(self, batch_size, max_seq_len):
@@ -638,8 +639,7 @@ class MMMoE(nn.Module):
             return (K - n_colours, K) if n_colours and i == 0 else (0, K - n_colours)
 
         def head(x, i):  # (2B or B, C) -> (B, hi - lo)
-            lo, hi = span(i)
-            logits = linear(x, self.image_head[lo:hi])
+            logits = linear(x, self.image_head[slice(*span(i))])
             return logits[B:] + cfg * (logits[:B] - logits[B:]) if cfg else logits
         def feed(t, i):  # (B,) sampled among lo..hi-1 -> the image tokens fed back, to both twins
             codes = span(i)[0] + t

@@ -60,6 +60,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     caption_dropout: float = 0.1
     aux_loss_coef: float = 0.01  # router load balancing, over image tokens
+    # the colour token's term in the loss (a VQ with hue_bins) multiplied by this: one token of a picture's 65 carries
+    # its whole colour (the held-out loss stays the plain mean, comparable across runs)
+    colour_weight: float = 1.0
     log_every: int = 10  # training loss into the log every this many steps (1: every step, e.g. to compare inits)
     eval_every: int = 100
     eval_batches: int = 4
@@ -135,7 +138,7 @@ def parse_args(argv):
                      (not (tc.fsdp and tc.curve_every), "curve_every=0 under --fsdp (the curve draws with the whole model in one process)"),
                      (tc.init in ("gw", "random", "mean"), "init: gw, random or mean"),
                      (not tc.restart_schedule or tc.init_from, "init_from with restart_schedule (a stage starts from a checkpoint)"),
-                     (0 < tc.init_scale < math.inf, "init_scale > 0"),
+                     (0 < tc.init_scale < math.inf, "init_scale > 0"), (0 < tc.colour_weight < math.inf, "colour_weight > 0"),
                      (tc.dtype in ("auto", "float32", "bfloat16"), "dtype: auto, float32 or bfloat16"),
                      (nproc is None or nproc >= 1, "--nproc >= 1")]:
         if not ok:
@@ -315,7 +318,7 @@ def train(tc, resume=False):
         # (the number of processes may change: what counts is the global batch, batch_size x processes x grad_accum)
         computation = ("base", "shards", "init", "init_scale", "rank", "expert_rank", "alpha", "attention", "router", "steps",
                        "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "caption_dropout", "aux_loss_coef", "dtype", "seed", "mix",
-                       "restart_schedule")
+                       "restart_schedule", "colour_weight")
         saved = state["train_config"]
         differ = [f"{k}={getattr(tc, k)} (run: {saved[k]})" for k in computation if k in saved and saved[k] != getattr(tc, k)]
         run_batch = saved.get("batch_size", tc.batch_size) * state.get("world", 1) * saved.get("grad_accum", tc.grad_accum)
@@ -380,7 +383,7 @@ def train(tc, resume=False):
             idx, targets, pad = idx.to(device), targets.to(device), pad.to(device)
             sync = nullcontext() if micro == tc.grad_accum - 1 or world == 1 or tc.fsdp else trained.no_sync()
             with sync, autocast:
-                _, loss = trained(idx, targets, pad=pad)
+                _, loss = trained(idx, targets, pad=pad, colour_weight=tc.colour_weight)
                 aux = load_balancing_loss(model)
                 total = (loss + tc.aux_loss_coef * aux) / tc.grad_accum
                 if world > 1:  # every trainable tensor takes part in every step, even with no image token in the

@@ -88,6 +88,28 @@ def test_a_loss_runs_no_column_after_its_last_target(tiny_ckpt):
     assert torch.equal(loss, mm(idx[:, :13], targets[:, :13])[1])
 
 
+def test_colour_weight_multiplies_the_colour_tokens_term_only(tiny_ckpt):
+    """train.py's colour_weight: the colour token's cross-entropy (the last colour_tokens image codes) counts w times
+    in the mean; every other term, and the loss at w = 1, are the plain loss's."""
+    path, _, _ = tiny_ckpt()
+    mm = with_random_adapter(path, colour_tokens=3)  # image codes 13, 14, 15 are colour tokens
+    g = torch.Generator().manual_seed(0)
+    colour, codes = torch.tensor([13, 15]), torch.randint(0, 13, (2, 6), generator=g)
+    image = mm.image_token(torch.cat([colour[:, None], codes], 1))  # (2, 7): a colour token, then codes
+    idx = torch.cat([torch.randint(0, 97, (2, 4), generator=g), torch.full((2, 1), mm.image_token("boi")), image], 1)
+    targets = torch.full_like(idx, -1)
+    targets[:, 4:-1] = idx[:, 5:]  # <boi> predicts the colour token, each code the next
+    logits = mm(idx)[0][:, 4:-1, -18:].float()  # (2, 7, 18): the image tokens' columns (codes, <boi>, <eoi>)
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets[:, 4:-1] - 97, reduction="none")  # (2, 7)
+    plain = mm(idx, targets)[1]
+    assert torch.allclose(plain, nll.mean(), atol=1e-6)
+    assert torch.equal(mm(idx, targets, colour_weight=1.0)[1], plain)
+    weighted = nll.clone()
+    weighted[:, 0] *= 5.0
+    assert torch.allclose(mm(idx, targets, colour_weight=5.0)[1], weighted.mean(), atol=1e-6)
+    assert not torch.allclose(weighted.mean(), plain)
+
+
 def test_grouped_plora_equals_per_token(tiny_ckpt):
     """Per-expert LoRA inside the grouped dispatch equals applying each token's experts one by one."""
     import mmmoe
@@ -517,7 +539,8 @@ def test_export_halves_the_image_rows_and_is_all_sample_needs(tiny_setup):
 @pytest.mark.parametrize("args,words", [(["--lr=abc"], "--lr=abc: expected a number"), (["--attention=flase"], "expected true or false"),
                                         (["--steps=-1"], "steps >= 1"), (["--batch_size=0"], "batch_size >= 1"),
                                         (["--nproc=abc"], "--nproc=abc: expected an integer"), (["--init=magic"], "init: gw"),
-                                        (["--caption_dropout=1"], "caption_dropout"), (["nope.json"], "no config file")])
+                                        (["--caption_dropout=1"], "caption_dropout"), (["nope.json"], "no config file"),
+                                        (["--colour_weight=0"], "colour_weight > 0")])
 def test_bad_settings_are_one_line_before_any_work(args, words):
     with pytest.raises(BadInput, match=words):
         train.parse_args(args)
