@@ -21,6 +21,7 @@ What it measures, each before training (the same adapter, initialised, untrained
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,69 @@ def compare_inits(runs, out, target):
     lines = ["| init | runs | first-batch loss | worst spike (rise above the best so far) | training loss, last 20 steps | "
              f"held-out loss at the end | steps to a held-out loss <= {target} |", "| --- | --- | --- | --- | --- | --- | --- |", *table]
     (out / "init_compare.md").write_text("\n".join(lines) + "\n")
+    return lines
+
+def compare_variants(runs, out):
+    """Runs of config/redundancy.sh (RUNS/VARIANT-sSEED: the same data and steps, one layout each) -> redundancy.md, a
+    table with one row per variant, and redundancy.png, each run's held-out loss and training top-1 against the step.
+    A row: the trainable parameters (counted in each run's adapter file: what train.py trained), the median seconds a
+    step, and at the last point of the learning curve its figures, each as the mean over the seeds ± their standard
+    deviation (with two seeds: half their difference), then each seed's; for an MoE also its routing report
+    (RUN/report/report.json): experts with image-specificity > 0.5 and the mean expert CKA, after training."""
+    from safetensors import safe_open
+    by_variant = {}
+    for run_dir in map(Path, runs):
+        state, _, _ = run_inputs(run_dir)
+        points = [r for r in state["log"] if "train_top1" in r]
+        if not points:
+            raise BadInput(f"{run_dir} has no learning-curve point: train it with --curve_every (config/redundancy.json does)")
+        with safe_open(run_dir / "adapter.safetensors", "pt") as f:
+            sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
+        counts = {part: sum(v for k, v in sizes.items() if name in k) for part, name in MMMoE.BUDGET.items()}
+        val = {r["step"]: r["val_image_loss"] for r in state["log"] if "val_image_loss" in r}
+        figures = points[-1] | {"val_loss": val.get(points[-1]["step"], math.nan),
+                                "step_s": np.median([r["step_s"] for r in state["log"] if "step_s" in r] or [math.nan])}
+        if (run_dir / "report" / "report.json").exists():
+            report = json.loads((run_dir / "report" / "report.json").read_text())
+            figures |= {"image_experts": float((np.array(report["after"]["specificity"]) > 0.5).sum()),
+                        "cka": float(np.mean(report["after"]["cka"]))}
+        name = re.sub(r"-s\d+$", "", run_dir.name)
+        by_variant.setdefault(name, []).append((state["train_config"]["seed"], counts, figures, state["log"]))
+    columns = [("step_s", "s a step", "{:.2f}"), ("val_loss", "held-out loss", "{:.3f}"), ("train_top1", "training top-1", "{:.0%}"),
+               ("train_top5", "training top-5", "{:.0%}"), ("bare_colour", "bare names: own colour", "{:.0%}"),
+               ("pairs_colour", "pairs: colour", "{:.0%}"), ("pairs_both", "pairs: both", "{:.0%}"),
+               ("image_experts", "image-leaning experts", "{:.0f}"), ("cka", "expert CKA", "{:.3f}")]
+    lines = ["| variant | seeds | step | trainable parameters | " + " | ".join(c[1] for c in columns) + " |",
+             "| --- " * (len(columns) + 4) + "|"]
+    palette = [(200, 40, 40), (30, 90, 200), (40, 150, 60), (230, 130, 0), (150, 40, 160)]
+    series_loss, series_top1, xmax = {}, {}, 1
+    for v, (name, seeds) in enumerate(sorted(by_variant.items())):
+        seeds.sort(key=lambda s: s[0])
+        budgets = {sum(c.values()) for _, c, _, _ in seeds}
+        cells = []
+        for key, _, fmt in columns:
+            x = [f.get(key, math.nan) for _, _, f, _ in seeds]
+            have = [y for y in x if not math.isnan(y)]  # e.g. a routing report written for one seed only
+            cells.append(f"{fmt.format(np.mean(have))} ± {fmt.format(np.std(have))} (" + ", ".join(
+                "-" if math.isnan(y) else fmt.format(y) for y in x) + ")" if have else "-")
+        lines.append(f"| {name} | {', '.join(str(s) for s, _, _, _ in seeds)} | {', '.join(str(f['step']) for _, _, f, _ in seeds)} | "
+                     + " / ".join(f"{b:,}" for b in sorted(budgets)) + " | " + " | ".join(cells) + " |")
+        for k, (seed, _, _, log) in enumerate(seeds):
+            colour = tuple(c + (255 - c) * k // 2 for c in palette[v % len(palette)])  # a later seed lighter
+            val = [r for r in log if "val_image_loss" in r]
+            curve = [r for r in log if "train_top1" in r]
+            series_loss[f"{name} seed {seed}"] = ([r["step"] for r in val], [r["val_image_loss"] for r in val], colour)
+            series_top1[f"{name} seed {seed}"] = ([r["step"] for r in curve], [r["train_top1"] for r in curve], colour)
+            xmax = max([xmax] + [r["step"] for r in log if "step" in r])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    im = Image.new("RGB", (920, 620), "white")
+    d = ImageDraw.Draw(im)
+    d.text((12, 4), "x: training steps; a colour per variant, its second seed lighter", fill="black")
+    line_chart(d, (60, 40, 700, 290), series_loss, "held-out loss of the image codes (nats)", (0, 3), xmax)
+    line_chart(d, (60, 340, 700, 590), series_top1, "training captions drawn: top-1 retrieval of the asked picture", (0, 1), xmax)
+    im.save(out / "redundancy.png")
+    (out / "redundancy.md").write_text("\n".join(lines) + "\n")
     return lines
 
 # -----------------------------------------------------------------------------
@@ -437,9 +501,13 @@ def main():
     p.add_argument("--curve", metavar="PNG", help="only plot the checkpoint's learning curve (train.py's log) to PNG")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="only compare runs that differ in init and seed -> --out")
     p.add_argument("--target", type=float, default=5.0, help="--compare: the held-out loss whose first reaching is timed")
+    p.add_argument("--variants", nargs="+", metavar="RUN", help="only compare config/redundancy.sh's runs (VARIANT-sSEED) -> --out")
     args = p.parse_args()
     if args.compare:
         print("\n".join(compare_inits(args.compare, args.out, args.target)))
+        return
+    if args.variants:
+        print("\n".join(compare_variants(args.variants, args.out)))
         return
     if args.curve:
         from data import TokenShards

@@ -403,11 +403,11 @@ class MMMoE(nn.Module):
     def is_adapter_param(name):
         return "_lora." in name or name.startswith("image_")
 
+    BUDGET = {"LoRA experts": "expert", "LoRA attention": "self_attn.", "LoRA router": "gate_lora", "image rows": "image_"}
     def trainable_budget(self):
-        """C2: trainable parameters by component, and the base's parameter count."""
-        parts = {"LoRA experts": "expert", "LoRA attention": "self_attn.", "LoRA router": "gate_lora", "image rows": "image_"}
+        """C2: trainable parameters by component (BUDGET: what their names hold), and the base's parameter count."""
         params = list(self.named_parameters())
-        counts = {k: sum(p.numel() for n, p in params if p.requires_grad and v in n) for k, v in parts.items()}
+        counts = {k: sum(p.numel() for n, p in params if p.requires_grad and v in n) for k, v in self.BUDGET.items()}
         # a shared base stores one copy of a layer's identical experts; the MoE it stands for has n_experts
         copies = lambda n, p: self.get_submodule(n[:n.index(".experts.")]).n_experts if ".experts.w" in n and len(p) == 1 else 1  # noqa: E731
         return counts, sum(p.numel() * copies(n, p) for n, p in params if not p.requires_grad)

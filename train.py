@@ -371,6 +371,7 @@ def train(tc, resume=False):
     bar = tqdm(total=last, initial=step, desc="training", unit="step", disable=not main_process)
     curve = samples = None
     t0, tokens = time.time(), 0
+    t_log, step_log = t0, step  # step_s: wall seconds a step since the last log record (evaluations included)
     model.train()
     while step < last:
         indices = batch_at(len(train_set), global_size, step, tc.seed, repeats)
@@ -407,7 +408,8 @@ def train(tc, resume=False):
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if main_process and (step % tc.log_every == 0 or step == last):
             log.append({"step": step, "loss": loss.item(), "aux": aux.item(), "grad_norm": norm.item(), "lr": lr_at(step - 1 - first, tc.lr, tc.warmup, tc.steps, tc.min_lr),
-                        "tokens_per_s": tokens * world / (time.time() - t0)})
+                        "tokens_per_s": tokens * world / (time.time() - t0), "step_s": (time.time() - t_log) / (step - step_log)})
+            t_log, step_log = time.time(), step
         if step % tc.eval_every == 0 or step == last:
             with torch.compiler.set_stance("force_eager"):
                 result = evaluate(model, tc, val, text_ids, device, autocast)

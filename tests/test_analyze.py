@@ -137,3 +137,31 @@ def test_learning_curve_plot_marks_a_warm_start(tmp_path):
     assert im.size == (920, 620)  # the legend right of the plots
     x = round(60 + 640 * (50 * 8 / 400) / (100 * 8 / 400))  # the warm start, half-way along the x axis
     assert im.getpixel((x, 150)) == (170, 170, 170) and im.getpixel((x + 3, 150)) == (255, 255, 255)
+
+
+def test_compare_variants_counts_from_the_adapters_and_spreads_over_seeds(tiny_setup, tmp_path):
+    """analyze.py --variants: one row per variant (the run's name less -sSEED), the trainable parameters its adapter
+    file holds (train.py's count), each figure the mean ± std over the seeds, then each seed's; the routing report's
+    figures where a run has one; a run without a learning curve is one line."""
+    runs, budgets = [tmp_path / name for name in ("moe-s0", "moe-s1", "frozen-router-s0", "plain-s0")], {}
+    for run_dir in runs:
+        tc = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(run_dir), init="mean",
+                               rank=4, batch_size=4, steps=2, warmup=1, eval_every=2, eval_batches=1, save_every=2, log_every=1,
+                               curve_every=0 if "plain" in run_dir.name else 2, curve_captions=2, seed=int(run_dir.name[-1]),
+                               router="frozen" not in run_dir.name)
+        budgets[run_dir.name] = sum(train.train(tc).trainable_budget()[0].values())
+        assert json.loads((run_dir / "state.json").read_text())["log"][0]["step_s"] > 0
+    report = analyze.analyze(runs[0], runs[0] / "report", n_probe=4)  # as config/redundancy.sh writes it
+    lines = analyze.compare_variants(runs[:3], tmp_path / "cmp")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[2:]}
+    assert list(rows) == ["frozen-router", "moe"] and rows["moe"][1:3] == ["0, 1", "2, 2"]
+    assert rows["frozen-router"][3] == f"{budgets['frozen-router-s0']:,}" and rows["moe"][3] == f"{budgets['moe-s0']:,}"
+    assert budgets["moe-s0"] > budgets["frozen-router-s0"]  # the router's LoRA
+    top1 = [next(r for r in json.loads((r / "state.json").read_text())["log"] if "train_top1" in r)["train_top1"] for r in runs[:2]]
+    assert rows["moe"][6] == f"{np.mean(top1):.0%} ± {abs(top1[0] - top1[1]) / 2:.0%} ({top1[0]:.0%}, {top1[1]:.0%})"
+    leaning = int((torch.tensor(report["after"]["specificity"]) > 0.5).sum())
+    assert rows["moe"][-2] == f"{leaning} ± 0 ({leaning}, -)" and rows["moe"][-1].startswith(f"{np.mean(report['after']['cka']):.3f}")
+    assert rows["frozen-router"][-1] == "- |"  # no routing report
+    assert (tmp_path / "cmp" / "redundancy.png").exists() and (tmp_path / "cmp" / "redundancy.md").read_text().startswith("| variant")
+    with pytest.raises(BadInput, match="no learning-curve point"):
+        analyze.compare_variants([runs[3]], tmp_path / "cmp2")
