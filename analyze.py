@@ -324,8 +324,8 @@ def colour_confusion(asked, drawn, path, cell=40):
 
 def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"],
             top_k=SAMPLING["top_k"], batch_size=16, offset=0):
-    from data import (GROUPS, TokenShards, asked_caption, caption_rows, english_text, load_images, object_index,
-                      read_folder)
+    from data import (GROUPS, TokenShards, asked_caption, caption_rows, colour_word, english_text, load_images,
+                      object_index, read_folder)
     from vq import score_summary
     from gw_init import init_model
     from hf import load_tokenizer
@@ -434,9 +434,15 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], tempe
             multi = torch.tensor([a is None for a in asked], dtype=torch.bool)  # a multi-coloured emoji: no colour word
             by_kind = {f"top1_{k}": (scores["rank"][m.to(scores["rank"].device)] < 1).float().mean().item()
                        for k, m in (("coloured", ~multi), ("multicolour", multi)) if m.any()}
+            # the image tokenizer's part: the colour word of the asked picture's own tokens, decoded, is what a model that
+            # wrote exactly those tokens would score; where it is not the picture's own word, no drawing can be right
+            own_words = [colour_word(p) for p in vq.detokenize(vq.tokenize(everything[own]))]
+            share = lambda ok: sum(ok) / len(ok) if ok else math.nan  # noqa: E731
             report["images"][group] = score_summary(scores) | by_kind | {
+                "colour_ceiling": share([a == w for a, w in zip(asked, own_words) if a is not None]),
+                "colour_as_own_tokens": share([c == w for a, c, w in zip(asked, scores["colour"], own_words) if a is not None]),
                 "captions": captions, "ranks": scores["rank"].tolist(), "object_ranks": scores["object_rank"].tolist(),
-                "asked_colours": asked, "drawn_colours": scores["colour"],
+                "asked_colours": asked, "drawn_colours": scores["colour"], "own_token_colours": own_words,
                 # what drawing every picture in the commonest asked colour would score; what a random object would
                 "colour_base_rate": max(map(coloured.count, coloured)) / len(coloured) if coloured else math.nan,
                 "object_top5_chance": min(1.0, 5 / n_objects)}
@@ -471,6 +477,8 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], tempe
                   row("dominant hue matches", pct("hue")),
                   row("colour word is the asked one", pct("colour")),
                   row("... drawing everything in the commonest asked colour", pct("colour_base_rate")),
+                  row("... the asked picture's own tokens, decoded (the ceiling the image tokenizer sets)", pct("colour_ceiling")),
+                  row("colour word is that of the asked picture's own tokens, decoded", pct("colour_as_own_tokens")),
                   row("asked object in the top 5 by shape", pct("object_top5")),
                   row("... a random object", pct("object_top5_chance")),
                   row("colour and object both right", pct("both"))]

@@ -9,7 +9,8 @@
 #     moe4, moe2     4 or 2 copied experts, top-2, updates of rank 8 or 16
 # Every variant has attention LoRA of rank 4 and the same image rows; the trainable parameters are printed at start.
 #     bash config/redundancy.sh VARIANT SEED [--key=value ...]      # ~25 min on 2 CPU cores with AMX; resumable
-# Runs go to $RUNS (default ~/.cache/mmmoe/runs/redundancy)/VARIANT-sSEED.
+# Runs go to $RUNS (default ~/.cache/mmmoe/runs/redundancy)/VARIANT-sSEED. The table and curves of all of them:
+#     python analyze.py --variants ~/.cache/mmmoe/runs/redundancy/*-s[0-9]* --out DIR     # redundancy.md, .png
 set -euo pipefail
 cd "$(dirname "$0")/.."
 variant=${1:?usage: bash config/redundancy.sh moe|frozen-router|dense|moe4|moe2 SEED [--key=value ...]}

@@ -79,7 +79,10 @@ def test_report_on_a_tiny_trained_model(tiny_setup, tmp_path):
         assert 1 / n <= im["colour_base_rate"] <= 1  # the commonest asked colour's share
         assert all(0 <= r < 24 for r in im["ranks"])  # a rank among the 24 pictures of the tiny dataset
         assert all(0 <= r < 22 for r in im["object_ranks"])  # ... among its 22 objects (2 pictures are recoloured copies)
-        assert len(im["asked_colours"]) == len(im["drawn_colours"]) == n
+        assert len(im["asked_colours"]) == len(im["drawn_colours"]) == len(im["own_token_colours"]) == n
+        coloured = [(a, d, w) for a, d, w in zip(im["asked_colours"], im["drawn_colours"], im["own_token_colours"]) if a is not None]
+        assert im["colour_ceiling"] == sum(a == w for a, _, w in coloured) / len(coloured)  # the tokenizer's own colour
+        assert im["colour_as_own_tokens"] == sum(d == w for _, d, w in coloured) / len(coloured)
     assert report["images"]["pairs"]["captions"] == ["w10 w20", "w11 w21"]  # squares 0 and 1, held out as pairs
     assert report["images"]["pairs"]["asked_colours"] == ["red", "green"]
     assert report["c2"]["LoRA router"] > 0 and report["c2"]["base"] > 0
@@ -88,7 +91,7 @@ def test_report_on_a_tiny_trained_model(tiny_setup, tmp_path):
     assert all(v["all"] > 0 and v["first_code"] > 0 for v in use.values())
     text = (tmp_path / "report" / "report.md").read_text()
     assert "## Routing by modality" in text and "identical" in text and (tmp_path / "report" / "specificity_after.png").exists()
-    assert "colour and object both right" in text and (tmp_path / "report" / "colour_confusion.png").exists()
+    assert "the ceiling the image tokenizer sets" in text and "colour and object both right" in text and (tmp_path / "report" / "colour_confusion.png").exists()
     json.loads((tmp_path / "report" / "report.json").read_text())
 
 
