@@ -220,7 +220,7 @@ def compare_variants(runs, out):
     columns = [("step_s", "s a step", "{:.2f}"), ("val_loss", "held-out loss", "{:.3f}"), ("train_top1", "training top-1", "{:.0%}"),
                ("train_top5", "training top-5", "{:.0%}"), ("bare_colour", "bare names: own colour", "{:.0%}"),
                ("pairs_colour", "pairs: colour", "{:.0%}"), ("pairs_both", "pairs: both", "{:.0%}"),
-               ("image_experts", "image-leaning experts", "{:.0f}"), ("cka", "expert CKA", "{:.3f}")]
+               ("image_experts", "image-leaning experts", "{:g}"), ("cka", "expert CKA", "{:.3f}")]
     lines = ["| variant | seeds | step | trainable parameters | " + " | ".join(c[1] for c in columns) + " |",
              "| --- " * (len(columns) + 4) + "|"]
     palette = [(200, 40, 40), (30, 90, 200), (40, 150, 60), (230, 130, 0), (150, 40, 160)]

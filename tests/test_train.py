@@ -446,9 +446,9 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_setup, monkeypatch):
                            rank=4, batch_size=4, steps=6, warmup=1, eval_every=10, save_every=2)
     real, calls = MMMoE.loss, []
 
-    def loss_that_blows_up(self, logits, targets):  # training's 4th step (step index 3) diverges
+    def loss_that_blows_up(self, logits, targets, colour_weight=1.0):  # training's 4th step (step index 3) diverges
         calls.append(self.training)
-        return real(self, logits, targets) * (float("nan") if sum(calls) == 4 and self.training else 1.0)
+        return real(self, logits, targets, colour_weight) * (float("nan") if sum(calls) == 4 and self.training else 1.0)
     monkeypatch.setattr(MMMoE, "loss", loss_that_blows_up)
     with pytest.raises(BadInput, match=r"loss became nan at step 3; stopped. The last good checkpoint \(step 2\)"):
         train.train(tc)
