@@ -407,9 +407,10 @@ def train(tc, resume=False):
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if main_process and (step % tc.log_every == 0 or step == last):
+            now = time.time()
             log.append({"step": step, "loss": loss.item(), "aux": aux.item(), "grad_norm": norm.item(), "lr": lr_at(step - 1 - first, tc.lr, tc.warmup, tc.steps, tc.min_lr),
-                        "tokens_per_s": tokens * world / (time.time() - t0), "step_s": (time.time() - t_log) / (step - step_log)})
-            t_log, step_log = time.time(), step
+                        "tokens_per_s": tokens * world / (now - t0), "step_s": (now - t_log) / (step - step_log)})
+            t_log, step_log = now, step
         if step % tc.eval_every == 0 or step == last:
             with torch.compiler.set_stance("force_eager"):
                 result = evaluate(model, tc, val, text_ids, device, autocast)
