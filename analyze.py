@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from cli import BadInput, run
 from data import make_batch
-from pipeline import DEMO
+from pipeline import DEMO, drawing_dtype
 from routing import routing, routing_stats
 from runs import run_inputs
 from mmmoe import SAMPLING, MMMoE, linear
@@ -323,7 +323,7 @@ def colour_confusion(asked, drawn, path, cell=40):
 
 
 def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"],
-            top_k=SAMPLING["top_k"], batch_size=16, offset=0):
+            top_k=SAMPLING["top_k"], batch_size=16, offset=0, dtype=torch.float32):
     from data import (GROUPS, TokenShards, asked_caption, caption_rows, colour_word, english_text, load_images,
                       object_index, read_folder)
     from vq import score_summary
@@ -407,11 +407,12 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], tempe
     # images: captions of training emoji (phrased as people ask), of held-out emoji (never trained), and of known
     # objects in a colour they were never trained in (held-out pairs: composition)
     if samples:
+        model.to(dtype)  # the pictures in sample.py's --dtype; everything above in float32
         data_dir = val.index["data"]  # every picture of the dataset trained on: what drawn ones are scored against
         rows, everything = load_images(read_folder(data_dir), vq.config.image_size)
         g = torch.Generator().manual_seed(seed)
         gallery = vq.gallery(everything, object_index(rows))
-        report["images"] = {"n": samples, "cfg": cfg, "temperature": temperature, "top_k": top_k}
+        report["images"] = {"n": samples, "cfg": cfg, "temperature": temperature, "top_k": top_k, "dtype": str(dtype).removeprefix("torch.")}
         drawn = {}
         for group, title in GROUPS.items():
             idx = caption_rows(rows, group)
@@ -464,7 +465,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], tempe
         cols = list(drawn)
         row = lambda name, f: f"| {name} | " + " | ".join(f(im[c]) for c in cols) + " |"  # noqa: E731
         pct = lambda k: lambda r: f"{100 * r[k]:.1f}%"  # noqa: E731
-        lines += ["", "## Pictures", "", f"Up to {samples} captions of each kind, cfg {cfg}, temperature {temperature}, top-k {top_k}; "
+        lines += ["", "## Pictures", "", f"Up to {samples} captions of each kind, cfg {cfg}, temperature {temperature}, top-k {top_k}, {report['images']['dtype']}; "
                   f"each picture scored against the {len(everything)} pictures of {data_dir}: "
                   "retrieval of the asked picture by VQ-feature similarity, its colour word, and its object by shape whatever the colour:", "",
                   "| | " + " | ".join(GROUPS[c] for c in cols) + " |", "| --- |" + " --- |" * len(cols),
@@ -506,6 +507,7 @@ def main():
     p.add_argument("--top-k", type=int, default=SAMPLING["top_k"])
     p.add_argument("--batch", type=int, default=16, help="--samples: prompts drawn together")
     p.add_argument("--offset", type=int, default=0, help="--samples: start the evenly spread captions here (another set)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="--samples: the model's dtype as it draws (sample.py's)")
     p.add_argument("--curve", metavar="PNG", help="only plot the checkpoint's learning curve (train.py's log) to PNG")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="only compare runs that differ in init and seed -> --out")
     p.add_argument("--target", type=float, default=5.0, help="--compare: the held-out loss whose first reaching is timed")
@@ -527,7 +529,8 @@ def main():
     if args.samples < 0 or not 0 <= args.cfg < math.inf or not 0 <= args.temperature < math.inf or (args.top_k or 1) < 1 or \
             args.batch < 1 or args.offset < 0:
         raise BadInput("--samples >= 0, --cfg and --temperature numbers >= 0, --top-k >= 1, --batch >= 1, --offset >= 0")
-    analyze(args.ckpt, args.out, args.probe, args.samples, args.seed, args.cfg, args.temperature, args.top_k, args.batch, args.offset)
+    analyze(args.ckpt, args.out, args.probe, args.samples, args.seed, args.cfg, args.temperature, args.top_k, args.batch, args.offset,
+            drawing_dtype(args.dtype))
     print((Path(args.out) / "report.md").read_text())
 
 

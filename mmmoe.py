@@ -108,14 +108,15 @@ class RMSNorm(nn.Module):
 
 
 # MKL, torch's BLAS on x86, picks kernels by CPU vendor, and so the faster of two forms of a decoding step's few-row
-# product: x @ w^T on Intel (2.4x the other on a Xeon with AMX), (w @ x^T)^T on AMD (1.5-2x; docs/speed.md).
+# product: x @ w^T on Intel (2.4x the other on a Xeon with AMX), (w @ x^T)^T on AMD (1.5-2x; docs/speed.md). In bf16
+# (oneDNN) the second form, on the Xeon with AMX (1.3-2x).
 FEW_ROWS_TRANSPOSED = Path("/proc/cpuinfo").exists() and "GenuineIntel" not in Path("/proc/cpuinfo").read_text()
 
 
 def linear(x, w):
     """x (..., in) @ w.T for a weight w (out, in); for up to 16 rows on a CPU, in the form its BLAS runs faster."""
     rows = x.reshape(-1, x.shape[-1])
-    transposed = FEW_ROWS_TRANSPOSED and len(rows) <= 16 and x.device.type == "cpu"
+    transposed = (FEW_ROWS_TRANSPOSED or x.dtype == torch.bfloat16) and len(rows) <= 16 and x.device.type == "cpu"
     y = (w @ rows.T).T if transposed else rows @ w.T
     return y.reshape(*x.shape[:-1], w.shape[0])
 
@@ -326,10 +327,9 @@ class MoE(nn.Module):
             return linear(h, ex.w2[0])  # (N, C)
         # (k, N, E): each slot's expert, one-hot (F.one_hot would first check the ids' range: a GPU sync a layer)
         route = x.new_zeros(self.top_k, len(x), self.n_experts).scatter_(-1, expert_idx.T[..., None], 1.0)
-        # each slot's gate and up: the shared product plus its own expert's B A x, the sum done by the batched matmul
-        B1, B3 = (lora.B.T.expand(self.top_k, -1, -1) for lora in (ex.w1_lora, ex.w3_lora))  # (k, E*r, I)
-        gate_k = torch.baddbmm(gate, routed_lora(ex.w1_lora, x, route), B1)  # (k, N, I)
-        up_k = torch.baddbmm(up, routed_lora(ex.w3_lora, x, route), B3)
+        # each slot's gate and up: the shared product plus its own expert's B A x (all k slots' rows in one matmul)
+        gate_k = gate + linear(routed_lora(ex.w1_lora, x, route), ex.w1_lora.B)  # (k, N, I)
+        up_k = up + linear(routed_lora(ex.w3_lora, x, route), ex.w3_lora.B)
         h_k = F.silu(gate_k) * up_k  # (k, N, I): what each slot's expert computes before w2
         w = weights.T[..., None]  # (k, N, 1)
         h = at_images(image_rows, (w * h_k).sum(0), h)  # (N, I); C1: text rows keep the base's h

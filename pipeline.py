@@ -1,6 +1,6 @@
 """
 pipeline.py: a trained run (or the committed demo) loaded for drawing, as sample.py and serve.py draw: the base with
-its adapter, the base's tokenizer, and the run's image tokenizer; and the seed of each batch of pictures.
+its adapter, the base's tokenizer, and the run's image tokenizer; the dtype to draw in; the seed of each batch of pictures.
 """
 from pathlib import Path
 
@@ -9,26 +9,36 @@ import torch
 
 from cli import BadInput
 from hf import load_tokenizer
-from mmmoe import MMMoE
+from mmmoe import DTYPES, MMMoE, native_bfloat16
 from runs import run_inputs
 
 DEMO = Path(__file__).parent / "demo"  # the committed demo: adapter.safetensors + state.json, and vq/
 
 
-def load_pipeline(ckpt=None, device="cpu"):
-    """-> (model with adapter, tokenizer, VQ) for a train.py checkpoint directory, or the built-in demo."""
+def load_pipeline(ckpt=None, device="cpu", dtype=torch.float32):
+    """-> (model with adapter, tokenizer, VQ) for a train.py checkpoint directory, or the built-in demo. The model in
+    dtype (the adapter too: bfloat16 draws faster where the CPU has it, not code for code as float32 does); the VQ in float32."""
     from upcycle import builtin_base
     from vq import load_vq
     ckpt = ckpt or DEMO
     _, base, vq_dir = run_inputs(ckpt)
     base = base or builtin_base()
-    model = MMMoE.from_pretrained(base, dtype=torch.float32, device=device)
+    model = MMMoE.from_pretrained(base, dtype=dtype, device=device)
     model.load_adapter(ckpt)
+    model.to(dtype)
     vq = load_vq(vq_dir, device)
     if (vq.config.vocab_size, vq.config.colour_tokens) != (model.adapter.n_image_codes, model.adapter.colour_tokens):
         raise BadInput(f"the VQ has {vq.config.vocab_size} image tokens ({vq.config.colour_tokens} of them colours) but the "
                        f"adapter was trained for {model.adapter.n_image_codes} ({model.adapter.colour_tokens})")
     return model.eval(), load_tokenizer(base), vq
+
+
+def drawing_dtype(name):
+    """--dtype's name -> the dtype to draw in: bfloat16 only where the CPU computes in it (emulated, many times slower)."""
+    if name == "bfloat16" and not native_bfloat16(torch.device("cpu")):
+        raise BadInput("--dtype bfloat16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so it would draw many "
+                       "times slower than float32")
+    return DTYPES[name]
 
 
 def batch_generator(seed, k):

@@ -5,6 +5,7 @@ sample.py: draw pictures from text with a multimodal MoE.
     python sample.py "blue heart" "green apple" -n 4 --out grid.png
     python sample.py "a lemon" --ckpt out/demo --cfg 1.5 --temperature 0 # greedy: one picture per prompt
     python sample.py --from-file prompts.txt --out-dir out/pictures  # one PNG per line; a rerun skips what is written
+    python sample.py "a lemon" "a taxi" "grapes" --dtype bfloat16   # faster on a CPU with AMX (docs/speed.md)
 
 The prompt becomes  <bos> prompt <boi>; the model then writes the image codes one at a time with the
 KV cache, and the VQ decoder turns them into pixels. Inside an image only image codes can be sampled
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from cli import BadInput, run
 from mmmoe import SAMPLING
-from pipeline import batch_generator, load_pipeline
+from pipeline import batch_generator, drawing_dtype, load_pipeline
 from vq import save_grid, to_pil
 
 
@@ -100,13 +101,16 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=256, help="pixels per picture in the output (enlarged to be seen)")
     p.add_argument("--cols", type=int, default=None, help="with -n 1: lay the prompts out this many per row")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: faster on a CPU with AMX, most of all for many prompts; not code for code float32's pictures")
     args = p.parse_args(argv)
     check_args(args)  # before anything slow: a mistake costs a second, not a whole drawing
+    dtype = drawing_dtype(args.dtype)
     prompts = read_prompts(args.from_file) if args.from_file else [prompt.strip() for prompt in args.prompts]
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    model, tokenizer, vq = load_pipeline(args.ckpt)
+    model, tokenizer, vq = load_pipeline(args.ckpt, dtype=dtype)
     n_tokens = vq.config.n_tokens
     ids = [tokenizer.encode(prompt).ids for prompt in prompts]
     room = model.config.max_seq_len - n_tokens - 2  # <bos> and <boi> besides the caption

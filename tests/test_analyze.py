@@ -72,6 +72,7 @@ def test_report_on_a_tiny_trained_model(tiny_setup, tmp_path):
         assert spec.shape == (2, 4) and ((-1 <= spec) & (spec <= 1)).all()
         assert all(0 <= c <= 1 + 1e-6 for c in report[when]["cka"])
     assert min(report["images"]["val"]["vq_frechet"], report["images"]["val"]["vq_frechet_real_vs_real"]) > -1e-6
+    assert report["images"]["dtype"] == "float32"  # the dtype drawn in (--dtype), said with the figures
     for group, n in (("train", 3), ("val", 2), ("pairs", 2)):  # the fixture holds out 2 squares and 2 (shape, colour) pairs
         im = report["images"][group]
         assert 0 <= im["hue"] <= 1 and 0 <= im["top1"] <= im["top5"] <= 1 and len(im["captions"]) == n

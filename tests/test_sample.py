@@ -9,6 +9,7 @@ import torch
 from conftest import ROOT
 from PIL import Image
 
+import pipeline
 import sample
 import train
 import upcycle
@@ -129,6 +130,24 @@ def test_prompts_of_different_lengths_drawn_together_equal_each_drawn_alone(trai
         assert torch.equal(together, torch.cat([model.generate_image([i], 64, cfg=cfg, temperature=0) for i in ids]))
     sampled = [model.generate_image(ids, 64, generator=torch.Generator().manual_seed(5)) for _ in range(2)]
     assert torch.equal(*sampled) and not torch.equal(sampled[0][0], sampled[0][1])
+
+
+def test_bfloat16_drawing_computes_float32s_function_and_is_refused_where_the_cpu_emulates_it(trained, tmp_path, monkeypatch):
+    """--dtype bfloat16: the base and the adapter in bf16 (the VQ stays float32), the same logits up to bf16's rounding;
+    on a CPU without bf16 instructions one line, before anything is loaded."""
+    f32, tokenizer, _ = sample.load_pipeline(trained)
+    bf16, _, _ = sample.load_pipeline(trained, dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    idx = torch.tensor([[f32.start_token, *tokenizer.encode("w11 w21").ids, f32.image_token("boi"), f32.image_token(3)]])
+    with torch.no_grad():
+        want, got = f32(idx)[0], bf16(idx)[0].float()
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()  # bf16 keeps 8 bits: ~1% a product, over a few layers
+    monkeypatch.setattr(pipeline, "native_bfloat16", lambda device: True)
+    sample.main(["w10 w20", "w11 w21", "--dtype", "bfloat16", "--ckpt", str(trained), "--out", str(tmp_path / "b.png")])
+    assert Image.open(tmp_path / "b.png").size[0] == 256
+    monkeypatch.setattr(pipeline, "native_bfloat16", lambda device: False)
+    with pytest.raises(BadInput, match="no bf16 instructions"):
+        sample.main(["w10", "--dtype", "bfloat16", "--ckpt", str(tmp_path / "nowhere")])
 
 
 def test_a_prompt_file_draws_one_picture_each_and_a_rerun_skips_what_is_written(trained, tmp_path):
