@@ -205,6 +205,7 @@ def bench_base(args):
     with the shared-base experts, and the same step with the experts forced back to 8 separate copies."""
     import resource
     from mmmoe import AdapterConfig
+    from runs import keep_freed_memory
     from upcycle import builtin_base
     print(f"machine: fp32 matmul peak {matmul_peak_gflops():.1f} GFLOP/s, reads {read_bandwidth_gbs():.1f} GB/s "
           f"({torch.get_num_threads()} threads)")
@@ -220,6 +221,8 @@ def bench_base(args):
     native = native_bfloat16(torch.device("cpu"))  # emulated bf16 ran at 0.3 GFLOP/s on 2048^3: a minute a product
     print(f"machine: bf16 matmul peak {matmul_peak_gflops(2048 if native else 512, torch.bfloat16):.1f} GFLOP/s "
           f"({'native' if native else 'emulated: no AVX512-BF16 or AMX, so train.py dtype=auto is float32 here'})")
+
+    keep_freed_memory()  # as train.py does: the steps' activations reuse freed memory, not fresh pages from the kernel
 
     def step_time(dtype, grouped=False, compiled=False):
         model = MMMoE.from_pretrained(builtin_base(), dtype=dtype)
