@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from cli import BadInput, run
 from data import make_batch
-from pipeline import DEMO, drawing_dtype
+from pipeline import DEMO, DRAWING_DTYPES, drawing_dtype
 from routing import routing, routing_stats
 from runs import run_inputs
 from mmmoe import SAMPLING, MMMoE, linear
@@ -507,7 +507,7 @@ def main():
     p.add_argument("--top-k", type=int, default=SAMPLING["top_k"])
     p.add_argument("--batch", type=int, default=16, help="--samples: prompts drawn together")
     p.add_argument("--offset", type=int, default=0, help="--samples: start the evenly spread captions here (another set)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="--samples: the model's dtype as it draws (sample.py's)")
+    p.add_argument("--dtype", choices=DRAWING_DTYPES, default="float32", help="--samples: the model's dtype as it draws (sample.py's)")
     p.add_argument("--curve", metavar="PNG", help="only plot the checkpoint's learning curve (train.py's log) to PNG")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="only compare runs that differ in init and seed -> --out")
     p.add_argument("--target", type=float, default=5.0, help="--compare: the held-out loss whose first reaching is timed")

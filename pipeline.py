@@ -33,6 +33,9 @@ def load_pipeline(ckpt=None, device="cpu", dtype=torch.float32):
     return model.eval(), load_tokenizer(base), vq
 
 
+DRAWING_DTYPES = ("float32", "bfloat16")  # --dtype's choices in sample.py and analyze.py
+
+
 def drawing_dtype(name):
     """--dtype's name -> the dtype to draw in: bfloat16 only where the CPU computes in it (emulated, many times slower)."""
     if name == "bfloat16" and not native_bfloat16(torch.device("cpu")):

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from cli import BadInput, run
 from mmmoe import SAMPLING
-from pipeline import batch_generator, drawing_dtype, load_pipeline
+from pipeline import DRAWING_DTYPES, batch_generator, drawing_dtype, load_pipeline
 from vq import save_grid, to_pil
 
 
@@ -101,7 +101,7 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=256, help="pixels per picture in the output (enlarged to be seen)")
     p.add_argument("--cols", type=int, default=None, help="with -n 1: lay the prompts out this many per row")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+    p.add_argument("--dtype", choices=DRAWING_DTYPES, default="float32",
                    help="bfloat16: faster on a CPU with AMX, most of all for many prompts; not code for code float32's pictures")
     args = p.parse_args(argv)
     check_args(args)  # before anything slow: a mistake costs a second, not a whole drawing
