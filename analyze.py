@@ -322,7 +322,7 @@ def colour_confusion(asked, drawn, path, cell=40):
     im.save(path)
 
 
-def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"],
+def analyze(ckpt, out, n_probe=32, samples=0, seed=0, guidance=SAMPLING["guidance"], temperature=SAMPLING["temperature"],
             top_k=SAMPLING["top_k"], batch_size=16, offset=0, dtype=torch.float32):
     from data import (GROUPS, TokenShards, asked_caption, caption_rows, colour_word, english_text, load_images,
                       object_index, read_folder)
@@ -412,7 +412,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], tempe
         rows, everything = load_images(read_folder(data_dir), vq.config.image_size)
         g = torch.Generator().manual_seed(seed)
         gallery = vq.gallery(everything, object_index(rows))
-        report["images"] = {"n": samples, "cfg": cfg, "temperature": temperature, "top_k": top_k, "dtype": str(dtype).removeprefix("torch.")}
+        report["images"] = {"n": samples, "guidance": guidance, "temperature": temperature, "top_k": top_k, "dtype": str(dtype).removeprefix("torch.")}
         drawn = {}
         for group, title in GROUPS.items():
             idx = caption_rows(rows, group)
@@ -465,7 +465,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, cfg=SAMPLING["cfg"], tempe
         cols = list(drawn)
         row = lambda name, f: f"| {name} | " + " | ".join(f(im[c]) for c in cols) + " |"  # noqa: E731
         pct = lambda k: lambda r: f"{100 * r[k]:.1f}%"  # noqa: E731
-        lines += ["", "## Pictures", "", f"Up to {samples} captions of each kind, cfg {cfg}, temperature {temperature}, top-k {top_k}, {report['images']['dtype']}; "
+        lines += ["", "## Pictures", "", f"Up to {samples} captions of each kind, guidance {guidance}, temperature {temperature}, top-k {top_k}, {report['images']['dtype']}; "
                   f"each picture scored against the {len(everything)} pictures of {data_dir}: "
                   "retrieval of the asked picture by VQ-feature similarity, its colour word, and its object by shape whatever the colour:", "",
                   "| | " + " | ".join(GROUPS[c] for c in cols) + " |", "| --- |" + " --- |" * len(cols),
@@ -502,7 +502,7 @@ def main():
     p.add_argument("--samples", type=int, default=0, help="captions of training emoji (as people ask, and by bare name), held-out emoji and held-out colour pairs "
                    "to draw and score, of each (slow on CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg", type=float, default=SAMPLING["cfg"], help="guidance for --samples (sample.py's default)")
+    p.add_argument("--guidance", "--cfg", type=float, default=SAMPLING["guidance"], help="guidance for --samples (sample.py's default)")
     p.add_argument("--temperature", type=float, default=SAMPLING["temperature"])
     p.add_argument("--top-k", type=int, default=SAMPLING["top_k"])
     p.add_argument("--batch", type=int, default=16, help="--samples: prompts drawn together")
@@ -526,11 +526,11 @@ def main():
         plot_curve(state["log"], args.curve, n, state["train_config"]["batch_size"])
         print("\n".join(curve_table(state["log"])))
         return
-    if args.samples < 0 or not 0 <= args.cfg < math.inf or not 0 <= args.temperature < math.inf or (args.top_k or 1) < 1 or \
+    if args.samples < 0 or not 0 <= args.guidance < math.inf or not 0 <= args.temperature < math.inf or (args.top_k or 1) < 1 or \
             args.batch < 1 or args.offset < 0:
-        raise BadInput("--samples >= 0, --cfg and --temperature numbers >= 0, --top-k >= 1, --batch >= 1, --offset >= 0")
-    analyze(args.ckpt, args.out, args.probe, args.samples, args.seed, args.cfg, args.temperature, args.top_k, args.batch, args.offset,
-            drawing_dtype(args.dtype))
+        raise BadInput("--samples >= 0, --guidance and --temperature numbers >= 0, --top-k >= 1, --batch >= 1, --offset >= 0")
+    analyze(args.ckpt, args.out, args.probe, args.samples, args.seed, args.guidance, args.temperature, args.top_k, args.batch, args.offset,
+            drawing_dtype(args.dtype)[0])
     print((Path(args.out) / "report.md").read_text())
 
 

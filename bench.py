@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mmmoe import MMMoE, MMMoEConfig, linear, native_bfloat16
+from mmmoe import MMMoE, MMMoEConfig, bfloat16_support, linear
 
 
 def flops_per_token(config, seq_len):
@@ -218,7 +218,7 @@ def bench_base(args):
                 wall = time.perf_counter() - t0
             peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(f"sample.py \"a red bicycle\" (warm): {wall:.1f} s wall, peak RSS {peak:,.0f} MB; it says: {out.stderr.strip()}")
-    native = native_bfloat16(torch.device("cpu"))  # emulated bf16 ran at 0.3 GFLOP/s on 2048^3: a minute a product
+    native = bfloat16_support(torch.device("cpu")) != "emulated"  # emulated bf16 ran at 0.3 GFLOP/s on 2048^3: a minute a product
     print(f"machine: bf16 matmul peak {matmul_peak_gflops(2048 if native else 512, torch.bfloat16):.1f} GFLOP/s "
           f"({'native' if native else 'emulated: no AVX512-BF16 or AMX, so train.py dtype=auto is float32 here'})")
 

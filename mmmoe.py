@@ -29,10 +29,28 @@ from runs import read_json, read_tensors
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def native_bfloat16(device):
-    """Does this device compute in bf16 natively? A CPU without AVX512-BF16 or AMX emulates it: on this
-    project's AVX2 machine a bf16 matmul ran 6x slower than float32 (docs/training.md)."""
-    return device.type == "cuda" or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+def bfloat16_support(device):
+    """How this device computes bf16: "fast" (CUDA; a CPU with AMX tiles), "slow" (a CPU with AVX512-BF16 but no AMX:
+    slower than float32 on the machines measured, docs/speed.md) or "emulated" (neither: many times slower)."""
+    if device.type == "cuda" or torch.cpu._is_amx_tile_supported():
+        return "fast"
+    return "slow" if torch.cpu._is_avx512_bf16_supported() else "emulated"
+
+
+def choose_dtype(name, device):
+    """A precision setting, "auto", "float32" or "bfloat16", for training or drawing -> (dtype, a line to show or None).
+    auto is the faster of the two here: bf16 where it is fast, float32 elsewhere; bfloat16 asked for where it is
+    slower is given, with a line that says so."""
+    support = bfloat16_support(device)
+    why = {"fast": "CUDA" if device.type == "cuda" else "this CPU has AMX",
+           "slow": "this CPU has AVX512-BF16 but no AMX: bf16 runs slower than float32 here",
+           "emulated": "this CPU has no bf16 instructions (AVX512-BF16, AMX): bf16 is emulated, many times slower"}[support]
+    if name == "auto":
+        dtype = torch.bfloat16 if support == "fast" else torch.float32
+        return dtype, f"precision auto: {str(dtype).removeprefix('torch.')} ({why})"
+    if name == "bfloat16" and support != "fast":
+        return torch.bfloat16, f"warning: bfloat16 asked for, but {why}; auto would choose float32"
+    return DTYPES[name], None
 
 # -----------------------------------------------------------------------------
 # Config
@@ -356,7 +374,7 @@ class Block(nn.Module):
 
 # Image sampling defaults, chosen by measurement on the demo (docs/demo.md): guidance 3 and temperature
 # 1 drew none of 16 training emoji recognisably; guidance 1.5, temperature 0.7, top-k 50 drew 69% (greedy 88%).
-SAMPLING = {"cfg": 1.5, "temperature": 0.7, "top_k": 50}
+SAMPLING = {"guidance": 1.5, "temperature": 0.7, "top_k": 50}
 
 
 class MMMoE(nn.Module):
@@ -610,17 +628,34 @@ class MMMoE(nn.Module):
                 lin.weight = weight
                 setattr(m, name, up)
 
+    @contextmanager
+    def adapter_off(self):
+        """The base model alone while the block runs: every PLoRA update and the image rows switched off, so nothing of
+        the adapter is computed and the output layer is the text vocabulary's, as before add_image_adapter. One model
+        serves as both (C1 compared without a second copy of the base); on exit the adapter is back."""
+        loras = [(m, name, child) for m in self.modules() for name, child in m.named_children() if isinstance(child, LoRA)]
+        image = (self.adapter, self.image_embed, self.image_head)
+        try:
+            for m, name, _ in loras:
+                setattr(m, name, None)
+            self.adapter = self.image_embed = self.image_head = None
+            yield self
+        finally:
+            for m, name, child in loras:
+                setattr(m, name, child)
+            self.adapter, self.image_embed, self.image_head = image
+
     @property
     def start_token(self):  # <bos>, or <eos> for a base that has no <bos>: the first token of every sequence and prompt
         return self.config.bos_token_id if self.config.bos_token_id is not None else self.config.eos_token_id
 
-    def generate_image(self, captions, n_codes, cfg=SAMPLING["cfg"], temperature=SAMPLING["temperature"],
+    def generate_image(self, captions, n_codes, guidance=SAMPLING["guidance"], temperature=SAMPLING["temperature"],
                        top_k=SAMPLING["top_k"], top_p=None, generator=None, progress=None):
         """Captions' token ids (a list of lists) -> image tokens (B, n_codes), drawn as one batch: each prompt
         <start> caption <boi>, left-padded with <eos> (seen by no token). Inside an image only image tokens can be
         sampled (the decoding rule), so the output layer is their rows alone: first the colour tokens, if the VQ has
-        them, then the codes. With cfg, each row gets an unconditional twin, the caption replaced by <eos> (train.py's
-        caption dropout), and the two rows' logits mix: uncond + cfg * (cond - uncond) (classifier-free guidance).
+        them, then the codes. With guidance, each row gets an unconditional twin, the caption replaced by <eos> (train.py's
+        caption dropout), and the two rows' logits mix: uncond + guidance * (cond - uncond) (classifier-free guidance).
         progress(i, tokens (B,)), if given, sees each new image token as it is drawn (serve.py's page)."""
         rows = [[self.start_token, *ids, self.image_token("boi")] for ids in captions]
         B, T = len(rows), max(map(len, rows))
@@ -630,7 +665,7 @@ class MMMoE(nn.Module):
         K, n_colours, eos = self.adapter.n_image_codes, self.adapter.colour_tokens, self.config.eos_token_id
         idx = torch.tensor([[eos] * (T - len(r)) + r for r in rows], device=self.lm_head.weight.device)  # (B, T)
         pad = T - torch.tensor([len(r) for r in rows], device=idx.device)  # (B,)
-        if cfg:  # the twin keeps <start> and <boi>, <eos> everywhere else
+        if guidance:  # the twin keeps <start> and <boi>, <eos> everywhere else
             column = torch.arange(T, device=idx.device)
             keep = (column == pad[:, None]) | (column == T - 1)
             idx, pad = torch.cat([idx, torch.where(keep, idx, eos)]), pad.repeat(2)  # (2B, T): cond rows, then twins
@@ -640,12 +675,12 @@ class MMMoE(nn.Module):
 
         def head(x, i):  # (2B or B, C) -> (B, hi - lo)
             logits = linear(x, self.image_head[slice(*span(i))])
-            return logits[B:] + cfg * (logits[:B] - logits[B:]) if cfg else logits
+            return logits[B:] + guidance * (logits[:B] - logits[B:]) if guidance else logits
         def feed(t, i):  # (B,) sampled among lo..hi-1 -> the image tokens fed back, to both twins
             codes = span(i)[0] + t
             if progress is not None:
                 progress(i, codes)
-            return self.image_token(codes).repeat(2 if cfg else 1)
+            return self.image_token(codes).repeat(2 if guidance else 1)
         out = self.generate(idx, n_codes, temperature, top_k, top_p, generator=generator, head=head, feed=feed,
                             image_steps=True, pad=pad)
         return out[:B, T:] - self.config.vocab_size

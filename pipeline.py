@@ -9,7 +9,7 @@ import torch
 
 from cli import BadInput
 from hf import load_tokenizer
-from mmmoe import DTYPES, MMMoE, native_bfloat16
+from mmmoe import MMMoE, bfloat16_support, choose_dtype
 from runs import run_inputs
 
 DEMO = Path(__file__).parent / "demo"  # the committed demo: adapter.safetensors + state.json, and vq/
@@ -33,15 +33,16 @@ def load_pipeline(ckpt=None, device="cpu", dtype=torch.float32):
     return model.eval(), load_tokenizer(base), vq
 
 
-DRAWING_DTYPES = ("float32", "bfloat16")  # --dtype's choices in sample.py and analyze.py
+DRAWING_DTYPES = ("auto", "float32", "bfloat16")  # --dtype's choices in sample.py and analyze.py
 
 
-def drawing_dtype(name):
-    """--dtype's name -> the dtype to draw in: bfloat16 only where the CPU computes in it (emulated, many times slower)."""
-    if name == "bfloat16" and not native_bfloat16(torch.device("cpu")):
+def drawing_dtype(name, device=torch.device("cpu")):
+    """--dtype's name -> (the dtype to draw in, a line saying what auto chose or why bfloat16 is slow here, or None);
+    bfloat16 is refused where the CPU only emulates it (many times slower)."""
+    if name == "bfloat16" and bfloat16_support(device) == "emulated":
         raise BadInput("--dtype bfloat16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so it would draw many "
                        "times slower than float32")
-    return DTYPES[name]
+    return choose_dtype(name, device)
 
 
 def batch_generator(seed, k):

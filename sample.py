@@ -3,7 +3,7 @@ sample.py: draw pictures from text with a multimodal MoE.
 
     python sample.py "a red bicycle"                              # the built-in demo model, -> sample.png
     python sample.py "blue heart" "green apple" -n 4 --out grid.png
-    python sample.py "a lemon" --ckpt out/demo --cfg 1.5 --temperature 0 # greedy: one picture per prompt
+    python sample.py "a lemon" --ckpt out/demo --guidance 1.5 --temperature 0 # greedy: one picture per prompt
     python sample.py --from-file prompts.txt --out-dir out/pictures  # one PNG per line; a rerun skips what is written
     python sample.py "a lemon" "a taxi" "grapes" --dtype bfloat16   # faster on a CPU with AMX (docs/speed.md)
 
@@ -11,7 +11,7 @@ The prompt becomes  <bos> prompt <boi>; the model then writes the image codes on
 KV cache, and the VQ decoder turns them into pixels. Inside an image only image codes can be sampled
 (the decoding rule of the paper's setup). Classifier-free guidance runs the prompt and the
 unconditional prompt (the same length, caption replaced by <eos>, train.py's filler) as two rows
-of one batch and mixes their logits: uncond + cfg * (cond - uncond). All prompts (times -n) are drawn
+of one batch and mixes their logits: uncond + guidance * (cond - uncond). All prompts (times -n) are drawn
 together, --batch of them at a time, left-padded to one length; a batch is drawn from its own seed,
 (--seed, its number), so a picture does not depend on which batches were drawn before it.
 """
@@ -69,7 +69,7 @@ def check_args(args):
             (any(not p.strip() for p in args.prompts), "empty prompt"),
             (args.n < 1, f"-n must be at least 1 (got {args.n})"),
             (args.batch < 1, f"--batch must be at least 1 (got {args.batch})"),
-            (not 0 <= args.cfg < math.inf, f"--cfg must be a number >= 0 (got {args.cfg})"),
+            (not 0 <= args.guidance < math.inf, f"--guidance must be a number >= 0 (got {args.guidance})"),
             (not 0 <= args.temperature < math.inf, f"--temperature must be a number >= 0 (got {args.temperature})"),
             (args.top_k is not None and args.top_k < 1, f"--top-k must be at least 1 (got {args.top_k})"),
             (args.top_p is not None and not 0 < args.top_p <= 1, f"--top-p must be in (0, 1] (got {args.top_p})"),
@@ -92,7 +92,7 @@ def main(argv=None):
     p.add_argument("--from-file", metavar="FILE", help="prompts, one per line, each drawn to its own PNG in --out-dir")
     p.add_argument("--out-dir", metavar="DIR", help="with --from-file: where the pictures go (a rerun skips those written)")
     p.add_argument("--ckpt", default=None, help="a train.py output directory (default: the built-in demo model)")
-    p.add_argument("--cfg", type=float, default=SAMPLING["cfg"], help="classifier-free guidance scale (0 = off)")
+    p.add_argument("--guidance", "--cfg", type=float, default=SAMPLING["guidance"], help="classifier-free guidance scale (0 = off)")
     p.add_argument("--temperature", type=float, default=SAMPLING["temperature"], help="0 = greedy (then -n gives identical pictures)")
     p.add_argument("--top-k", type=int, default=SAMPLING["top_k"])
     p.add_argument("--top-p", type=float, default=None)
@@ -101,11 +101,13 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=256, help="pixels per picture in the output (enlarged to be seen)")
     p.add_argument("--cols", type=int, default=None, help="with -n 1: lay the prompts out this many per row")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--dtype", choices=DRAWING_DTYPES, default="float32",
-                   help="bfloat16: faster on a CPU with AMX, most of all for many prompts; not code for code float32's pictures")
+    p.add_argument("--dtype", choices=DRAWING_DTYPES, default="auto",
+                   help="auto: the faster here (bfloat16 on a CPU with AMX; not code for code float32's pictures)")
     args = p.parse_args(argv)
     check_args(args)  # before anything slow: a mistake costs a second, not a whole drawing
-    dtype = drawing_dtype(args.dtype)
+    dtype, note = drawing_dtype(args.dtype)
+    if note:
+        print(note, file=sys.stderr)
     prompts = read_prompts(args.from_file) if args.from_file else [prompt.strip() for prompt in args.prompts]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,7 +139,7 @@ def main(argv=None):
         for k, s in enumerate(starts):
             if written[k]:
                 continue
-            codes = model.generate_image(jobs[s:s + args.batch], n_tokens, args.cfg, args.temperature, args.top_k,
+            codes = model.generate_image(jobs[s:s + args.batch], n_tokens, args.guidance, args.temperature, args.top_k,
                                          args.top_p, batch_generator(args.seed, k))
             drawn = vq.detokenize(codes)  # (batch, 3, H, W)
             for picture, path in zip(drawn, files[s:s + args.batch] if args.out_dir else []):

@@ -10,7 +10,7 @@ No web framework: the standard library's HTTP server and one page, serve.html, i
 in and out; a mistake is answered 400 with one line, {"error": "..."}:
 
     GET  /        the page
-    POST /draw    {"prompt": "a red bicycle", "n": 1, "cfg": 1.5, "temperature": 0.7, "seed": 0} -> JSON lines as the
+    POST /draw    {"prompt": "a red bicycle", "n": 1, "guidance": 1.5, "temperature": 0.7, "seed": 0} -> JSON lines as the
                   pictures are drawn: {"row": r, "images": [...]} after each row of codes (PNG, base64), then
                   {"done": true, "images", "codes", "routing"}: the finished pictures (as sample.py draws them with
                   the same seed), their tokens, and which experts the first one's image tokens and its prompt's
@@ -44,7 +44,7 @@ from vq import to_pil
 PAGE = Path(__file__).parent / "serve.html"
 MAX_BODY, MAX_PROMPT, QUEUE, SIZE = 4096, 200, 2, 256  # bytes, characters, waiting requests, pixels of a picture sent
 FIELDS = {  # what a request may hold: the type, the range and the default of each field
-    "draw": {"prompt": (str, 1, MAX_PROMPT, None), "n": (int, 1, 8, 1), "cfg": (float, 0, 10, SAMPLING["cfg"]),
+    "draw": {"prompt": (str, 1, MAX_PROMPT, None), "n": (int, 1, 8, 1), "guidance": (float, 0, 10, SAMPLING["guidance"]),
              "temperature": (float, 0, 2, SAMPLING["temperature"]), "seed": (int, 0, 2**31 - 1, 0)},
     "text": {"prompt": (str, 1, MAX_PROMPT, None)},
 }
@@ -127,7 +127,7 @@ class Explorer:
             if codes > 0 and codes % grid == 0:  # a row of codes done: decode what there is, white where not yet
                 partial = torch.cat([torch.stack(drawn, 1), self.blank[:, len(drawn):].expand(n, -1)], 1)
                 send({"row": codes // grid, "images": [png(p) for p in vq.detokenize(partial)]})
-        tokens = self.model.generate_image([ids] * n, vq.config.n_tokens, req["cfg"], req["temperature"],
+        tokens = self.model.generate_image([ids] * n, vq.config.n_tokens, req["guidance"], req["temperature"],
                                            SAMPLING["top_k"], None, batch_generator(req["seed"], 0), progress)
         seq = torch.tensor([[self.model.start_token, *ids, self.model.image_token("boi"), *self.model.image_token(tokens[0]).tolist()]])
         counts, _, routes = routing(self.model, [(seq, None)])

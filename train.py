@@ -35,7 +35,7 @@ from data import TokenShards, english_text, make_batch, mix_repeats, parse_mix
 from hf import load_tokenizer
 from runs import (atomic_dir, batch_at, check_replaceable, keep_freed_memory, load_optimizer, lr_at,
                   optimizer_tensors, read_json, read_tensors, recover_dir, run_inputs)
-from mmmoe import SAMPLING, AdapterConfig, MMMoE, native_bfloat16
+from mmmoe import SAMPLING, AdapterConfig, MMMoE, choose_dtype
 
 
 @dataclass
@@ -77,7 +77,7 @@ class TrainConfig:
     mix: str = ""
     save_every: int = 100
     # bfloat16: the frozen base stored in bf16 and every matmul under bf16 autocast (the adapter keeps float32
-    # master weights); auto: bfloat16 where the hardware has it (CUDA, a CPU with AVX512-BF16 or AMX), else float32
+    # master weights); auto: the faster of the two here (mmmoe.choose_dtype: bf16 on CUDA and on a CPU with AMX)
     dtype: str = "auto"
     # each transformer block through torch.compile: one graph serves every layer, its chains of elementwise operations
     # fused (on a CPU that needs a C++ compiler; without one, a warning and eager). The first steps compile (20-60 s)
@@ -188,15 +188,11 @@ def compiler_found(device):
     return False
 
 
-def use_bfloat16(tc, device):
-    return tc.dtype == "bfloat16" or (tc.dtype == "auto" and native_bfloat16(device))
-
-
-def build_model(tc, device, n_codes=None, colour_tokens=0):
+def build_model(tc, device, dtype, n_codes=None, colour_tokens=0):
     from upcycle import builtin_base
     base = Path(tc.base) if tc.base else builtin_base()
     # the adapter is float32 always; under bf16 autocast a float32 base would be rounded to bf16 at every matmul
-    model = MMMoE.from_pretrained(base, dtype=torch.bfloat16 if use_bfloat16(tc, device) else torch.float32, device=device)
+    model = MMMoE.from_pretrained(base, dtype=dtype, device=device)
     adapter = AdapterConfig(n_image_codes=n_codes, colour_tokens=colour_tokens, rank=tc.rank, alpha=tc.alpha,
                             attention=tc.attention, router=tc.router, expert_rank=tc.expert_rank)
     return model.add_image_adapter(adapter), base
@@ -270,7 +266,7 @@ def learning_curve_setup(model, tokenizer, train_set, tc):
                 continue
             with autocast:  # the model as it trains, all captions of the group as one batch; the VQ in float32
                 tokens = model.generate_image([tokenizer.encode(caption).ids for _, caption in chosen], n,
-                                              cfg=SAMPLING["cfg"], temperature=0)
+                                              guidance=SAMPLING["guidance"], temperature=0)
             pictures, own = vq.detokenize(tokens), torch.tensor([i for i, _ in chosen])
             out |= {f"{group}_{k}": v for k, v in score_summary(vq.scores(pictures, gallery, own)).items()}
             grid += [images[own[:12]].cpu(), pictures[:12].cpu()]
@@ -306,7 +302,10 @@ def train(tc, resume=False):
     train_set, val = TokenShards(tc.shards, "train"), TokenShards(tc.shards, "val")
     if not len(train_set) or not len(val):
         raise BadInput(f"{tc.shards} has {len(train_set)} training and {len(val)} held-out examples: training needs both")
-    model, base = build_model(tc, device, train_set.index["codebook_size"], train_set.index.get("colour_tokens", 0))
+    dtype, note = choose_dtype(tc.dtype, device)  # auto: the faster precision on this machine
+    if note and main_process:
+        print(note, file=sys.stderr)
+    model, base = build_model(tc, device, dtype, train_set.index["codebook_size"], train_set.index.get("colour_tokens", 0))
     tokenizer = load_tokenizer(base)
     step, log, state, first = 0, [], None, 0  # first: the step this run's schedule counts from
     repeats = mix_repeats(train_set, tc.mix)  # (n,) times each example comes in an epoch, or None
@@ -339,9 +338,6 @@ def train(tc, resume=False):
         init_model(model, train_set.index["vq"], tc.init, tc.seed, tc.init_scale)
     counts, n_base = model.trainable_budget()
     if main_process:
-        if tc.dtype == "bfloat16" and not native_bfloat16(device):
-            print("warning: this CPU has no bf16 instructions (AVX512-BF16, AMX): dtype=bfloat16 is emulated here, "
-                  "a training step ran 20x slower than float32 on such a CPU (dtype=auto chooses float32 here)", file=sys.stderr)
         total = sum(counts.values())
         print(f"trainable: {total:,} parameters = {100 * total / n_base:.2f}% of the {n_base:,}-parameter base ("
               + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + ")", file=sys.stderr)
@@ -364,7 +360,7 @@ def train(tc, resume=False):
         trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if tc.compile and compiler_found(device):
         model.compile_blocks()  # evaluation and drawing run eagerly (below): compiling their shapes would not pay
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bfloat16(tc, device) else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
     text_ids = english_text(tokenizer)
     global_size = tc.batch_size * world * tc.grad_accum
     last = first + tc.steps

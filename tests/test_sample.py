@@ -62,11 +62,11 @@ def test_a_long_label_stays_in_its_cell(tmp_path):
 def test_codes_and_guidance(trained):
     model, tokenizer, vq = sample.load_pipeline(trained)
     ids = [tokenizer.encode("w10 w20").ids] * 2
-    codes = model.generate_image(ids, 64, cfg=3.0, generator=torch.Generator().manual_seed(0))
+    codes = model.generate_image(ids, 64, guidance=3.0, generator=torch.Generator().manual_seed(0))
     assert codes.shape == (2, 64) and 0 <= codes.min() and codes.max() < 16
     # guidance scale 1 is the conditional distribution itself: greedy decoding agrees with no guidance
-    plain = model.generate_image(ids, 64, cfg=0, temperature=0)
-    assert torch.equal(plain, model.generate_image(ids, 64, cfg=1.0, temperature=0))
+    plain = model.generate_image(ids, 64, guidance=0, temperature=0)
+    assert torch.equal(plain, model.generate_image(ids, 64, guidance=1.0, temperature=0))
     # the cached loop writes what step-by-step full forwards would pick
     prompt = seq = torch.tensor([[model.start_token, *ids[0], model.image_token("boi")]])
     for _ in range(5):
@@ -82,7 +82,7 @@ def test_bad_prompts(trained, tmp_path, args, words):
     assert not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize("args,words", [(("--cfg", "-3"), "--cfg must be"), (("--cfg", "nan"), "--cfg must be"),
+@pytest.mark.parametrize("args,words", [(("--cfg", "-3"), "--guidance must be"), (("--guidance", "nan"), "--guidance must be"),
                                         (("--temperature", "-1"), "--temperature must be"), (("--top-p", "2"), "--top-p must be"),
                                         (("--top-k", "0"), "--top-k must be"), (("-n", "0"), "-n must be at least 1"),
                                         (("--out", "missing/x.png"), "no directory"), (("--out", "."), "is a directory"),
@@ -125,9 +125,9 @@ def test_prompts_of_different_lengths_drawn_together_equal_each_drawn_alone(trai
     is reproducible; it is not the same as drawing one prompt at a time (the batch draws from one generator)."""
     model, tokenizer, _ = sample.load_pipeline(trained)
     ids = [tokenizer.encode(p).ids for p in ("w10", "w11 w21 w30 w31 w40", "w12 w22")]
-    for cfg in (0, 1.5):
-        together = model.generate_image(ids, 64, cfg=cfg, temperature=0)
-        assert torch.equal(together, torch.cat([model.generate_image([i], 64, cfg=cfg, temperature=0) for i in ids]))
+    for guidance in (0, 1.5):
+        together = model.generate_image(ids, 64, guidance=guidance, temperature=0)
+        assert torch.equal(together, torch.cat([model.generate_image([i], 64, guidance=guidance, temperature=0) for i in ids]))
     sampled = [model.generate_image(ids, 64, generator=torch.Generator().manual_seed(5)) for _ in range(2)]
     assert torch.equal(*sampled) and not torch.equal(sampled[0][0], sampled[0][1])
 
@@ -142,10 +142,10 @@ def test_bfloat16_drawing_computes_float32s_function_and_is_refused_where_the_cp
     with torch.no_grad():
         want, got = f32(idx)[0], bf16(idx)[0].float()
     assert (got - want).abs().max() <= 0.05 * want.abs().max()  # bf16 keeps 8 bits: ~1% a product, over a few layers
-    monkeypatch.setattr(pipeline, "native_bfloat16", lambda device: True)
+    monkeypatch.setattr(pipeline, "bfloat16_support", lambda device: "fast")
     sample.main(["w10 w20", "w11 w21", "--dtype", "bfloat16", "--ckpt", str(trained), "--out", str(tmp_path / "b.png")])
     assert Image.open(tmp_path / "b.png").size[0] == 256
-    monkeypatch.setattr(pipeline, "native_bfloat16", lambda device: False)
+    monkeypatch.setattr(pipeline, "bfloat16_support", lambda device: "emulated")
     with pytest.raises(BadInput, match="no bf16 instructions"):
         sample.main(["w10", "--dtype", "bfloat16", "--ckpt", str(tmp_path / "nowhere")])
 

@@ -79,8 +79,8 @@ def test_text_is_the_base_s_and_the_answers_agree(server):
     (b"{}", "prompt is missing"), (b'{"prompt": "   "}', "prompt must be text"), (json.dumps({"prompt": "w" * 201}).encode(), "prompt must be text"),
     (b'{"prompt": "w1", "n": 0}', "n must be a whole number from 1 to 8"), (b'{"prompt": "w1", "n": 9}', "n must be"),
     (b'{"prompt": "w1", "n": "2"}', "n must be"), (b'{"prompt": "w1", "n": true}', "n must be"), (b'{"prompt": "w1", "n": 1.5}', "n must be"),
-    (b'{"prompt": "w1", "cfg": -1}', "cfg must be a number from 0 to 10"), (b'{"prompt": "w1", "temperature": 3}', "temperature must be"),
-    (b'{"prompt": "w1", "seed": -1}', "seed must be"), (b'{"prompt": "w1", "cfg": NaN}', "cfg must be")])
+    (b'{"prompt": "w1", "guidance": -1}', "guidance must be a number from 0 to 10"), (b'{"prompt": "w1", "temperature": 3}', "temperature must be"),
+    (b'{"prompt": "w1", "seed": -1}', "seed must be"), (b'{"prompt": "w1", "guidance": NaN}', "guidance must be")])
 def test_bad_requests_are_400_with_one_line(server, body, words):
     status, lines = call(server["url"], "/draw", raw=body)
     assert status == 400 and len(lines) == 1 and words in lines[0]["error"], lines

@@ -16,7 +16,7 @@ from conftest import ROOT
 from safetensors.torch import load_file
 
 import train
-from mmmoe import AdapterConfig, BadInput, MMMoE, native_bfloat16
+from mmmoe import AdapterConfig, BadInput, MMMoE, bfloat16_support, choose_dtype
 
 
 def with_random_adapter(base, seed=0, scale=0.3, **kw):
@@ -51,6 +51,25 @@ def test_text_logits_untouched_bit_for_bit(tiny_ckpt):
         for layer in plain.model.layers:
             layer.block_sparse_moe.experts.w2_lora.B.zero_()
     assert not torch.allclose(plain(mixed)[0][:, 12:], logits[:, 12:])
+
+
+@pytest.mark.parametrize("copies", [False, True])
+def test_adapter_off_is_the_base_and_comes_back(tiny_ckpt, copies):
+    """One model for C1: with its adapter switched off, the model with an adapter computes what a separately loaded base
+    computes, bit for bit, even on image-token-free prompts after a picture's tokens have been seen; on exit it is
+    the model with its adapter again (its image logits exactly as before)."""
+    path, cfg, _ = tiny_ckpt(copies=copies)
+    base, mm = MMMoE.from_pretrained(path), with_random_adapter(path)
+    text = torch.randint(0, cfg["vocab_size"], (2, 13), generator=torch.Generator().manual_seed(3))
+    mixed = torch.cat([text, mm.image_token(torch.randint(0, 16, (2, 5)))], dim=1)
+    with torch.no_grad():
+        before = mm(mixed)[0]
+        with mm.adapter_off():
+            off = mm(text)[0]
+            assert mm.adapter is None and not any(p.requires_grad for p in mm.parameters())
+        assert torch.equal(off, base(text)[0]) and off.shape[-1] == cfg["vocab_size"]
+        assert torch.equal(mm(mixed)[0], before) and mm.adapter is not None
+        assert sum(p.requires_grad for p in mm.parameters()) > 0
 
 
 def test_only_the_adapter_learns(tiny_ckpt):
@@ -381,29 +400,36 @@ def test_torchrun_with_nproc_trains_on_that_many_processes(tiny_setup):
     assert same_training(tmp / "one", tmp / "tr")
 
 
-def test_bfloat16_training_on_the_cpu(tiny_setup, capsys, monkeypatch):
+def test_bfloat16_training_on_the_cpu(tiny_setup, capsys):
     """dtype=bfloat16: the frozen base in bf16 under bf16 autocast, the adapter float32; the learning curve
-    draws with it; a float32 resume of a bfloat16 run is a different computation and is refused; auto chooses
-    bfloat16 only where the hardware computes in it."""
+    draws with it; a float32 resume of a bfloat16 run is a different computation and is refused."""
     tc = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(tiny_setup["tmp"] / "bf"),
                            rank=4, batch_size=4, steps=3, warmup=1, eval_every=3, eval_batches=1, save_every=3,
                            curve_every=3, curve_captions=2, dtype="bfloat16")
     model = train.train(tc)
-    native = native_bfloat16(torch.device("cpu"))  # without bf16 instructions, the run says it is emulated
-    assert ("dtype=bfloat16 is emulated" in capsys.readouterr().err) != native
+    fast = bfloat16_support(torch.device("cpu")) == "fast"  # where bf16 is slower, the run says so
+    assert ("warning: bfloat16 asked for" in capsys.readouterr().err) != fast
     assert model.lm_head.weight.dtype == torch.bfloat16 and model.image_embed.dtype == torch.float32
     log = json.loads((tiny_setup["tmp"] / "bf" / "state.json").read_text())["log"]
     assert all(math.isfinite(r["loss"]) for r in log if "loss" in r) and any("train_top1" in r for r in log)
     assert load_file(tiny_setup["tmp"] / "bf" / "adapter.safetensors")["image_embed"].dtype == torch.float32
     with pytest.raises(BadInput, match=r"dtype=float32 \(run: bfloat16\)"):
         train.train(train.TrainConfig(**{**tc.__dict__, "dtype": "float32"}), resume=True)
-    # auto: bfloat16 exactly where the hardware has it
-    auto, cpu = train.TrainConfig(dtype="auto"), torch.device("cpu")
-    for avx512_bf16, amx in [(False, False), (True, False), (False, True)]:
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        assert train.use_bfloat16(auto, cpu) == (avx512_bf16 or amx)
-    assert not train.use_bfloat16(train.TrainConfig(dtype="float32"), torch.device("cuda"))
+
+
+@pytest.mark.parametrize("machine,avx512_bf16,amx,auto", [("cuda", False, False, torch.bfloat16), ("cpu", True, True, torch.bfloat16),
+                                                          ("cpu", True, False, torch.float32), ("cpu", False, False, torch.float32)])
+def test_auto_precision_is_the_faster_one_and_a_slow_bfloat16_is_said(monkeypatch, machine, avx512_bf16, amx, auto):
+    """auto: bf16 on CUDA and on a CPU with AMX; float32 on AVX512-BF16 without AMX (bf16 measured slower there) and
+    on AVX2 (emulated). Each choice is said in a line; bfloat16 asked for where it is slower is given, with a warning."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    device = torch.device(machine)
+    dtype, note = choose_dtype("auto", device)
+    assert dtype == auto and note.startswith(f"precision auto: {str(auto).removeprefix('torch.')}")
+    assert choose_dtype("float32", device) == (torch.float32, None)
+    dtype, note = choose_dtype("bfloat16", device)
+    assert dtype == torch.bfloat16 and (note is None) == (auto == torch.bfloat16)
 
 
 def test_resume_equals_uninterrupted_and_survives_a_killed_save(tiny_setup, monkeypatch):
