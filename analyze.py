@@ -455,7 +455,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, guidance=SAMPLING["guidanc
             with torch.no_grad():
                 im_val = report["images"]["val"]
                 im_val |= {"vq_frechet": frechet(vq.features(fake), vq.features(real)), "vq_frechet_real_vs_real": frechet(f_ref, vq.features(real))}
-        from vq import save_grid
+        from pictures import save_grid
         for group, (real, fake, captions, _, _) in drawn.items():
             save_grid(torch.stack([real[:16], fake[:16]]), out / f"samples_{group}.png", size=96,
                       labels=[GROUPS[group], "drawn for their captions" + (" (never trained)" if group != "train" else "")])

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from cli import BadInput, run
 from mmmoe import SAMPLING
 from pipeline import DRAWING_DTYPES, batch_generator, drawing_dtype, load_pipeline
-from vq import save_grid, to_pil
+from pictures import save_grid, to_pil
 
 
 def read_prompts(path):

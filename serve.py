@@ -39,7 +39,7 @@ from pipeline import DEMO, batch_generator, load_pipeline
 from routing import routing, routing_stats
 from runs import run_inputs
 from upcycle import builtin_base, chat_prompt
-from vq import to_pil
+from pictures import to_pil
 
 PAGE = Path(__file__).parent / "serve.html"
 MAX_BODY, MAX_PROMPT, QUEUE, SIZE = 4096, 200, 2, 256  # bytes, characters, waiting requests, pixels of a picture sent

@@ -201,7 +201,7 @@ def build_model(tc, device, dtype, n_codes=None, colour_tokens=0):
 def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir, world=1, samples=None, schedule_start=0):
     """Only what training changed (adapter tensors) + optimizer + RNG + step, atomically; and samples.png, the
     learning curve's latest pictures (samples: the grid and labels its curve() returned), if there are any."""
-    from vq import save_grid
+    from pictures import save_grid
     opt_tensors, param_groups = optimizer_tensors(opt)
     state = {"step": step, "train_config": asdict(tc), "world": world, "param_groups": param_groups, "vq": str(vq_dir), "log": log,
              "schedule_start": schedule_start}

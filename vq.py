@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from cli import BadInput, run
+from pictures import save_grid
 from runs import (atomic_dir, batch_at, check_replaceable, keep_freed_memory, load_optimizer, lr_at,
                   optimizer_tensors, read_json, read_tensors, recover_dir)
 
@@ -619,58 +620,6 @@ def evaluate(model, data, grid=None):
         save_grid(torch.stack([images[val][:16], recon[val][:16]]), grid, size=96,
                   labels=["held-out emoji", f"their reconstructions from {model.config.grid ** 2} codes each"])
     return result
-
-
-def to_pil(x):
-    """(3, H, W) in [-1, 1] -> PIL image"""
-    from PIL import Image
-    return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-
-
-def save_grid(rows_of_images, path, size=None, labels=None):
-    """(R, C, 3, H, W) -> one image file with R rows of C pictures, each enlarged to size x size pixels
-    (nearest neighbour: every pixel of a 32-px emoji stays a sharp square). labels: one per row (above
-    it, running on), or R lists of C (one above each picture, wrapped to its width: up to three lines)."""
-    from PIL import Image, ImageDraw, ImageFont
-    R, C, _, H, W = rows_of_images.shape
-    size = size or H
-    font = ImageFont.load_default(size=max(10, min(16, size // 16)))
-    if labels and isinstance(labels[0], str):  # one label per row: above its first picture, running on
-        labels = [[[label]] + [[]] * (C - 1) for label in labels]
-    elif labels:  # one per picture: its words in lines no wider than the picture
-        labels = [[wrap(label, font, size - 8) for label in row] for row in labels]
-    line = font.size + 4
-    band = max((len(cell) for row in labels for cell in row), default=0) * line + 4 if labels else 0
-    canvas = Image.new("RGB", (C * size, R * (size + band)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for r in range(R):
-        for c in range(C):
-            y = r * (size + band)
-            for k, text in enumerate(labels[r][c] if labels else []):
-                draw.text((c * size + 4, y + 3 + k * line), text, fill="black", font=font)
-            canvas.paste(to_pil(rows_of_images[r, c]).resize((size, size), Image.NEAREST), (c * size, y + band))
-    canvas.save(path)
-
-
-def wrap(text, font, width, max_lines=3):
-    """text -> at most max_lines lines no wider than width pixels in font (the last one cut short with ... if need be)."""
-    lines = []
-    for word in text.split():
-        if lines and font.getlength(lines[-1] + " " + word) <= width:
-            lines[-1] += " " + word
-        else:
-            lines.append(word)
-    lines = [cut(s, font, width) for s in lines]
-    if len(lines) > max_lines:
-        lines = lines[:max_lines - 1] + [cut(" ".join(lines[max_lines - 1:]) + "...", font, width)]
-    return lines
-
-
-def cut(text, font, width):
-    """text, shortened with ... until it is no wider than width pixels."""
-    while font.getlength(text) > width and len(text) > 3:
-        text = text[:-4].rstrip() + "..."
-    return text
 
 
 def main(argv=None):

@@ -51,7 +51,7 @@ def test_a_grid_of_prompts(trained, tmp_path):
 
 def test_a_long_label_stays_in_its_cell(tmp_path):
     """A prompt too long for its picture's width wraps (up to three lines) instead of running into its neighbour's."""
-    from vq import save_grid
+    from pictures import save_grid
     save_grid(torch.zeros(1, 2, 3, 8, 8), tmp_path / "g.png", 64, labels=[["a red face with open mouth vomiting", ""]])
     im = torch.tensor(np.asarray(Image.open(tmp_path / "g.png").convert("L")))
     band = im.shape[0] - 64
