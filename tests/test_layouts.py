@@ -77,6 +77,44 @@ def test_copy_upcycled_experts_share_one_copy_in_every_layout(tiny_ckpt):
         assert (model(ids)[0][0].double() - reference_logits(sd, cfg, ids[0].tolist())).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("copies", [False, True], ids=["distinct-experts", "copied-experts"])
+@pytest.mark.parametrize("layout", ALL)
+def test_plora_logits_and_gradients_equal_the_plain_reference(tiny_ckpt, layout, copies):
+    """The model with an adapter against tests/reference.py's PLoRA, one token at a time in float64: the logits at every
+    position (text before the picture, the picture, text after it) and the gradient of every adapter tensor. Copied
+    experts run the shared-base fast path, distinct ones grouped dispatch. The text before the first image token is
+    the base's own computation, torch.equal (C1)."""
+    path, cfg, sd = tiny_ckpt(layout=layout, name=layout, copies=copies)
+    model = MMMoE.from_pretrained(path).add_image_adapter(AdapterConfig(n_image_codes=16, rank=4, alpha=8.0))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    moe = next(layer.block_sparse_moe for layer in model.model.layers if layer.block_sparse_moe.gate is not None)
+    assert (len(moe.experts.w1) == 1) == copies  # the path this case is about
+    V = cfg["vocab_size"]
+    text = torch.randint(2, V, (1, 5), generator=g)
+    codes = model.image_token(torch.randint(0, 16, (1, 6), generator=g))
+    idx = torch.cat([text, torch.full((1, 1), model.image_token("boi")), codes, torch.ones(1, 1, dtype=torch.long)], 1)
+    logits = model(idx)[0][0]  # (T, V + 18)
+    adapter = {n: p.detach().double().requires_grad_() for n, p in model.named_parameters() if p.requires_grad}
+    adapter.setdefault("image_head", adapter["image_embed"])  # a tied base: one tensor, both roles
+    ref = reference_logits(sd, cfg, idx[0].tolist(), adapter, scale=8.0 / 4)
+    assert (logits.double() - ref).abs().max() <= 1e-4 * ref.abs().max()  # float32 rounding: measured <= 1e-5
+    assert torch.equal(logits[:5, :V], MMMoE.from_pretrained(path)(text)[0][0])  # C1, bit for bit
+    # the gradient of any scalar of all the logits; float32 against float64 sums of ~1e4: measured <= 3e-5 of the norm,
+    # where a wrong mask, expert or scale is off by O(1)
+    weights = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    (logits.double() * weights).sum().backward()
+    (ref * weights).sum().backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            want = adapter[name].grad
+            assert (p.grad.double() - want).norm() <= 1e-4 * want.norm() + 1e-9, name
+    assert adapter["model.layers.0.block_sparse_moe.experts.w2_lora.B"].grad.norm() > 0  # the experts' updates count
+
+
 def test_plora_on_each_layout_keeps_text_bitwise_and_trains(layout_ckpt, tiny_setup, tmp_path):
     path, cfg, _ = layout_ckpt
     base = MMMoE.from_pretrained(path)
