@@ -1,6 +1,7 @@
 """
 pipeline.py: a trained run (or the committed demo) loaded for drawing, as sample.py and serve.py draw: the base with
-its adapter, the base's tokenizer, and the run's image tokenizer; the dtype to draw in; the seed of each batch of pictures.
+its adapter, the base's tokenizer, and the run's image tokenizer; the dtype to draw in; the seed of each batch of
+pictures.
 """
 from pathlib import Path
 
@@ -11,15 +12,16 @@ from cli import BadInput
 from hf import load_tokenizer
 from mmmoe import MMMoE, bfloat16_support, choose_dtype
 from runs import run_inputs
+from upcycle import builtin_base
+from vq import load_vq
 
 DEMO = Path(__file__).parent / "demo"  # the committed demo: adapter.safetensors + state.json, and vq/
 
 
 def load_pipeline(ckpt=None, device="cpu", dtype=torch.float32):
     """-> (model with adapter, tokenizer, VQ) for a train.py checkpoint directory, or the built-in demo. The model in
-    dtype (the adapter too: bfloat16 draws faster where the CPU has it, not code for code as float32 does); the VQ in float32."""
-    from upcycle import builtin_base
-    from vq import load_vq
+    dtype (the adapter too: bfloat16 draws faster where the CPU has it, not code for code as float32 does); the VQ in
+    float32."""
     ckpt = ckpt or DEMO
     _, base, vq_dir = run_inputs(ckpt)
     base = base or builtin_base()
@@ -27,9 +29,10 @@ def load_pipeline(ckpt=None, device="cpu", dtype=torch.float32):
     model.load_adapter(ckpt)
     model.to(dtype)
     vq = load_vq(vq_dir, device)
-    if (vq.config.vocab_size, vq.config.colour_tokens) != (model.adapter.n_image_codes, model.adapter.colour_tokens):
-        raise BadInput(f"the VQ has {vq.config.vocab_size} image tokens ({vq.config.colour_tokens} of them colours) but the "
-                       f"adapter was trained for {model.adapter.n_image_codes} ({model.adapter.colour_tokens})")
+    adapter = model.adapter
+    if (vq.config.vocab_size, vq.config.colour_tokens) != (adapter.n_image_codes, adapter.colour_tokens):
+        raise BadInput(f"the VQ has {vq.config.vocab_size} image tokens ({vq.config.colour_tokens} of them colours), "
+                       f"but the adapter was trained for {adapter.n_image_codes} ({adapter.colour_tokens})")
     return model.eval(), load_tokenizer(base), vq
 
 
@@ -37,11 +40,11 @@ DRAWING_DTYPES = ("auto", "float32", "bfloat16")  # --dtype's choices in sample.
 
 
 def drawing_dtype(name, device=torch.device("cpu")):
-    """--dtype's name -> (the dtype to draw in, a line saying what auto chose or why bfloat16 is slow here, or None);
-    bfloat16 is refused where the CPU only emulates it (many times slower)."""
+    """--dtype's name -> (the dtype to draw in, a line saying what auto chose or why bfloat16 is slow here, or
+    None); bfloat16 is refused where the CPU only emulates it (many times slower)."""
     if name == "bfloat16" and bfloat16_support(device) == "emulated":
-        raise BadInput("--dtype bfloat16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so it would draw many "
-                       "times slower than float32")
+        raise BadInput("--dtype bfloat16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so it would draw "
+                       "many times slower than float32")
     return choose_dtype(name, device)
 
 

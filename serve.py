@@ -10,16 +10,17 @@ No web framework: the standard library's HTTP server and one page, serve.html, i
 in and out; a mistake is answered 400 with one line, {"error": "..."}:
 
     GET  /        the page
-    POST /draw    {"prompt": "a red bicycle", "n": 1, "guidance": 1.5, "temperature": 0.7, "seed": 0} -> JSON lines as the
-                  pictures are drawn: {"row": r, "images": [...]} after each row of codes (PNG, base64), then
-                  {"done": true, "images", "codes", "routing"}: the finished pictures (as sample.py draws them with
-                  the same seed), their tokens, and which experts the first one's image tokens and its prompt's
-                  text tokens went to in each layer (routing.py, as analyze.py counts them)
+    POST /draw    {"prompt": "a red bicycle", "n": 1, "guidance": 1.5, "temperature": 0.7, "seed": 0}
+                  -> JSON lines as the pictures are drawn: {"row": r, "images": [...]} after each row of codes (PNG,
+                  base64), then {"done": true, "images", "codes", "routing"}: the finished pictures (as sample.py
+                  draws them with the same seed), their tokens, and which experts the first one's image tokens and its
+                  prompt's text tokens went to in each layer (routing.py, as analyze.py counts them)
     POST /text    {"prompt": "..."} -> the prompt's next-token distribution with the adapter and on the base alone
                   (torch.equal: C1), and the chat answer of each, greedy
 
-One request works at a time; QUEUE more wait; past that the answer is 503. A client that leaves mid-drawing stops
-its drawing, not the server; Ctrl-C ends the server.
+One request works at a time; QUEUE more wait; past that the answer is 503. A connection whose read or write waits
+longer than --timeout is closed. A client that leaves before its answer (mid-drawing: it stops its drawing) is one
+line in the log, not the server's end; Ctrl-C ends the server.
 """
 import argparse
 import base64
@@ -34,18 +35,18 @@ import torch
 from PIL import Image
 
 from cli import BadInput, run
-from mmmoe import SAMPLING, MMMoE
-from pipeline import DEMO, batch_generator, load_pipeline
-from routing import routing, routing_stats
-from runs import run_inputs
-from upcycle import builtin_base, chat_prompt
+from mmmoe import SAMPLING
 from pictures import to_pil
+from pipeline import batch_generator, load_pipeline
+from routing import routing, routing_stats
+from upcycle import chat_prompt
 
 PAGE = Path(__file__).parent / "serve.html"
 MAX_BODY, MAX_PROMPT, QUEUE, SIZE = 4096, 200, 2, 256  # bytes, characters, waiting requests, pixels of a picture sent
 FIELDS = {  # what a request may hold: the type, the range and the default of each field
-    "draw": {"prompt": (str, 1, MAX_PROMPT, None), "n": (int, 1, 8, 1), "guidance": (float, 0, 10, SAMPLING["guidance"]),
-             "temperature": (float, 0, 2, SAMPLING["temperature"]), "seed": (int, 0, 2**31 - 1, 0)},
+    "draw": {"prompt": (str, 1, MAX_PROMPT, None), "n": (int, 1, 8, 1),
+             "guidance": (float, 0, 10, SAMPLING["guidance"]), "temperature": (float, 0, 2, SAMPLING["temperature"]),
+             "seed": (int, 0, 2**31 - 1, 0)},
     "text": {"prompt": (str, 1, MAX_PROMPT, None)},
 }
 
@@ -56,10 +57,6 @@ class Refused(Exception):
     def __init__(self, status, message):
         super().__init__(message)
         self.status = status
-
-
-class ClientGone(Exception):
-    pass
 
 
 def checked(body, fields):
@@ -85,7 +82,8 @@ def checked(body, fields):
         else:
             ok = isinstance(value, int) if kind is int else isinstance(value, (int, float)) and value == value
             if isinstance(value, bool) or not ok or not lo <= value <= hi:
-                raise Refused(400, f"{name} must be {'a whole number' if kind is int else 'a number'} from {lo} to {hi}")
+                what = "a whole number" if kind is int else "a number"
+                raise Refused(400, f"{name} must be {what} from {lo} to {hi}")
         out[name] = value
     return out
 
@@ -98,28 +96,21 @@ def png(picture, size=SIZE):
 
 
 class Explorer:
-    """The model, its base and the VQ, and what the page asks of them. One request uses them at a time."""
+    """The model with its adapter, and the VQ, and what the page asks of them. One request uses them at a time (lock):
+    the base of C1 is the same model with its adapter switched off for a moment, which no drawing may see."""
 
     def __init__(self, ckpt=None):
         self.model, self.tokenizer, self.vq = load_pipeline(ckpt)
-        _, base_dir, _ = run_inputs(ckpt or DEMO)
-        self.base = MMMoE.from_pretrained(base_dir or builtin_base(), dtype=torch.float32)  # C1's reference: no adapter
         with torch.no_grad():  # a white picture's tokens: what a picture not yet drawn shows
             self.blank = self.vq.tokenize(torch.ones(1, 3, self.vq.config.image_size, self.vq.config.image_size))
         self.lock, self.slots = threading.Lock(), threading.BoundedSemaphore(1 + QUEUE)
 
-    def caption(self, prompt):
-        ids = self.tokenizer.encode(prompt).ids
-        if len(ids) + 2 + self.vq.config.n_tokens > self.model.config.max_seq_len:
-            raise Refused(400, f"prompt too long: {len(ids)} tokens + {self.vq.config.n_tokens} image codes exceed the "
-                               f"model's context of {self.model.config.max_seq_len}")
-        return ids
-
-    def draw(self, req, ids, send):
-        """Draw req's pictures (its caption's token ids), calling send(dict) after each row of codes and at the end."""
-        n, vq = req["n"], self.vq
+    def draw(self, req, send):
+        """Draw req's pictures, calling send(dict) after each row of codes and at the end. A prompt too long for the
+        model's context is generate_image's BadInput, raised before the first send."""
+        n, vq, model = req["n"], self.vq, self.model
         grid, first = vq.config.grid, vq.config.colour_tokens > 0  # the codes follow a colour token, if the VQ has them
-        drawn = []
+        ids, drawn = self.tokenizer.encode(req["prompt"]).ids, []
 
         def progress(i, tokens):  # new token i of every picture (n,)
             drawn.append(tokens)
@@ -127,36 +118,56 @@ class Explorer:
             if codes > 0 and codes % grid == 0:  # a row of codes done: decode what there is, white where not yet
                 partial = torch.cat([torch.stack(drawn, 1), self.blank[:, len(drawn):].expand(n, -1)], 1)
                 send({"row": codes // grid, "images": [png(p) for p in vq.detokenize(partial)]})
-        tokens = self.model.generate_image([ids] * n, vq.config.n_tokens, req["guidance"], req["temperature"],
-                                           SAMPLING["top_k"], None, batch_generator(req["seed"], 0), progress)
-        seq = torch.tensor([[self.model.start_token, *ids, self.model.image_token("boi"), *self.model.image_token(tokens[0]).tolist()]])
-        counts, _, routes = routing(self.model, [(seq, None)])
-        shares, spec, _ = routing_stats(counts)
-        send({"done": True, "images": [png(p) for p in vq.detokenize(tokens)], "codes": tokens.tolist(),
-              "routing": {"text": shares[0].tolist(), "image": shares[1].tolist(), "specificity": spec.tolist(),
-                          "counts": counts.tolist(),
-                          # each image token's experts in every layer (L, n_tokens, k), for the page's hover
-                          "routes": routes[:, 0, -vq.config.n_tokens:].tolist(), "first_code": int(first), "grid": grid}})
+        with self.lock:
+            tokens = model.generate_image([ids] * n, vq.config.n_tokens, req["guidance"], req["temperature"],
+                                          SAMPLING["top_k"], None, batch_generator(req["seed"], 0), progress)
+            # The routing shown is analyze.py's count of the finished sequence, so one forward over it: the drawing's
+            # own steps never run its last code, and run the rest with folded PLoRA beside the guidance twins, where
+            # rounding can tip a near tie between two experts.
+            seq = torch.tensor([[model.start_token, *ids, model.image_token("boi"), *model.image_token(tokens[0])]])
+            counts, _, routes = routing(model, [(seq, None)])
+            shares, spec, _ = routing_stats(counts)
+            send({"done": True, "images": [png(p) for p in vq.detokenize(tokens)], "codes": tokens.tolist(),
+                  "routing": {"text": shares[0].tolist(), "image": shares[1].tolist(), "specificity": spec.tolist(),
+                              "counts": counts.tolist(),
+                              # each image token's experts in every layer (L, n_tokens, k), for the page's hover
+                              "routes": routes[:, 0, -vq.config.n_tokens:].tolist(), "first_code": int(first),
+                              "grid": grid}})
 
     @torch.no_grad()
     def text(self, req):
-        """C1 made visible: the next-token distribution of the prompt, and a chat answer, with the adapter and without."""
-        V, tok = self.model.config.vocab_size, self.tokenizer
-        idx = torch.tensor([[self.model.start_token, *self.caption(req["prompt"])]])
-        mm, base = self.model(idx)[0][0, -1, :V], self.base(idx)[0][0, -1]
-        probs = torch.softmax(mm.float(), -1)
-        top = probs.topk(10)
+        """C1 made visible: the next-token distribution of the prompt, and a chat answer, with the adapter and on the
+        base alone (the same model, its adapter off)."""
+        model, V, tok = self.model, self.model.config.vocab_size, self.tokenizer
+        idx = torch.tensor([[model.start_token, *tok.encode(req["prompt"]).ids]])
         chat = torch.tensor([tok.encode(chat_prompt(req["prompt"])).ids])
-        answers = [tok.decode(m.generate(chat, 32, temperature=0, stop_at_eos=True, allowed_ids=torch.arange(V))[0, chat.shape[1]:].tolist())
-                   for m in (self.model, self.base)]
+
+        def answer():  # greedy; generate refuses a prompt too long for the context (BadInput) before any work
+            return tok.decode(model.generate(chat, 32, temperature=0, stop_at_eos=True,
+                                             allowed_ids=torch.arange(V))[0, chat.shape[1]:].tolist())
+        with self.lock:
+            answers = [answer()]
+            mm = model(idx)[0][0, -1, :V]
+            with model.adapter_off():  # C1's reference: the base alone, in the same weights
+                answers.append(answer())
+                base = model(idx)[0][0, -1]
+        top = torch.softmax(mm.float(), -1).topk(10)
         return {"equal": torch.equal(mm, base), "max_difference": (mm - base).abs().max().item(),
                 "top": [{"token": tok.decode([int(i)]), "p": float(p)} for p, i in zip(top.values, top.indices)],
                 "answer": answers[0], "base_answer": answers[1]}
 
 
-def handler(explorer):
+def handler(explorer, timeout_s):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"  # a streamed answer ends when the connection closes
+        timeout = timeout_s  # the socket's: a read or write that waits longer ends the connection ("Request timed out")
+        streaming = False  # whether a drawing's 200 and headers are sent
+
+        def handle_one_request(self):  # a client gone before its answer is one line, not a traceback
+            try:
+                super().handle_one_request()
+            except (BrokenPipeError, ConnectionResetError) as e:
+                print(f"{self.address_string()} left before its answer ({type(e).__name__})", file=sys.stderr)
 
         def log_message(self, fmt, *args):  # one short line a request
             print(f"{self.address_string()} {fmt % args}", file=sys.stderr)
@@ -181,40 +192,36 @@ def handler(explorer):
                     raise Refused(404, f"no endpoint {self.path[:80]} (POST /draw or /text)")
                 length = self.headers.get("Content-Length", "")
                 if not length.isdigit() or int(length) > MAX_BODY:
-                    raise Refused(400 if not length.isdigit() else 413, f"a body of at most {MAX_BODY} bytes, with its Content-Length")
+                    raise Refused(400 if not length.isdigit() else 413,
+                                  f"a body of at most {MAX_BODY} bytes, with its Content-Length")
                 req = checked(self.rfile.read(int(length)), FIELDS[self.path[1:]])
                 if not explorer.slots.acquire(blocking=False):
                     raise Refused(503, f"busy: one request at work and {QUEUE} waiting; try again shortly")
             except Refused as e:
                 return self.reply(e.status, {"error": str(e)})
             try:
-                with explorer.lock:
-                    if self.path == "/text":
-                        return self.reply(200, explorer.text(req))
-                    ids = explorer.caption(req["prompt"])  # a prompt too long is refused before anything is sent
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/x-ndjson")
-                    self.end_headers()
-                    explorer.draw(req, ids, self.send_line)
-            except Refused as e:
-                self.reply(e.status, {"error": str(e)})
-            except ClientGone:
-                print(f"{self.address_string()} left before its drawing was done: stopped", file=sys.stderr)
+                if self.path == "/text":
+                    return self.reply(200, explorer.text(req))
+                explorer.draw(req, self.send_line)
+            except BadInput as e:  # a prompt too long for the model's context, refused before anything was sent
+                self.reply(400, {"error": str(e)})
             finally:
                 explorer.slots.release()
 
-        def send_line(self, message):
-            try:
-                self.wfile.write((json.dumps(message) + "\n").encode())
-                self.wfile.flush()
-            except (BrokenPipeError, ConnectionResetError):
-                raise ClientGone from None
+        def send_line(self, message):  # one line of a drawing; the first comes after the 200 and the headers
+            if not self.streaming:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.end_headers()
+                self.streaming = True
+            self.wfile.write((json.dumps(message) + "\n").encode())
+            self.wfile.flush()
     return Handler
 
 
-def make_server(explorer, host="127.0.0.1", port=8000):
+def make_server(explorer, host="127.0.0.1", port=8000, timeout=30):
     try:
-        server = ThreadingHTTPServer((host, port), handler(explorer))
+        server = ThreadingHTTPServer((host, port), handler(explorer, timeout))
     except OSError as e:
         raise BadInput(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     server.daemon_threads = True
@@ -227,17 +234,20 @@ def main(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=30, help="seconds a connection may keep a read or write waiting")
     args = p.parse_args(argv)
-    if not 0 <= args.port <= 65535 or (args.threads is not None and args.threads < 1):
-        raise BadInput("--port must be 0..65535 and --threads at least 1")
+    if not 0 <= args.port <= 65535 or (args.threads is not None and args.threads < 1) or not 0 < args.timeout <= 3600:
+        raise BadInput("--port must be 0..65535, --threads at least 1 and --timeout above 0, at most 3600 seconds")
     if args.threads:
         torch.set_num_threads(args.threads)
     explorer = Explorer(args.ckpt)
-    server = make_server(explorer, args.host, args.port)
+    server = make_server(explorer, args.host, args.port, args.timeout)
     host, port = server.server_address[:2]
     if args.host != "127.0.0.1":
-        print(f"warning: listening on {host}, so other machines can reach this page and draw with this CPU", file=sys.stderr)
-    print(f"serving on http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/ (Ctrl-C ends it)", file=sys.stderr)
+        print(f"warning: listening on {host}, so other machines can reach this page and draw with this CPU",
+              file=sys.stderr)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(f"serving on http://{shown}:{port}/ (Ctrl-C ends it)", file=sys.stderr)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
