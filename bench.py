@@ -11,6 +11,7 @@ On CPU it uses 2 threads (this project's reference machine). If transformers hap
 """
 import argparse
 import importlib.util
+import resource
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,10 @@ from pathlib import Path
 
 import torch
 
-from mmmoe import MMMoE, MMMoEConfig, bfloat16_support, linear
+from gw_init import init_image_rows
+from mmmoe import AdapterConfig, MMMoE, MMMoEConfig, bfloat16_support, choose_dtype, linear
+from runs import keep_freed_memory
+from upcycle import builtin_base
 
 
 def flops_per_token(config, seq_len):
@@ -103,7 +107,7 @@ def bench_model(args):
 
     with tempfile.TemporaryDirectory() as tmp:
         if importlib.util.find_spec("transformers"):  # optional comparison, same weights
-            from transformers import MixtralForCausalLM
+            from transformers import MixtralForCausalLM  # here: transformers is not a dependency
             model.save_pretrained(tmp)
             hf = MixtralForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa").eval()
             with torch.no_grad():
@@ -143,7 +147,6 @@ def weight_products(model, n_tokens):
 def bench_gw(args):
     """Mixtral-8x7B's vocabulary (32,000 x 4,096, untied: embeddings and output rows) against LlamaGen
     VQ-16's codebook (16,384 x 8), random tensors of those shapes."""
-    from gw_init import init_image_rows
     g = torch.Generator().manual_seed(0)
     embed, head = torch.randn(32000, 4096, generator=g) * 0.02, torch.randn(32000, 4096, generator=g) * 0.02
     codebook = torch.randn(16384, 8, generator=g)
@@ -159,10 +162,9 @@ def bench_train(args):
     <eoi>, <eos>). FLOPs counted: 4N per token of the image part (forward, and gradients flowing back
     through the frozen weights), 2N per caption token (forward only: it runs without gradient), N the
     active matmul parameters per token (flops_per_token above); LoRA's own work is left out."""
-    from mmmoe import AdapterConfig
+    keep_freed_memory()  # as train.py does: the steps' activations reuse freed memory, not fresh pages from the kernel
     cuda = torch.cuda.is_available()
     if cuda:
-        from upcycle import builtin_base
         model = MMMoE.from_pretrained(builtin_base(), dtype=torch.bfloat16, device="cuda")
     else:
         model = random_model(MMMoEConfig(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32,
@@ -202,11 +204,8 @@ def bench_base(args):
     """The built-in base (copy-upcycled SmolLM2-135M, 8 experts, top-2) as the demo uses it:
     `sample.py "a red bicycle"` run as a user runs it (first, while this process is small: a child's peak
     memory counts the parent it was forked from), then a PLoRA training step on 8 demo-shaped sequences
-    with the shared-base experts, and the same step with the experts forced back to 8 separate copies."""
-    import resource
-    from mmmoe import AdapterConfig
-    from runs import keep_freed_memory
-    from upcycle import builtin_base
+    with the shared-base experts, and the same step with the experts forced back to 8 separate copies; and which
+    precision train.py's dtype=auto picks here."""
     print(f"machine: fp32 matmul peak {matmul_peak_gflops():.1f} GFLOP/s, reads {read_bandwidth_gbs():.1f} GB/s "
           f"({torch.get_num_threads()} threads)")
     if (Path(__file__).parent / "demo" / "state.json").exists():
@@ -220,7 +219,7 @@ def bench_base(args):
         print(f"sample.py \"a red bicycle\" (warm): {wall:.1f} s wall, peak RSS {peak:,.0f} MB; it says: {out.stderr.strip()}")
     native = bfloat16_support(torch.device("cpu")) != "emulated"  # emulated bf16 ran at 0.3 GFLOP/s on 2048^3: a minute a product
     print(f"machine: bf16 matmul peak {matmul_peak_gflops(2048 if native else 512, torch.bfloat16):.1f} GFLOP/s "
-          f"({'native' if native else 'emulated: no AVX512-BF16 or AMX, so train.py dtype=auto is float32 here'})")
+          f"({'native' if native else 'emulated: no AVX512-BF16 or AMX'})")
 
     keep_freed_memory()  # as train.py does: the steps' activations reuse freed memory, not fresh pages from the kernel
 
@@ -258,7 +257,7 @@ def bench_base(args):
                  f"compiled {bf16_compiled:.2f} s)")
     else:  # measured once on such a machine: 93 s a step, 20x slower than float32
         line += "bfloat16 not timed (emulated here)"
-    print(line)
+    print(f"{line}; train.py's {choose_dtype('auto', torch.device('cpu'))[1]}")
 
 
 if __name__ == "__main__":

@@ -27,11 +27,15 @@ import time
 import warnings
 from pathlib import Path
 
+import ot
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from cli import BadInput, run
+from hf import TensorReader, checkpoint_index
+from mmmoe import MMMoEConfig
+from vq import load_vq
 
 
 def kmeans(x, k, iters=10, seed=0):
@@ -59,7 +63,6 @@ def cosine_distances(x):
 def gw_coupling(code_anchors, text_anchors, code_mass, text_mass, epsilon):
     """Entropic Gromov-Wasserstein coupling (M, N) between code anchors and text anchors.
     Row i says how code anchor i's mass spreads over the text anchors."""
-    import ot
     C1, C2 = cosine_distances(code_anchors).double(), cosine_distances(text_anchors).double()
     p, q = (code_mass / code_mass.sum()).double(), (text_mass / text_mass.sum()).double()
     if epsilon > 0:
@@ -132,7 +135,6 @@ def init_image_rows(codebook, embed, head=None, method="gw", anchors=1024, epsil
 def init_model(model, vq_dir, method="gw", seed=0, scale=1.0):
     """Give a model's new image rows (model.image_embed, and model.image_head if untied) their start:
     the codebook of the VQ in vq_dir matched to the model's text embeddings (or a baseline)."""
-    from vq import load_vq
     codebook = load_vq(vq_dir).quantize.codebook().detach()
     head = None if model.config.tie_word_embeddings else model.lm_head.weight.detach().cpu()
     embed, out = init_image_rows(codebook, model.model.embed_tokens.weight.detach().cpu(), head, method, seed=seed,
@@ -144,9 +146,6 @@ def init_model(model, vq_dir, method="gw", seed=0, scale=1.0):
 
 
 def main(argv=None):
-    from hf import TensorReader, checkpoint_index
-    from mmmoe import MMMoEConfig
-    from vq import load_vq
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="a Hugging Face MoE checkpoint directory (Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE)")
     p.add_argument("--vq", required=True, help="VQ model directory")

@@ -157,7 +157,8 @@ def batch_at(n, size, step, seed, repeats=None):
 
 def run_inputs(run_dir):
     """A train.py output directory -> (its state.json as a dict, the base checkpoint directory it was
-    trained on or None for the built-in base, the VQ directory: the run's own vq/ if it has one)."""
+    trained on or None for the built-in base, the VQ directory: the run's own vq/ if it has one, else its "vq", which
+    a run that is moved or shared records relative to itself)."""
     run_dir = Path(run_dir)
     if not (run_dir / "state.json").exists():
         raise BadInput(f"no trained model in {run_dir} (expected state.json and adapter.safetensors from train.py)")
@@ -165,4 +166,5 @@ def run_inputs(run_dir):
     if not isinstance(state["train_config"], dict) or not isinstance(state["train_config"].get("base"), str):
         raise BadInput(f"damaged checkpoint file {run_dir / 'state.json'}: no train_config.base")
     base = state["train_config"]["base"]
-    return state, Path(base) if base else None, run_dir / "vq" if (run_dir / "vq").exists() else Path(state["vq"])
+    vq = run_dir / "vq" if (run_dir / "vq").exists() else run_dir / state["vq"]  # run_dir / an absolute path: that path
+    return state, Path(base) if base else None, vq

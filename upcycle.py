@@ -31,7 +31,10 @@ import sys
 import time
 from pathlib import Path
 
+import gguf
 import torch
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from tqdm import tqdm
 
 from cli import BadInput, run
@@ -75,8 +78,6 @@ def chat_prompt(user, system=SYSTEM_PROMPT):
 
 
 def read_gguf(path):
-    import gguf
-    from gguf.quants import dequantize
     try:  # the reader maps the file and checks its magic, header and that every tensor fits in it
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, OSError) as e:
@@ -133,7 +134,6 @@ def read_gguf(path):
 
 def gguf_tokenizer(field):
     """Rebuild the GPT-2-style byte-level BPE tokenizer from the vocabulary and merges in the GGUF."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     if field("tokenizer.ggml.model") != "gpt2":
         return None  # other tokenizer families: bring a tokenizer.json yourself
     tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")

@@ -34,9 +34,12 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from cli import BadInput, run
+from data import (augment, colour_word, dominant_hue, load_image, load_images, read_folder, standard_hue, turn_hue,
+                  write_shards)
 from pictures import save_grid
 from runs import (atomic_dir, batch_at, check_replaceable, keep_freed_memory, load_optimizer, lr_at,
                   optimizer_tensors, read_json, read_tensors, recover_dir)
+from upcycle import builtin_base
 
 
 @dataclass
@@ -277,7 +280,6 @@ class VQModel(nn.Module):
     @torch.no_grad()
     def tokenize(self, x):
         """images (B, 3, H, W) in [-1, 1] -> the LLM's image tokens (B, n_tokens): [colour token,] codes."""
-        from data import standard_hue
         cfg = self.config
         if not cfg.hue_bins:
             return self.encode(x)[1].flatten(1)
@@ -288,7 +290,6 @@ class VQModel(nn.Module):
     @torch.no_grad()
     def detokenize(self, tokens):
         """image tokens (B, n_tokens) -> images (B, 3, H, W) in [-1, 1]: the codes decoded, turned back to their colour."""
-        from data import turn_hue
         cfg = self.config
         x = self.decode_codes(tokens[:, -cfg.grid ** 2:].reshape(-1, cfg.grid, cfg.grid)).clamp(-1, 1)
         if not cfg.hue_bins:
@@ -304,14 +305,12 @@ class VQModel(nn.Module):
     def shape_features(self, x):
         """features() of the image turned to one standard colour (its dominant hue into the first of 12 bins):
         what it shows whatever its colour, to find the object in a picture drawn in a colour it never had."""
-        from data import standard_hue
         return self.features(standard_hue(x)[0])
 
     @torch.no_grad()
     def gallery(self, images, objects, batch_size=256):
         """What drawn pictures are scored against: a dataset's images (N, 3, H, W) and objects (N,), the index
         of the image each one is a recoloured copy of (its own index if it is an original)."""
-        from data import colour_word, dominant_hue
         parts = [(self.features(x), self.shape_features(x)) for x in images.split(batch_size)]
         return {"features": torch.cat([f for f, _ in parts]), "shapes": torch.cat([s for _, s in parts]),
                 "hues": dominant_hue(images), "colours": [colour_word(x) for x in images], "objects": objects.to(images.device)}
@@ -325,7 +324,6 @@ class VQModel(nn.Module):
         object_rank, where the asked image's object comes among the gallery's objects by shape, whatever
         the colours (a blue pear drawn as a green pear is rank 0); original_rank, where the asked image's object
         comes among the originals alone by feature similarity (recoloured copies left out of the gallery)."""
-        from data import colour_word, dominant_hue
         x, own = pictures.clamp(-1, 1), own.to(pictures.device)
         def rank(f, g, i):  # where g[i] comes among g by similarity to f: the number of entries more similar
             similarity = f @ g.T  # (B, N)
@@ -469,7 +467,6 @@ def restart_dead_codes(model, usage, latents, generator):
 
 def train(data, out, tc, resume=False, device=None, max_minutes=None, vq_config=None):
     """Train (or with resume=True continue) a VQ on a folder dataset; checkpoints go to `out`."""
-    from data import augment, load_images, read_folder, standard_hue
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out)
     recover_dir(out)
@@ -590,14 +587,12 @@ def reconstruct(model, images):
 def held_out_figures(images, recon):
     """The two figures a VQ is judged by: mean PSNR, and how often a reconstruction's dominant hue is the
     original's (among the images that have one)."""
-    from data import dominant_hue
     hue, hue_recon = dominant_hue(images.cpu()), dominant_hue(recon.cpu())
     return {"psnr_val": psnr(recon, images).mean().item(), "hue_match_val": (hue == hue_recon)[hue >= 0].float().mean().item()}
 
 
 @torch.no_grad()
 def evaluate(model, data, grid=None):
-    from data import load_images, read_folder
     rows = read_folder(data)
     rows, images = load_images(rows, model.config.image_size)
     tokens, recon = reconstruct(model, images)
@@ -668,13 +663,10 @@ def main(argv=None):
     elif args.cmd == "eval":
         print(json.dumps(evaluate(load_vq(args.vq), args.data, args.grid), indent=2))
     elif args.cmd == "shards":
-        from data import write_shards
-        from upcycle import builtin_base
         tok = Path(args.tokenizer) if args.tokenizer else builtin_base()
         tok = tok / "tokenizer.json" if tok.is_dir() else tok
         write_shards(args.data, load_vq(args.vq), args.vq, tok, args.out, args.augment)
     elif args.cmd == "encode":
-        from data import load_image
         model = load_vq(args.vq)
         for f in args.images:
             x = load_image(f, model.config.image_size)

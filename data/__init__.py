@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import numpy as np
 import torch
@@ -400,6 +401,5 @@ def make_batch(shards, indices, drop, model):
 
 def english_text(tokenizer, n_tokens=4096):
     """Held-out English for the C1 check: CPython's own documentation, which ships with every Python."""
-    from pydoc_data.topics import topics
     ids = tokenizer.encode(" ".join(topics[k] for k in sorted(topics))).ids
     return torch.tensor(ids[:n_tokens])

@@ -1,7 +1,9 @@
 """sample.py: prompts -> image codes -> pictures, reproducibly; bad input in one line."""
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ import sample
 import train
 import upcycle
 from mmmoe import BadInput
+from runs import run_inputs
 
 
 @pytest.fixture
@@ -192,3 +195,23 @@ def test_the_demo_draws_a_batch_as_it_draws_each_prompt():
     n = vq.config.n_tokens
     together = model.generate_image(ids, n, temperature=0)
     assert torch.equal(together, torch.cat([model.generate_image([i], n, temperature=0) for i in ids]))
+
+
+def test_the_demo_moved_elsewhere_draws_from_its_own_files(tmp_path, monkeypatch):
+    """A committed run records its paths relative to itself (or none): a copy of the demo in another place, loaded
+    from another working directory, finds its own VQ and draws; a recorded "vq" outside the run is found from it."""
+    copy = tmp_path / "moved" / "demo"
+    shutil.copytree(pipeline.DEMO, copy)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    state, _, vq_dir = run_inputs(copy)
+    tc = state["train_config"]
+    assert not any(Path(p).is_absolute() for p in (state["vq"], tc["base"], tc["out_dir"], tc["init_from"]))
+    assert (copy / state["vq"]).resolve() == vq_dir.resolve() == (copy / "vq").resolve()
+    model, tokenizer, vq = pipeline.load_pipeline(copy)
+    codes = model.generate_image([tokenizer.encode("a lemon").ids], vq.config.n_tokens, temperature=0)
+    picture = vq.detokenize(codes)
+    assert picture.shape == (1, 3, vq.config.image_size, vq.config.image_size) and picture.isfinite().all()
+    (copy / "vq").rename(copy.parent / "shared-vq")  # a run whose VQ lies beside it: "vq" relative to the run
+    (copy / "state.json").write_text(json.dumps(state | {"vq": "../shared-vq"}, indent=1))
+    assert run_inputs(copy)[2].resolve() == (copy.parent / "shared-vq").resolve()

