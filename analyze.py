@@ -27,44 +27,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from safetensors import safe_open
 from tqdm import tqdm
 
 from cli import BadInput, run
-from data import make_batch
+from data import (GROUPS, TokenShards, asked_caption, caption_rows, colour_word, english_text, load_images, make_batch,
+                  object_index, read_folder)
+from gw_init import init_model
+from hf import load_tokenizer
+from mmmoe import SAMPLING, AdapterConfig, MMMoE, expert, linear
+from pictures import save_grid
 from pipeline import DEMO, DRAWING_DTYPES, drawing_dtype
 from routing import routing, routing_stats
 from runs import run_inputs
-from mmmoe import SAMPLING, MMMoE, linear
+from upcycle import builtin_base, chat_prompt
+from vq import load_vq, score_summary
 
 # -----------------------------------------------------------------------------
-# Routing and redundancy
-
-
-def linear_cka(a, b):
-    """Linear CKA between two sets of features of the same N examples (N, D): 1 means the same up to
-    rotation and scale."""
-    a, b = a - a.mean(0), b - b.mean(0)
-    return ((a.T @ b).norm() ** 2 / ((a.T @ a).norm() * (b.T @ b).norm()).clamp_min(1e-12)).item()
-
-
-@torch.no_grad()
-def redundancy(model, probe):
-    """Mean pairwise linear CKA of the experts' outputs (with their PLoRA updates) on each layer's probe."""
-    from mmmoe import expert
-    out = []
-    for layer, x in zip(model.model.layers, probe):
-        if x is None or len(x) < 2:
-            out.append(float("nan"))
-            continue
-        experts = layer.block_sparse_moe.experts
-        rows = torch.ones(len(x), 1, dtype=torch.bool)
-        ys = [expert(x.float(), experts, e, rows) for e in range(layer.block_sparse_moe.n_experts)]
-        pairs = [linear_cka(ys[i], ys[j]) for i in range(len(ys)) for j in range(i + 1, len(ys))]
-        out.append(sum(pairs) / len(pairs))
-    return out
-
-# -----------------------------------------------------------------------------
-# Pictures: heatmaps with Pillow
+# Plots with Pillow; the learning curve (--curve) and comparisons of runs (--compare, --variants)
 
 
 def heatmap(values, path, title, lo=-1.0, hi=1.0, cell=18):
@@ -80,7 +60,8 @@ def heatmap(values, path, title, lo=-1.0, hi=1.0, cell=18):
         for c in range(cols):
             v = float(values[r, c])
             t = 0.0 if math.isnan(v) else max(-1.0, min(1.0, (2 * (v - lo) / (hi - lo)) - 1))
-            colour = (255, int(255 * (1 - t)), int(255 * (1 - t))) if t > 0 else (int(255 * (1 + t)), int(255 * (1 + t)), 255)
+            colour = ((255, int(255 * (1 - t)), int(255 * (1 - t))) if t > 0
+                      else (int(255 * (1 + t)), int(255 * (1 + t)), 255))
             x0, y0 = 50 + c * cell, 44 + r * cell
             d.rectangle([x0, y0, x0 + cell - 2, y0 + cell - 2], fill=colour)
     im.save(path)
@@ -120,29 +101,34 @@ def plot_curve(log, path, examples_per_epoch, batch):
     xmax = max([epoch(r) for r in loss + val + curve] or [1])
     im = Image.new("RGB", (920, 620), "white")
     d = ImageDraw.Draw(im)
-    d.text((12, 4), f"x: epochs over the training examples ({examples_per_epoch:,} = emoji x phrasings)", fill="black")
+    d.text((12, 4), f"x: epochs over the training examples ({examples_per_epoch:,} = emoji x phrasings)",
+           fill="black")
     line_chart(d, (60, 40, 700, 290), {
         "training loss (image codes)": ([epoch(r) for r in loss], [r["loss"] for r in loss], (90, 90, 90)),
         "held-out loss": ([epoch(r) for r in val], [r["val_image_loss"] for r in val], (200, 40, 40))},
         "cross-entropy of the image codes (nats; grey lines: warm starts)", (0, 12), xmax, marks)
-    series = {"training captions: top-1": ("train_top1", (30, 90, 200)), "training captions: top-5": ("train_top5", (120, 170, 240)),
+    series = {"training captions: top-1": ("train_top1", (30, 90, 200)),
+              "training captions: top-5": ("train_top5", (120, 170, 240)),
               "bare names: own colour": ("bare_colour", (20, 160, 170)),
-              "held-out emoji: hue right": ("val_hue", (230, 130, 0)), "held-out pairs: colour right": ("pairs_colour", (40, 160, 60)),
+              "held-out emoji: hue right": ("val_hue", (230, 130, 0)),
+              "held-out pairs: colour right": ("pairs_colour", (40, 160, 60)),
               "held-out pairs: colour + object": ("pairs_both", (150, 40, 160))}
-    line_chart(d, (60, 340, 700, 590), {label: ([epoch(r) for r in curve if k in r], [r[k] for r in curve if k in r], colour)
-                                        for label, (k, colour) in series.items() if any(k in r for r in curve)},
+    line_chart(d, (60, 340, 700, 590),
+               {label: ([epoch(r) for r in curve if k in r], [r[k] for r in curve if k in r], colour)
+                for label, (k, colour) in series.items() if any(k in r for r in curve)},
                "drawn pictures: retrieval of the intended emoji, hue, asked colour", (0, 1), xmax, marks)
     im.save(path)
 
 def curve_table(log):
     """train.py's log -> markdown lines: the learning curve's points (train_top1, pairs_colour, ...) by step."""
-    keys = ["train_top1", "train_top5", "train_original_top1", "bare_colour", "val_hue", "pairs_colour", "pairs_object_top5", "pairs_both"]
+    keys = ["train_top1", "train_top5", "train_original_top1", "bare_colour", "val_hue", "pairs_colour",
+            "pairs_object_top5", "pairs_both"]
     points = [r for r in log if "train_top1" in r]
     keys = [k for k in keys if any(k in r for r in points)]
     val = {r["step"]: r["val_image_loss"] for r in log if "val_image_loss" in r}
     return ["| step | held-out loss | " + " | ".join(keys) + " |", "| --- " * (len(keys) + 2) + "|"] + [
-        f"| {r['step']} | {val.get(r['step'], math.nan):.2f} | " + " | ".join(f"{100 * r[k]:.0f}%" if k in r else "" for k in keys) + " |"
-        for r in points]
+        f"| {r['step']} | {val.get(r['step'], math.nan):.2f} | "
+        + " | ".join(f"{100 * r[k]:.0f}%" if k in r else "" for k in keys) + " |" for r in points]
 
 
 def compare_inits(runs, out, target):
@@ -162,7 +148,8 @@ def compare_inits(runs, out, target):
             loss = [(r["step"], r["loss"]) for r in log if "loss" in r]
             val = [(r["step"], r["val_image_loss"]) for r in log if "val_image_loss" in r]
             if not loss or loss[0][0] != 1 or not val:
-                raise BadInput("a run to compare needs its loss at every step and held-out losses: train it with --log_every=1")
+                raise BadInput("a run to compare needs its loss at every step and held-out losses: "
+                               "train it with --log_every=1")
             best = np.minimum.accumulate([x for _, x in loss])
             spike = max(x - b for (_, x), b in zip(loss[1:], best[:-1]))  # the largest rise above the best loss so far
             reach = next((s for s, v in val if v <= target), math.nan)
@@ -174,9 +161,9 @@ def compare_inits(runs, out, target):
             series_val[f"{init} seed {len(stats) - 1}"] = ([s for s, _ in val], [v for _, v in val], light)
         m, sd = np.nanmean(stats, 0), np.nanstd(stats, 0)
         reached = sum(not math.isnan(s[3]) for s in stats)
-        table.append(f"| {init} | {len(stats)} | {m[0]:.2f} ± {sd[0]:.2f} | {m[1]:.2f} ± {sd[1]:.2f} | {m[4]:.3f} ± {sd[4]:.3f} | "
-                     f"{m[2]:.3f} ± {sd[2]:.3f} | " + (f"{m[3]:.0f} ± {sd[3]:.0f}" if reached else "not reached") +
-                     f" ({reached} of {len(stats)}) |")
+        table.append(f"| {init} | {len(stats)} | {m[0]:.2f} ± {sd[0]:.2f} | {m[1]:.2f} ± {sd[1]:.2f} | "
+                     f"{m[4]:.3f} ± {sd[4]:.3f} | {m[2]:.3f} ± {sd[2]:.3f} | "
+                     + (f"{m[3]:.0f} ± {sd[3]:.0f}" if reached else "not reached") + f" ({reached} of {len(stats)}) |")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     im = Image.new("RGB", (920, 620), "white")
@@ -186,8 +173,9 @@ def compare_inits(runs, out, target):
     line_chart(d, (60, 40, 700, 290), series_loss, "training loss, 10-step running mean (nats)", (0, 10), xmax)
     line_chart(d, (60, 340, 700, 590), series_val, "held-out loss of the image codes (nats)", (0, 10), xmax)
     im.save(out / "init_compare.png")
-    lines = ["| init | runs | first-batch loss | worst spike (rise above the best so far) | training loss, last 20 steps | "
-             f"held-out loss at the end | steps to a held-out loss <= {target} |", "| --- | --- | --- | --- | --- | --- | --- |", *table]
+    lines = ["| init | runs | first-batch loss | worst spike (rise above the best so far) | "
+             f"training loss, last 20 steps | held-out loss at the end | steps to a held-out loss <= {target} |",
+             "| --- | --- | --- | --- | --- | --- | --- |", *table]
     (out / "init_compare.md").write_text("\n".join(lines) + "\n")
     return lines
 
@@ -198,29 +186,31 @@ def compare_variants(runs, out):
     step, and at the last point of the learning curve its figures, each as the mean over the seeds ± their standard
     deviation (with two seeds: half their difference), then each seed's; for an MoE also its routing report
     (RUN/report/report.json): experts with image-specificity > 0.5 and the mean expert CKA, after training."""
-    from safetensors import safe_open
     by_variant = {}
     for run_dir in map(Path, runs):
         state, _, _ = run_inputs(run_dir)
         points = [r for r in state["log"] if "train_top1" in r]
         if not points:
-            raise BadInput(f"{run_dir} has no learning-curve point: train it with --curve_every (config/redundancy.json does)")
+            raise BadInput(f"{run_dir} has no learning-curve point: train it with --curve_every "
+                           "(config/redundancy.json does)")
         with safe_open(run_dir / "adapter.safetensors", "pt") as f:
             sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
         counts = {part: sum(v for k, v in sizes.items() if name in k) for part, name in MMMoE.BUDGET.items()}
         val = {r["step"]: r["val_image_loss"] for r in state["log"] if "val_image_loss" in r}
+        step_s = [r["step_s"] for r in state["log"] if "step_s" in r]
         figures = points[-1] | {"val_loss": val.get(points[-1]["step"], math.nan),
-                                "step_s": np.median([r["step_s"] for r in state["log"] if "step_s" in r] or [math.nan])}
+                                "step_s": np.median(step_s or [math.nan])}
         if (run_dir / "report" / "report.json").exists():
             report = json.loads((run_dir / "report" / "report.json").read_text())
             figures |= {"image_experts": float((np.array(report["after"]["specificity"]) > 0.5).sum()),
                         "cka": float(np.mean(report["after"]["cka"]))}
         name = re.sub(r"-s\d+$", "", run_dir.name)
         by_variant.setdefault(name, []).append((state["train_config"]["seed"], counts, figures, state["log"]))
-    columns = [("step_s", "s a step", "{:.2f}"), ("val_loss", "held-out loss", "{:.3f}"), ("train_top1", "training top-1", "{:.0%}"),
-               ("train_top5", "training top-5", "{:.0%}"), ("bare_colour", "bare names: own colour", "{:.0%}"),
-               ("pairs_colour", "pairs: colour", "{:.0%}"), ("pairs_both", "pairs: both", "{:.0%}"),
-               ("image_experts", "image-leaning experts", "{:g}"), ("cka", "expert CKA", "{:.3f}")]
+    columns = [("step_s", "s a step", "{:.2f}"), ("val_loss", "held-out loss", "{:.3f}"),
+               ("train_top1", "training top-1", "{:.0%}"), ("train_top5", "training top-5", "{:.0%}"),
+               ("bare_colour", "bare names: own colour", "{:.0%}"), ("pairs_colour", "pairs: colour", "{:.0%}"),
+               ("pairs_both", "pairs: both", "{:.0%}"), ("image_experts", "image-leaning experts", "{:g}"),
+               ("cka", "expert CKA", "{:.3f}")]
     lines = ["| variant | seeds | step | trainable parameters | " + " | ".join(c[1] for c in columns) + " |",
              "| --- " * (len(columns) + 4) + "|"]
     palette = [(200, 40, 40), (30, 90, 200), (40, 150, 60), (230, 130, 0), (150, 40, 160)]
@@ -234,7 +224,8 @@ def compare_variants(runs, out):
             have = [y for y in x if not math.isnan(y)]  # e.g. a routing report written for one seed only
             cells.append(f"{fmt.format(np.mean(have))} ± {fmt.format(np.std(have))} (" + ", ".join(
                 "-" if math.isnan(y) else fmt.format(y) for y in x) + ")" if have else "-")
-        lines.append(f"| {name} | {', '.join(str(s) for s, _, _, _ in seeds)} | {', '.join(str(f['step']) for _, _, f, _ in seeds)} | "
+        lines.append(f"| {name} | {', '.join(str(s) for s, _, _, _ in seeds)} | "
+                     f"{', '.join(str(f['step']) for _, _, f, _ in seeds)} | "
                      + " / ".join(f"{b:,}" for b in sorted(budgets)) + " | " + " | ".join(cells) + " |")
         for k, (seed, _, _, log) in enumerate(seeds):
             colour = tuple(c + (255 - c) * k // 2 for c in palette[v % len(palette)])  # a later seed lighter
@@ -249,13 +240,154 @@ def compare_variants(runs, out):
     d = ImageDraw.Draw(im)
     d.text((12, 4), "x: training steps; a colour per variant, its second seed lighter", fill="black")
     line_chart(d, (60, 40, 700, 290), series_loss, "held-out loss of the image codes (nats)", (0, 3), xmax)
-    line_chart(d, (60, 340, 700, 590), series_top1, "training captions drawn: top-1 retrieval of the asked picture", (0, 1), xmax)
+    line_chart(d, (60, 340, 700, 590), series_top1, "training captions drawn: top-1 retrieval of the asked picture",
+               (0, 1), xmax)
     im.save(out / "redundancy.png")
     (out / "redundancy.md").write_text("\n".join(lines) + "\n")
     return lines
 
 # -----------------------------------------------------------------------------
-# The report
+# The report. analyze() is its table of contents: a section's function gives its part of report.json and its lines
+# of report.md, from the measurements beside it. The model changes under them (the base, "before", "after", the
+# drawing dtype), so analyze() measures in that order; the files are written at the end.
+
+QUESTIONS = ("What is the capital of France?", "Name three colours.", "What is 2 + 3?")  # C1's chat prompts
+
+
+def analyze(ckpt, out, n_probe=32, samples=0, seed=0, guidance=SAMPLING["guidance"],
+            temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], batch_size=16, offset=0, dtype=torch.float32):
+    """A train.py run (default: the built-in demo) -> the report's figures (report.json), written to out with
+    report.md and its PNGs: routing and redundancy, C1, caption use, C2 and, with samples > 0, pictures."""
+    out, ckpt = Path(out), ckpt or DEMO
+    out.mkdir(parents=True, exist_ok=True)
+    state, base_dir, vq_dir = run_inputs(ckpt)
+    base_dir, tc = base_dir or builtin_base(), state["train_config"]
+    # One copy of the base serves all three models in turn: the plain base (C1's reference), "before" (the
+    # same adapter initialised as train.py initialises it, untrained) and "after" (the trained adapter).
+    model, tokenizer = MMMoE.from_pretrained(base_dir, dtype=torch.float32).eval(), load_tokenizer(base_dir)
+    english, val = english_text(tokenizer, 4096), TokenShards(tc["shards"], "val")
+    text_base = text_ability(model, tokenizer, english)
+    torch.manual_seed(tc["seed"])
+    model.add_image_adapter(AdapterConfig(**state["adapter"]))
+    init_model(model, vq_dir, tc["init"], tc["seed"], tc.get("init_scale", 1.0))
+    probe = probe_batches(model, val, n_probe, english)
+    before = routing_figures(model, probe)
+    model.load_adapter(ckpt)  # "after" from here on
+    after = routing_figures(model, probe)
+    sections = [routing_section(before, after),
+                c1_section(text_base, text_ability(model, tokenizer, english)),
+                caption_use_section(model, TokenShards(tc["shards"], "train"), n_probe, seed),
+                budget_section(model)]
+    drawn = {}
+    if samples:
+        model.to(dtype)  # the pictures in sample.py's --dtype; everything above in float32
+        data_dir = val.index["data"]  # every picture of the dataset trained on: what drawn ones are scored against
+        sampling = {"guidance": guidance, "temperature": temperature, "top_k": top_k}
+        figures, drawn, n_pictures = picture_figures(model, tokenizer, load_vq(vq_dir), data_dir, samples, offset,
+                                                     sampling, batch_size, seed)
+        settings = {"n": samples} | sampling | {"dtype": str(dtype).removeprefix("torch.")}
+        sections.append(pictures_section(settings | figures, n_pictures, data_dir))
+    report, lines = {}, [f"# mmmoe report: {ckpt}", ""]
+    for part, section_lines in sections:
+        report |= part
+        lines += section_lines
+    save_pictures(out, report, drawn)
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+# -----------------------------------------------------------------------------
+# Routing by modality and redundancy
+
+
+def probe_batches(model, val, n, english):
+    """Held-out caption+image sequences, and English text, as batches of token ids and their left padding."""
+    idx, _, pad = make_batch(val, np.arange(min(n, len(val))), np.zeros(min(n, len(val)), bool), model)
+    return [(idx[i:i + 8], pad[i:i + 8]) for i in range(0, len(idx), 8)] + [(english.view(-1, 256)[:4], None)]
+
+
+def routing_figures(model, batches):
+    """The model as it is now, over the probe batches -> per layer and expert its image-specificity, per layer each
+    modality's routing entropy and the experts' redundancy (report["before"] or report["after"])."""
+    counts, probe, _ = routing(model, batches)
+    _, spec, entropy = routing_stats(counts)
+    return {"specificity": spec.tolist(), "entropy_text": entropy[0].tolist(), "entropy_image": entropy[1].tolist(),
+            "cka": redundancy(model, probe)}
+
+
+def routing_section(before, after):
+    """routing_figures before and after training -> their part of the report and its lines."""
+    row = lambda name, f: f"| {name} | {f(before)} | {f(after)} |"  # noqa: E731
+    leaning = lambda side: lambda r: int((side * torch.tensor(r["specificity"]) > 0.5).sum())  # noqa: E731
+    image_specific = (torch.tensor(after["specificity"]) > 0.5).nonzero().tolist()  # (layer, expert) pairs
+    lines = ["## Routing by modality", "", "| | before | after |", "| --- | --- | --- |",
+             row("mean routing entropy, text (0..1)", lambda r: f"{np.mean(r['entropy_text']):.3f}"),
+             row("mean routing entropy, image (0..1)", lambda r: f"{np.mean(r['entropy_image']):.3f}"),
+             row("experts with image-specificity > 0.5", leaning(1)),
+             row("experts with image-specificity < -0.5", leaning(-1)),
+             "", "Image-specific experts after training (layer, expert): "
+             + (", ".join(map(str, image_specific[:24])) or "none"),
+             "", "![before](specificity_before.png) ![after](specificity_after.png)", "",
+             "## Redundancy (mean pairwise linear CKA of expert outputs on image tokens)", "",
+             "| layer | before | after |", "| --- | --- | --- |"]
+    lines += [f"| {i} | {b:.4f} | {a:.4f} |" for i, (b, a) in enumerate(zip(before["cka"], after["cka"]))]
+    return {"before": before, "after": after}, lines
+
+
+def linear_cka(a, b):
+    """Linear CKA between two sets of features of the same N examples (N, D): 1 means the same up to
+    rotation and scale."""
+    a, b = a - a.mean(0), b - b.mean(0)
+    return ((a.T @ b).norm() ** 2 / ((a.T @ a).norm() * (b.T @ b).norm()).clamp_min(1e-12)).item()
+
+
+@torch.no_grad()
+def redundancy(model, probe):
+    """Mean pairwise linear CKA of the experts' outputs (with their PLoRA updates) on each layer's probe."""
+    out = []
+    for layer, x in zip(model.model.layers, probe):
+        if x is None or len(x) < 2:
+            out.append(float("nan"))
+            continue
+        experts = layer.block_sparse_moe.experts
+        rows = torch.ones(len(x), 1, dtype=torch.bool)
+        ys = [expert(x.float(), experts, e, rows) for e in range(layer.block_sparse_moe.n_experts)]
+        pairs = [linear_cka(ys[i], ys[j]) for i in range(len(ys)) for j in range(i + 1, len(ys))]
+        out.append(sum(pairs) / len(pairs))
+    return out
+
+# -----------------------------------------------------------------------------
+# C1: text untouched
+
+
+def text_ability(model, tokenizer, english):
+    """The model as it is now -> the perplexity of 8 x 256 tokens of held-out English, and its greedy answers (text
+    tokens only) to QUESTIONS."""
+    seq = english.view(-1, 256)[:8]
+    with torch.no_grad():
+        ppl = math.exp(model(seq[:, :-1], seq[:, 1:])[1].item())
+    text_only = torch.arange(model.config.vocab_size)
+    answers = []
+    for q in QUESTIONS:
+        ids = torch.tensor([tokenizer.encode(chat_prompt(q)).ids])
+        answer = model.generate(ids, 24, temperature=0, stop_at_eos=True, allowed_ids=text_only)[0, ids.shape[1]:]
+        answers.append(tokenizer.decode(answer.tolist()))
+    return ppl, answers
+
+
+def c1_section(base, multimodal):
+    """text_ability of the base and of the multimodal model -> report["c1"] and its lines: C1 holds if they are
+    identical."""
+    (ppl_base, answers_base), (ppl_mm, answers_mm) = base, multimodal
+    same = [a == b for a, b in zip(answers_base, answers_mm)]
+    lines = ["", "## C1: text ability", "", f"Perplexity of held-out English (CPython docs, 8 x 256 tokens): base "
+             f"{ppl_base:.4f}, multimodal {ppl_mm:.4f} ({'identical' if ppl_base == ppl_mm else 'DIFFERENT'}).", ""]
+    lines += [f"- {q} -> {a!r} ({'identical' if s else 'DIFFERENT'})" for q, a, s in zip(QUESTIONS, answers_base, same)]
+    return {"c1": {"ppl_base": ppl_base, "ppl_multimodal": ppl_mm, "answers_identical": all(same)}}, lines
+
+# -----------------------------------------------------------------------------
+# Caption use: does the picture follow the caption?
 
 
 @torch.no_grad()
@@ -266,7 +398,8 @@ def caption_use(model, shards, n=32, seed=0):
     codes so far, not from the caption."""
     K = model.adapter.n_image_codes
     own = np.random.default_rng(seed).choice(len(shards), min(n, len(shards)), replace=False)
-    pairs = {"own caption": [shards[i] for i in own], "another's caption": [(shards[j][0], shards[i][1]) for i, j in zip(own, np.roll(own, 1))],
+    pairs = {"own caption": [shards[i] for i in own],
+             "another's caption": [(shards[j][0], shards[i][1]) for i, j in zip(own, np.roll(own, 1))],
              "no caption": [shards[i] for i in own]}
     out = {}
     for name, examples in pairs.items():
@@ -281,14 +414,101 @@ def caption_use(model, shards, n=32, seed=0):
                 losses.append(-lp.gather(1, torch.as_tensor(codes)[:, None])[:, 0])
         per_code = torch.stack(losses).mean(0)  # (n_codes,)
         row = int(math.isqrt(len(per_code)))
-        out[name] = {"first_code": per_code[0].item(), "first_row": per_code[:row].mean().item(), "all": per_code.mean().item()}
+        out[name] = {"first_code": per_code[0].item(), "first_row": per_code[:row].mean().item(),
+                     "all": per_code.mean().item()}
     return out
 
 
-def probe_batches(model, val, n, english):
-    """Held-out caption+image sequences, and English text, as batches of token ids and their left padding."""
-    idx, _, pad = make_batch(val, np.arange(min(n, len(val))), np.zeros(min(n, len(val)), bool), model)
-    return [(idx[i:i + 8], pad[i:i + 8]) for i in range(0, len(idx), 8)] + [(english.view(-1, 256)[:4], None)]
+def caption_use_section(model, shards, n, seed):
+    """caption_use on n training examples -> report["caption_use"] and its lines."""
+    use = caption_use(model, shards, n, seed)
+    lines = ["", "## Caption use (training examples; cross-entropy of their codes, nats)", "",
+             "| given | first code | first row | all codes |", "| --- | --- | --- | --- |"]
+    lines += [f"| {k} | {v['first_code']:.2f} | {v['first_row']:.2f} | {v['all']:.2f} |" for k, v in use.items()]
+    return {"caption_use": use}, lines
+
+# -----------------------------------------------------------------------------
+# C2: the trainable budget
+
+
+def budget_section(model):
+    """The model's trainable parameters by component, against the frozen base -> report["c2"] and its lines."""
+    counts, n_base = model.trainable_budget()
+    total = sum(counts.values())
+    lines = ["", "## C2: trainable budget", "", f"Base: {n_base:,} parameters (frozen).", ""]
+    lines += [f"- {k}: {v:,} ({100 * v / n_base:.2f}%)" for k, v in counts.items()]
+    lines += [f"- total: {total:,} ({100 * total / n_base:.2f}%)"]
+    return {"c2": {"base": n_base} | counts}, lines
+
+# -----------------------------------------------------------------------------
+# Pictures: captions of training emoji (phrased as people ask, and by bare name), of held-out emoji (never trained),
+# and of known objects in a colour they were never trained in (held-out pairs: composition), drawn and scored
+
+
+def picture_figures(model, tokenizer, vq, data_dir, samples, offset, sampling, batch_size, seed):
+    """Up to `samples` captions of each of GROUPS, evenly spread from offset, drawn with the sampling settings
+    (generate_image's guidance, temperature, top_k) and scored against every picture of data_dir -> the figures of
+    each group (report["images"][group]), its asked and drawn pictures (for the PNGs), and how many pictures
+    data_dir holds."""
+    rows, everything = load_images(read_folder(data_dir), vq.config.image_size)
+    g = torch.Generator().manual_seed(seed)
+    gallery = vq.gallery(everything, object_index(rows))
+    figures, drawn = {}, {}
+    for group, title in GROUPS.items():
+        idx = caption_rows(rows, group)
+        if not idx:
+            continue
+        own = torch.tensor(idx[offset:: max(1, len(idx) // samples)][:samples])  # evenly spread; offset: another set
+        captions = [asked_caption(rows[i], group) for i in own.tolist()]
+        fake = draw(model, tokenizer, vq, captions, sampling, batch_size, g, f"drawing {title}")
+        figures[group] = score_pictures(vq, gallery, own, everything[own], fake, captions)
+        drawn[group] = (everything[own], fake)
+    if "val" in drawn:  # a Frechet distance on the VQ's features between the held-out pictures and the real ones, next
+        # to the same distance between two real sets of that size (a reference at this sample size)
+        real, fake = drawn["val"]
+        train_idx = torch.tensor(caption_rows(rows, "train"))
+        f_ref = gallery["features"][train_idx[torch.randperm(len(train_idx), generator=g)[:len(real)]]]
+        with torch.no_grad():
+            figures["val"] |= {"vq_frechet": frechet(vq.features(fake), vq.features(real)),
+                               "vq_frechet_real_vs_real": frechet(f_ref, vq.features(real))}
+    return figures, drawn, len(everything)
+
+
+def draw(model, tokenizer, vq, captions, sampling, batch_size, g, desc):
+    """Pictures (B, 3, H, W) drawn for captions, batch_size prompts together, sampled with generator g."""
+    fake = []
+    with tqdm(total=len(captions), desc=desc, unit="image", leave=False) as bar:
+        for b in range(0, len(captions), batch_size):
+            ids = [tokenizer.encode(c).ids for c in captions[b:b + batch_size]]
+            fake.append(vq.detokenize(model.generate_image(ids, vq.config.n_tokens, **sampling, generator=g)))
+            bar.update(len(ids))
+    return torch.cat(fake)
+
+
+def score_pictures(vq, gallery, own, real, fake, captions):
+    """Pictures fake (B, 3, H, W) drawn for the captions of the gallery's pictures own (B,), which are real (B, 3, H, W)
+    -> their figures: score_summary's, top-1 by kind, the colour-word ceiling the image tokenizer sets, chance levels,
+    and per picture its caption, ranks and colour words."""
+    scores = vq.scores(fake, gallery, own)
+    asked = [gallery["colours"][i] for i in own.tolist()]
+    coloured = [a for a in asked if a is not None]
+    n_objects = int((gallery["objects"] == torch.arange(len(gallery["objects"]))).sum())
+    multi = torch.tensor([a is None for a in asked], dtype=torch.bool)  # a multi-coloured emoji: no colour word
+    rank = scores["rank"]
+    by_kind = {f"top1_{k}": (rank[m.to(rank.device)] < 1).float().mean().item()
+               for k, m in (("coloured", ~multi), ("multicolour", multi)) if m.any()}
+    # the image tokenizer's part: the colour word of the asked picture's own tokens, decoded, is what a model that
+    # wrote exactly those tokens would score; where it is not the picture's own word, no drawing can be right
+    own_words = [colour_word(p) for p in vq.detokenize(vq.tokenize(real))]
+    share = lambda ok: sum(ok) / len(ok) if ok else math.nan  # noqa: E731
+    return score_summary(scores) | by_kind | {
+        "colour_ceiling": share([a == w for a, w in zip(asked, own_words) if a is not None]),
+        "colour_as_own_tokens": share([c == w for a, c, w in zip(asked, scores["colour"], own_words) if a is not None]),
+        "captions": captions, "ranks": rank.tolist(), "object_ranks": scores["object_rank"].tolist(),
+        "asked_colours": asked, "drawn_colours": scores["colour"], "own_token_colours": own_words,
+        # what drawing every picture in the commonest asked colour would score; what a random object would
+        "colour_base_rate": max(map(coloured.count, coloured)) / len(coloured) if coloured else math.nan,
+        "object_top5_chance": min(1.0, 5 / n_objects)}
 
 
 def frechet(a, b):
@@ -298,6 +518,59 @@ def frechet(a, b):
     ca, cb = torch.cov(a.T), torch.cov(b.T)
     sqrt_trace = torch.linalg.eigvals(ca @ cb).real.clamp_min(0).sqrt().sum()
     return float((a.mean(0) - b.mean(0)).pow(2).sum() + ca.trace() + cb.trace() - 2 * sqrt_trace)
+
+
+def pictures_section(im, n_pictures, data_dir):
+    """The drawing settings and picture_figures -> report["images"] and its lines: a table, a column per group."""
+    cols = [c for c in GROUPS if c in im]
+    row = lambda name, f: f"| {name} | " + " | ".join(f(im[c]) for c in cols) + " |"  # noqa: E731
+    pct = lambda k: lambda r: f"{100 * r[k]:.1f}%" if k in r else "-"  # noqa: E731
+    lines = ["", "## Pictures", "", f"Up to {im['n']} captions of each kind, guidance {im['guidance']}, temperature "
+             f"{im['temperature']}, top-k {im['top_k']}, {im['dtype']}; each picture scored against the {n_pictures} "
+             f"pictures of {data_dir}: retrieval of the asked picture by VQ-feature similarity, its colour word, "
+             "and its object by shape whatever the colour:", "",
+             "| | " + " | ".join(GROUPS[c] for c in cols) + " |", "| --- |" + " --- |" * len(cols),
+             row("pictures drawn", lambda r: str(len(r["captions"]))),
+             row("asked picture top-1", pct("top1")), row("asked picture top-5", pct("top5")),
+             row("... top-1 where it has a colour word", pct("top1_coloured")),
+             row("... top-1 of multi-coloured emoji", pct("top1_multicolour")),
+             row("asked object's original top-1 among the originals", pct("original_top1")),
+             row("median rank", lambda r: str(r["median_rank"])),
+             row("dominant hue matches", pct("hue")),
+             row("colour word is the asked one", pct("colour")),
+             row("... drawing everything in the commonest asked colour", pct("colour_base_rate")),
+             row("... the asked picture's own tokens, decoded (the ceiling the image tokenizer sets)",
+                 pct("colour_ceiling")),
+             row("colour word is that of the asked picture's own tokens, decoded", pct("colour_as_own_tokens")),
+             row("asked object in the top 5 by shape", pct("object_top5")),
+             row("... a random object", pct("object_top5_chance")),
+             row("colour and object both right", pct("both"))]
+    if "val" in im:
+        lines += ["", "VQ-feature Frechet distance (not Inception FID), held-out emoji: "
+                  f"{im['val']['vq_frechet']:.2f}; between them and as many random training emoji: "
+                  f"{im['val']['vq_frechet_real_vs_real']:.2f}"]
+    lines += [""] + [f"![{GROUPS[c]}](samples_{c}.png)" for c in cols]
+    if "pairs" in im:
+        lines += ["", "Held-out pairs, asked colour (rows) against the colour drawn (columns):", "",
+                  "![colour confusion](colour_confusion.png)"]
+    return {"images": im}, lines
+
+# -----------------------------------------------------------------------------
+# The report's PNGs
+
+
+def save_pictures(out, report, drawn):
+    """The report's PNGs in out: the image-specificity heatmaps before and after training, and for the pictures drawn
+    (per group: asked pictures, drawn ones) a grid of each group and the held-out pairs' colour confusion."""
+    for name in ("before", "after"):
+        heatmap(np.array(report[name]["specificity"]), out / f"specificity_{name}.png",
+                f"image-specificity {name} (red: image, blue: text)")
+    for group, (real, fake) in drawn.items():
+        save_grid(torch.stack([real[:16], fake[:16]]), out / f"samples_{group}.png", size=96,
+                  labels=[GROUPS[group], "drawn for their captions" + (" (never trained)" if group != "train" else "")])
+    if "pairs" in drawn:
+        pairs = report["images"]["pairs"]
+        colour_confusion(pairs["asked_colours"], pairs["drawn_colours"], out / "colour_confusion.png")
 
 
 def colour_confusion(asked, drawn, path, cell=40):
@@ -313,185 +586,13 @@ def colour_confusion(asked, drawn, path, cell=40):
         draw.text((84 + cell * i, 30), name[:6], fill="black")
         draw.text((4, 62 + cell * i), name, fill="black")
         for j in range(len(names)):
-            t = counts[i, j] / max(1, counts[i].sum())
-            shade = (int(255 * (1 - t)), int(255 * (1 - 0.6 * t)), int(255 * (1 - t)) if i == j else 255) if i == j else \
-                (255, int(255 * (1 - 0.7 * t)), int(255 * (1 - 0.7 * t)))
+            t = counts[i, j] / max(1, counts[i].sum())  # green on the diagonal (the asked colour), red off it
+            shade = ((int(255 * (1 - t)), int(255 * (1 - 0.6 * t)), int(255 * (1 - t))) if i == j
+                     else (255, int(255 * (1 - 0.7 * t)), int(255 * (1 - 0.7 * t))))
             x0, y0 = 80 + cell * j, 50 + cell * i
             draw.rectangle([x0, y0, x0 + cell - 2, y0 + cell - 2], fill=shade)
             draw.text((x0 + 12, y0 + 12), str(counts[i, j]), fill="black")
     im.save(path)
-
-
-def analyze(ckpt, out, n_probe=32, samples=0, seed=0, guidance=SAMPLING["guidance"], temperature=SAMPLING["temperature"],
-            top_k=SAMPLING["top_k"], batch_size=16, offset=0, dtype=torch.float32):
-    from data import (GROUPS, TokenShards, asked_caption, caption_rows, colour_word, english_text, load_images,
-                      object_index, read_folder)
-    from vq import score_summary
-    from gw_init import init_model
-    from hf import load_tokenizer
-    from mmmoe import AdapterConfig
-    from upcycle import builtin_base, chat_prompt
-    from vq import load_vq
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt or DEMO
-    state, base_dir, vq_dir = run_inputs(ckpt)
-    base_dir = base_dir or builtin_base()
-    tc = state["train_config"]
-    # One copy of the base serves all three models in turn: the plain base (C1's reference), "before" (the
-    # same adapter initialised as train.py initialises it, untrained) and "after" (the trained adapter).
-    model, tokenizer, vq = MMMoE.from_pretrained(base_dir, dtype=torch.float32).eval(), load_tokenizer(base_dir), load_vq(vq_dir)
-    english = english_text(tokenizer, 4096)
-    val = TokenShards(tc["shards"], "val")
-    questions = ("What is the capital of France?", "Name three colours.", "What is 2 + 3?")
-    text_only = torch.arange(model.config.vocab_size)
-
-    def c1():  # perplexity of held-out English and greedy chat answers of the model as it is now
-        seq = english.view(-1, 256)[:8]
-        with torch.no_grad():
-            ppl = math.exp(model(seq[:, :-1], seq[:, 1:])[1].item())
-        prompts = [torch.tensor([tokenizer.encode(chat_prompt(q)).ids]) for q in questions]
-        return ppl, [tokenizer.decode(model.generate(ids, 24, temperature=0, stop_at_eos=True, allowed_ids=text_only)[0, ids.shape[1]:].tolist())
-                     for ids in prompts]
-    ppl_base, answers_base = c1()
-    torch.manual_seed(tc["seed"])
-    model.add_image_adapter(AdapterConfig(**state["adapter"]))
-    init_model(model, vq_dir, tc["init"], tc["seed"], tc.get("init_scale", 1.0))
-    report = {}
-    lines = [f"# mmmoe report: {ckpt}", ""]
-
-    # routing and redundancy, before and after
-    for name in ("before", "after"):
-        if name == "after":
-            model.load_adapter(ckpt)
-        counts, probe, _ = routing(model, probe_batches(model, val, n_probe, english))
-        shares, spec, entropy = routing_stats(counts)
-        heatmap(spec, out / f"specificity_{name}.png", f"image-specificity {name} (red: image, blue: text)")
-        report[name] = {"specificity": spec.tolist(), "entropy_text": entropy[0].tolist(), "entropy_image": entropy[1].tolist(),
-                        "cka": redundancy(model, probe)}
-    spec = torch.tensor(report["after"]["specificity"])
-    kinds = {"image-specific": (spec > 0.5).nonzero().tolist(), "text-only": (spec < -0.5).nonzero().tolist()}
-    lines += ["## Routing by modality", "",
-              "| | before | after |", "| --- | --- | --- |",
-              f"| mean routing entropy, text (0..1) | {np.mean(report['before']['entropy_text']):.3f} | {np.mean(report['after']['entropy_text']):.3f} |",
-              f"| mean routing entropy, image (0..1) | {np.mean(report['before']['entropy_image']):.3f} | {np.mean(report['after']['entropy_image']):.3f} |",
-              f"| experts with image-specificity > 0.5 | {int((torch.tensor(report['before']['specificity']) > 0.5).sum())} | {len(kinds['image-specific'])} |",
-              f"| experts with image-specificity < -0.5 | {int((torch.tensor(report['before']['specificity']) < -0.5).sum())} | {len(kinds['text-only'])} |",
-              "", "Image-specific experts after training (layer, expert): " + (", ".join(map(str, kinds["image-specific"][:24])) or "none"),
-              "", "![before](specificity_before.png) ![after](specificity_after.png)", "",
-              "## Redundancy (mean pairwise linear CKA of expert outputs on image tokens)", "",
-              "| layer | before | after |", "| --- | --- | --- |"]
-    lines += [f"| {i} | {b:.4f} | {a:.4f} |" for i, (b, a) in enumerate(zip(report["before"]["cka"], report["after"]["cka"]))]
-
-    # C1: text untouched
-    ppl_mm, answers_mm = c1()
-    answers = [(q, a, a == b) for q, a, b in zip(questions, answers_base, answers_mm)]
-    report["c1"] = {"ppl_base": ppl_base, "ppl_multimodal": ppl_mm, "answers_identical": all(x[2] for x in answers)}
-    lines += ["", "## C1: text ability", "", f"Perplexity of held-out English (CPython docs, 8 x 256 tokens): base {ppl_base:.4f}, "
-              f"multimodal {ppl_mm:.4f} ({'identical' if ppl_base == ppl_mm else 'DIFFERENT'}).", ""]
-    lines += [f"- {q} -> {a!r} ({'identical' if same else 'DIFFERENT'})" for q, a, same in answers]
-
-    # does the picture follow the caption?
-    use = report["caption_use"] = caption_use(model, TokenShards(tc["shards"], "train"), n_probe, seed)
-    lines += ["", "## Caption use (training examples; cross-entropy of their codes, nats)", "",
-              "| given | first code | first row | all codes |", "| --- | --- | --- | --- |"]
-    lines += [f"| {k} | {v['first_code']:.2f} | {v['first_row']:.2f} | {v['all']:.2f} |" for k, v in use.items()]
-
-    # C2: budget
-    counts, n_base = model.trainable_budget()
-    report["c2"] = {"base": n_base} | counts
-    lines += ["", "## C2: trainable budget", "", f"Base: {n_base:,} parameters (frozen).", ""]
-    lines += [f"- {k}: {v:,} ({100 * v / n_base:.2f}%)" for k, v in counts.items()]
-    lines += [f"- total: {sum(counts.values()):,} ({100 * sum(counts.values()) / n_base:.2f}%)"]
-
-    # images: captions of training emoji (phrased as people ask), of held-out emoji (never trained), and of known
-    # objects in a colour they were never trained in (held-out pairs: composition)
-    if samples:
-        model.to(dtype)  # the pictures in sample.py's --dtype; everything above in float32
-        data_dir = val.index["data"]  # every picture of the dataset trained on: what drawn ones are scored against
-        rows, everything = load_images(read_folder(data_dir), vq.config.image_size)
-        g = torch.Generator().manual_seed(seed)
-        gallery = vq.gallery(everything, object_index(rows))
-        report["images"] = {"n": samples, "guidance": guidance, "temperature": temperature, "top_k": top_k, "dtype": str(dtype).removeprefix("torch.")}
-        drawn = {}
-        for group, title in GROUPS.items():
-            idx = caption_rows(rows, group)
-            if not idx:
-                continue
-            own = torch.tensor(idx[offset:: max(1, len(idx) // samples)][:samples])  # evenly spread; offset: another set
-            captions = [asked_caption(rows[i], group) for i in own.tolist()]
-            fake = []
-            with tqdm(total=len(captions), desc=f"drawing {title}", unit="image", leave=False) as bar:
-                for b in range(0, len(captions), batch_size):  # batch_size prompts drawn together
-                    ids = [tokenizer.encode(c).ids for c in captions[b:b + batch_size]]
-                    fake.append(vq.detokenize(model.generate_image(ids, vq.config.n_tokens, cfg, temperature, top_k, None, g)))
-                    bar.update(len(ids))
-            fake = torch.cat(fake)
-            scores = vq.scores(fake, gallery, own)
-            asked = [gallery["colours"][i] for i in own.tolist()]
-            coloured = [a for a in asked if a is not None]
-            n_objects = int((gallery["objects"] == torch.arange(len(rows))).sum())
-            drawn[group] = (everything[own], fake, captions, asked, scores["colour"])
-            multi = torch.tensor([a is None for a in asked], dtype=torch.bool)  # a multi-coloured emoji: no colour word
-            by_kind = {f"top1_{k}": (scores["rank"][m.to(scores["rank"].device)] < 1).float().mean().item()
-                       for k, m in (("coloured", ~multi), ("multicolour", multi)) if m.any()}
-            # the image tokenizer's part: the colour word of the asked picture's own tokens, decoded, is what a model that
-            # wrote exactly those tokens would score; where it is not the picture's own word, no drawing can be right
-            own_words = [colour_word(p) for p in vq.detokenize(vq.tokenize(everything[own]))]
-            share = lambda ok: sum(ok) / len(ok) if ok else math.nan  # noqa: E731
-            report["images"][group] = score_summary(scores) | by_kind | {
-                "colour_ceiling": share([a == w for a, w in zip(asked, own_words) if a is not None]),
-                "colour_as_own_tokens": share([c == w for a, c, w in zip(asked, scores["colour"], own_words) if a is not None]),
-                "captions": captions, "ranks": scores["rank"].tolist(), "object_ranks": scores["object_rank"].tolist(),
-                "asked_colours": asked, "drawn_colours": scores["colour"], "own_token_colours": own_words,
-                # what drawing every picture in the commonest asked colour would score; what a random object would
-                "colour_base_rate": max(map(coloured.count, coloured)) / len(coloured) if coloured else math.nan,
-                "object_top5_chance": min(1.0, 5 / n_objects)}
-        if "val" in drawn:  # a Frechet distance on the VQ's features between the held-out pictures and the real ones, next
-            # to the same distance between two real sets of that size (a reference at this sample size)
-            real, fake = drawn["val"][:2]
-            train_idx = torch.tensor(caption_rows(rows, "train"))
-            f_ref = gallery["features"][train_idx[torch.randperm(len(train_idx), generator=g)[:len(real)]]]
-            with torch.no_grad():
-                im_val = report["images"]["val"]
-                im_val |= {"vq_frechet": frechet(vq.features(fake), vq.features(real)), "vq_frechet_real_vs_real": frechet(f_ref, vq.features(real))}
-        from pictures import save_grid
-        for group, (real, fake, captions, _, _) in drawn.items():
-            save_grid(torch.stack([real[:16], fake[:16]]), out / f"samples_{group}.png", size=96,
-                      labels=[GROUPS[group], "drawn for their captions" + (" (never trained)" if group != "train" else "")])
-        if "pairs" in drawn:
-            colour_confusion(drawn["pairs"][3], drawn["pairs"][4], out / "colour_confusion.png")
-        im = report["images"]
-        cols = list(drawn)
-        row = lambda name, f: f"| {name} | " + " | ".join(f(im[c]) for c in cols) + " |"  # noqa: E731
-        pct = lambda k: lambda r: f"{100 * r[k]:.1f}%"  # noqa: E731
-        lines += ["", "## Pictures", "", f"Up to {samples} captions of each kind, guidance {guidance}, temperature {temperature}, top-k {top_k}, {report['images']['dtype']}; "
-                  f"each picture scored against the {len(everything)} pictures of {data_dir}: "
-                  "retrieval of the asked picture by VQ-feature similarity, its colour word, and its object by shape whatever the colour:", "",
-                  "| | " + " | ".join(GROUPS[c] for c in cols) + " |", "| --- |" + " --- |" * len(cols),
-                  row("pictures drawn", lambda r: str(len(r["captions"]))),
-                  row("asked picture top-1", pct("top1")), row("asked picture top-5", pct("top5")),
-                  row("... top-1 where it has a colour word", lambda r: f"{100 * r['top1_coloured']:.1f}%" if "top1_coloured" in r else "-"),
-                  row("... top-1 of multi-coloured emoji", lambda r: f"{100 * r['top1_multicolour']:.1f}%" if "top1_multicolour" in r else "-"),
-                  row("asked object's original top-1 among the originals", pct("original_top1")),
-                  row("median rank", lambda r: str(r["median_rank"])),
-                  row("dominant hue matches", pct("hue")),
-                  row("colour word is the asked one", pct("colour")),
-                  row("... drawing everything in the commonest asked colour", pct("colour_base_rate")),
-                  row("... the asked picture's own tokens, decoded (the ceiling the image tokenizer sets)", pct("colour_ceiling")),
-                  row("colour word is that of the asked picture's own tokens, decoded", pct("colour_as_own_tokens")),
-                  row("asked object in the top 5 by shape", pct("object_top5")),
-                  row("... a random object", pct("object_top5_chance")),
-                  row("colour and object both right", pct("both"))]
-        if "val" in drawn:
-            lines += ["", f"VQ-feature Frechet distance (not Inception FID), held-out emoji: {im['val']['vq_frechet']:.2f}; between "
-                      f"them and as many random training emoji: {im['val']['vq_frechet_real_vs_real']:.2f}"]
-        lines += [""] + [f"![{GROUPS[c]}](samples_{c}.png)" for c in cols]
-        if "pairs" in drawn:
-            lines += ["", "Held-out pairs, asked colour (rows) against the colour drawn (columns):", "", "![colour confusion](colour_confusion.png)"]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    return report
 
 
 def main():
@@ -499,19 +600,25 @@ def main():
     p.add_argument("--ckpt", default=None, help="a train.py output directory (default: the built-in demo)")
     p.add_argument("--out", default="out/report")
     p.add_argument("--probe", type=int, default=32, help="held-out sequences for routing and redundancy")
-    p.add_argument("--samples", type=int, default=0, help="captions of training emoji (as people ask, and by bare name), held-out emoji and held-out colour pairs "
-                   "to draw and score, of each (slow on CPU)")
+    p.add_argument("--samples", type=int, default=0, help="captions of training emoji (as people ask, and by bare "
+                   "name), held-out emoji and held-out colour pairs to draw and score, of each (slow on CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", "--cfg", type=float, default=SAMPLING["guidance"], help="guidance for --samples (sample.py's default)")
+    p.add_argument("--guidance", "--cfg", type=float, default=SAMPLING["guidance"],
+                   help="guidance for --samples (sample.py's default)")
     p.add_argument("--temperature", type=float, default=SAMPLING["temperature"])
     p.add_argument("--top-k", type=int, default=SAMPLING["top_k"])
     p.add_argument("--batch", type=int, default=16, help="--samples: prompts drawn together")
-    p.add_argument("--offset", type=int, default=0, help="--samples: start the evenly spread captions here (another set)")
-    p.add_argument("--dtype", choices=DRAWING_DTYPES, default="float32", help="--samples: the model's dtype as it draws (sample.py's)")
+    p.add_argument("--offset", type=int, default=0,
+                   help="--samples: start the evenly spread captions here (another set)")
+    p.add_argument("--dtype", choices=DRAWING_DTYPES, default="float32",
+                   help="--samples: the model's dtype as it draws (sample.py's)")
     p.add_argument("--curve", metavar="PNG", help="only plot the checkpoint's learning curve (train.py's log) to PNG")
-    p.add_argument("--compare", nargs="+", metavar="RUN", help="only compare runs that differ in init and seed -> --out")
-    p.add_argument("--target", type=float, default=5.0, help="--compare: the held-out loss whose first reaching is timed")
-    p.add_argument("--variants", nargs="+", metavar="RUN", help="only compare config/redundancy.sh's runs (VARIANT-sSEED) -> --out")
+    p.add_argument("--compare", nargs="+", metavar="RUN",
+                   help="only compare runs that differ in init and seed -> --out")
+    p.add_argument("--target", type=float, default=5.0,
+                   help="--compare: the held-out loss whose first reaching is timed")
+    p.add_argument("--variants", nargs="+", metavar="RUN",
+                   help="only compare config/redundancy.sh's runs (VARIANT-sSEED) -> --out")
     args = p.parse_args()
     if args.compare:
         print("\n".join(compare_inits(args.compare, args.out, args.target)))
@@ -520,17 +627,17 @@ def main():
         print("\n".join(compare_variants(args.variants, args.out)))
         return
     if args.curve:
-        from data import TokenShards
         state, _, _ = run_inputs(args.ckpt or DEMO)
         n = len(TokenShards(state["train_config"]["shards"], "train"))
         plot_curve(state["log"], args.curve, n, state["train_config"]["batch_size"])
         print("\n".join(curve_table(state["log"])))
         return
-    if args.samples < 0 or not 0 <= args.guidance < math.inf or not 0 <= args.temperature < math.inf or (args.top_k or 1) < 1 or \
-            args.batch < 1 or args.offset < 0:
-        raise BadInput("--samples >= 0, --guidance and --temperature numbers >= 0, --top-k >= 1, --batch >= 1, --offset >= 0")
-    analyze(args.ckpt, args.out, args.probe, args.samples, args.seed, args.guidance, args.temperature, args.top_k, args.batch, args.offset,
-            drawing_dtype(args.dtype)[0])
+    if args.samples < 0 or not 0 <= args.guidance < math.inf or not 0 <= args.temperature < math.inf \
+            or (args.top_k or 1) < 1 or args.batch < 1 or args.offset < 0:
+        raise BadInput("--samples >= 0, --guidance and --temperature numbers >= 0, --top-k >= 1, --batch >= 1, "
+                       "--offset >= 0")
+    analyze(args.ckpt, args.out, args.probe, args.samples, args.seed, args.guidance, args.temperature, args.top_k,
+            args.batch, args.offset, drawing_dtype(args.dtype)[0])
     print((Path(args.out) / "report.md").read_text())
 
 
