@@ -199,10 +199,10 @@ def ragged_examples(g, n_codes=8):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_left_padded_training_step_equals_the_plain_path(tiny_ckpt, dtype):
-    """make_batch left-pads, so the image part of a batch is image tokens only and PLoRA needs no selection there
-    (image_rows True); the padding is seen by no token. The gradient of every trainable tensor equals the plain
-    path's on the same model: within 1e-5 of its norm in float32, within 1e-2 in bf16 (the base in bf16 under bf16
-    autocast, as train.py runs it; measured 0.5%, where a wrong mask or position is off by O(1))."""
+    """make_batch left-pads, so the image part of a batch is image tokens only (every row of the mask true); the padding is seen by no token. The gradient of every trainable tensor equals the plain
+    path's on the same model: within 1e-4 of its norm in float32 (measured up to 2e-5 on an AMD EPYC with AVX2, 1e-5
+    elsewhere), within 1e-2 in bf16 (the base in bf16 under bf16 autocast, as train.py runs it; measured 0.5%), where
+    a wrong mask or position is off by O(1)."""
     import contextlib
     import data
 
@@ -222,7 +222,7 @@ def test_a_left_padded_training_step_equals_the_plain_path(tiny_ckpt, dtype):
         loss = model(idx, targets, pad=pad)[1]
     loss.backward()
     reference = plain_reference_gradients(model_in(dtype), examples, autocast)
-    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert (p.grad - reference[name]).norm() <= tolerance * reference[name].norm(), name
