@@ -35,7 +35,8 @@ from pictures import save_grid, to_pil
 
 
 def read_prompts(path):
-    """A prompt file: one prompt per line (UTF-8; surrounding spaces dropped). An empty file or a blank line is a mistake."""
+    """A prompt file: one prompt per line (UTF-8; surrounding spaces dropped). An empty file or a blank line is a
+    mistake."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -50,7 +51,8 @@ def read_prompts(path):
 
 def file_names(prompts, n):
     """Each prompt's file names in --out-dir: its words in lower case joined by '-' (at most 80 characters), a second
-    prompt with the same name gets '-2', and so on; with -n above 1, one file per picture: name_0.png, name_1.png, ..."""
+    prompt with the same name gets '-2', and so on; with -n above 1, one file per picture: name_0.png, name_1.png,
+    ..."""
     seen, names = {}, []
     for prompt in prompts:
         stem = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:80].strip("-") or "prompt"
@@ -65,7 +67,8 @@ def check_args(args):
     for bad, message in [
             (not args.prompts and not args.from_file, "give prompts, or --from-file FILE"),
             (args.prompts and args.from_file, "give prompts or --from-file FILE, not both"),
-            (bool(args.from_file) != bool(args.out_dir), "--from-file and --out-dir go together: a file of prompts, a folder of pictures"),
+            (bool(args.from_file) != bool(args.out_dir),
+             "--from-file and --out-dir go together: a file of prompts, a folder of pictures"),
             (any(not p.strip() for p in args.prompts), "empty prompt"),
             (args.n < 1, f"-n must be at least 1 (got {args.n})"),
             (args.batch < 1, f"--batch must be at least 1 (got {args.batch})"),
@@ -76,10 +79,13 @@ def check_args(args):
             (not 8 <= args.size <= 4096, f"--size must be 8..4096 pixels (got {args.size})"),
             (args.threads is not None and args.threads < 1, f"--threads must be at least 1 (got {args.threads})"),
             (args.cols is not None and (args.cols < 1 or args.n != 1), "--cols needs -n 1 and at least one column"),
-            (args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir(), f"--out-dir {args.out_dir} is a file"),
-            (not args.out_dir and out.is_dir(), f"--out {out} is a directory; give a file name such as {out / 'sample.png'}"),
+            (args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir(),
+             f"--out-dir {args.out_dir} is a file"),
+            (not args.out_dir and out.is_dir(),
+             f"--out {out} is a directory; give a file name such as {out / 'sample.png'}"),
             (not args.out_dir and not out.parent.is_dir(), f"--out {out}: no directory {out.parent}"),
-            (out.suffix.lower() not in Image.registered_extensions(), f"--out {out}: not an image file name (.png, .jpg, ...)")]:
+            (out.suffix.lower() not in Image.registered_extensions(),
+             f"--out {out}: not an image file name (.png, .jpg, ...)")]:
         if bad:
             raise BadInput(message)
 
@@ -90,10 +96,13 @@ def main(argv=None):
     p.add_argument("-n", type=int, default=1, help="images per prompt")
     p.add_argument("--out", default="sample.png")
     p.add_argument("--from-file", metavar="FILE", help="prompts, one per line, each drawn to its own PNG in --out-dir")
-    p.add_argument("--out-dir", metavar="DIR", help="with --from-file: where the pictures go (a rerun skips those written)")
+    p.add_argument("--out-dir", metavar="DIR",
+                   help="with --from-file: where the pictures go (a rerun skips those written)")
     p.add_argument("--ckpt", default=None, help="a train.py output directory (default: the built-in demo model)")
-    p.add_argument("--guidance", "--cfg", type=float, default=SAMPLING["guidance"], help="classifier-free guidance scale (0 = off)")
-    p.add_argument("--temperature", type=float, default=SAMPLING["temperature"], help="0 = greedy (then -n gives identical pictures)")
+    p.add_argument("--guidance", "--cfg", type=float, default=SAMPLING["guidance"],
+                   help="classifier-free guidance scale (0 = off)")
+    p.add_argument("--temperature", type=float, default=SAMPLING["temperature"],
+                   help="0 = greedy (then -n gives identical pictures)")
     p.add_argument("--top-k", type=int, default=SAMPLING["top_k"])
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -105,9 +114,7 @@ def main(argv=None):
                    help="auto: the faster here (bfloat16 on a CPU with AMX; not code for code float32's pictures)")
     args = p.parse_args(argv)
     check_args(args)  # before anything slow: a mistake costs a second, not a whole drawing
-    dtype, note = drawing_dtype(args.dtype)
-    if note:
-        print(note, file=sys.stderr)
+    dtype, note = drawing_dtype(args.dtype)  # said once every check has passed, before the drawing
     prompts = read_prompts(args.from_file) if args.from_file else [prompt.strip() for prompt in args.prompts]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,10 +133,13 @@ def main(argv=None):
     if args.out_dir:  # an index of what each file shows; pictures of earlier runs are kept
         out_dir = Path(args.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        index = "".join(json.dumps({"file": f, "prompt": prompt}) + "\n" for prompt, files in zip(prompts, names) for f in files)
+        index = "".join(json.dumps({"file": f, "prompt": prompt}) + "\n"
+                        for prompt, files in zip(prompts, names) for f in files)
         (out_dir / "index.jsonl.tmp").write_text(index)
         os.replace(out_dir / "index.jsonl.tmp", out_dir / "index.jsonl")
         files = [out_dir / f for fs in names for f in fs]  # in the order of jobs
+    if note:
+        print(note, file=sys.stderr)
     t1 = time.time()
     starts = range(0, len(jobs), args.batch)  # batch k is jobs[starts[k]:starts[k] + args.batch]
     written = [bool(args.out_dir) and all(f.exists() for f in files[s:s + args.batch]) for s in starts]

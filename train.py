@@ -13,10 +13,14 @@ Each example is the sequence  <bos> caption <boi> code_1 ... code_n <eoi> <eos> 
 (the data package). The loss is on the image codes: the caption runs through the frozen model (C1), so a loss
 on it would have nothing to train. With probability caption_dropout the caption is replaced by <eos>
 tokens of the same length: that is the unconditional prompt classifier-free guidance uses (Janus).
+
+Top to bottom: the settings and their checks -> the loop, `train()` (batch, forward, backward, step, log) -> what
+happens around it (starting or resuming, distributing, evaluating, saving) -> the command line.
 """
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -28,19 +32,26 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from tqdm import tqdm
 
 from cli import BadInput, run
-from data import TokenShards, english_text, make_batch, mix_repeats, parse_mix
+from data import (GROUPS, TokenShards, asked_caption, caption_rows, english_text, load_images, make_batch, mix_repeats,
+                  object_index, parse_mix, read_folder)
+from gw_init import init_model
 from hf import load_tokenizer
+from mmmoe import SAMPLING, AdapterConfig, MMMoE, choose_dtype
+from pictures import save_grid
 from runs import (atomic_dir, batch_at, check_replaceable, keep_freed_memory, load_optimizer, lr_at,
                   optimizer_tensors, read_json, read_tensors, recover_dir, run_inputs)
-from mmmoe import SAMPLING, AdapterConfig, MMMoE, choose_dtype
+from upcycle import builtin_base
+from vq import load_vq, score_summary
 
 
 @dataclass
 class TrainConfig:
-    base: str = ""  # a Hugging Face MoE checkpoint directory (any of the four layouts); "" = the built-in upcycled SmolLM2-135M
+    base: str = ""  # a Hugging Face MoE checkpoint directory (any of the four layouts); "": the built-in SmolLM2 MoE
     shards: str = "out/openmoji/shards"
     out_dir: str = "out/train"
     init: str = "gw"  # new image rows: gw | random | mean
@@ -85,80 +96,127 @@ class TrainConfig:
     fsdp: bool = False
     seed: int = 0
 
-
-def parse_args(argv):
-    """A config/*.json preset, then --key=value overrides; --resume, --nproc N and --export DIR are flags. Every
-    value is checked here, before anything is loaded."""
-    values, resume, nproc, export_to = {}, False, None, None
-    types = {f.name: f.type for f in fields(TrainConfig)}
-    rest = list(argv)
-    while rest:
-        arg = rest.pop(0)
-        if arg == "--resume":
-            resume = True
-        elif arg.startswith("--nproc") or arg.startswith("--export"):
-            value = arg.split("=", 1)[1] if "=" in arg else (rest.pop(0) if rest else "")
-            if arg.startswith("--nproc"):
-                nproc = setting("nproc", value, int)
-            elif not value:
-                raise BadInput("--export needs a directory to write the adapter to")
-            else:
-                export_to = value
-        elif arg.startswith("--"):
-            key, _, value = arg[2:].partition("=")
-            key = key.replace("-", "_")
-            if key not in types:
-                raise BadInput(f"unknown setting --{key} (settings: {', '.join(types)})")
-            values[key] = setting(key, value, types[key])
-        elif arg.endswith(".json"):
-            try:
-                preset = json.loads(Path(arg).read_text())
-            except FileNotFoundError:
-                raise BadInput(f"no config file {arg}") from None
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise BadInput(f"{arg} is not valid JSON: {' '.join(str(e).split())}") from None
-            if not isinstance(preset, dict):
-                raise BadInput(f"{arg} must hold a JSON object of settings")
-            for key, value in preset.items():
-                if key not in types:
-                    raise BadInput(f"unknown setting {key!r} in {arg} (settings: {', '.join(types)})")
-                if not isinstance(value, types[key]) and not (types[key] is float and type(value) is int):
-                    raise BadInput(f"{arg}: {key} must be {types[key].__name__}, not {value!r}")
-            values = preset | values
-        else:
-            raise BadInput(f"unexpected argument {arg!r}: a config/*.json file, --key=value, --resume, --nproc N or --export DIR")
-    tc = TrainConfig(**values)
-    parse_mix(tc.mix)  # a mistake in it is one line now, not after the model has loaded
-    for ok, what in [(tc.steps >= 1, "steps >= 1"), (tc.batch_size >= 1, "batch_size >= 1"), (tc.grad_accum >= 1, "grad_accum >= 1"),
-                     (tc.rank >= 1 and tc.expert_rank >= 0, "rank >= 1, expert_rank >= 0"),
-                     (tc.lr > 0 and tc.min_lr >= 0, "lr > 0 and min_lr >= 0"),
-                     (tc.warmup >= 0, "warmup >= 0"), (0 <= tc.caption_dropout < 1, "0 <= caption_dropout < 1"),
-                     (min(tc.log_every, tc.eval_every, tc.eval_batches, tc.save_every) >= 1, "log_every, eval_every, eval_batches, save_every >= 1"),
-                     (tc.curve_every >= 0 and tc.curve_captions >= 1, "curve_every >= 0, curve_captions >= 1"),
-                     (not (tc.fsdp and tc.curve_every), "curve_every=0 under --fsdp (the curve draws with the whole model in one process)"),
-                     (tc.init in ("gw", "random", "mean"), "init: gw, random or mean"),
-                     (not tc.restart_schedule or tc.init_from, "init_from with restart_schedule (a stage starts from a checkpoint)"),
-                     (0 < tc.init_scale < math.inf, "init_scale > 0"), (0 < tc.colour_weight < math.inf, "colour_weight > 0"),
-                     (tc.dtype in ("auto", "float32", "bfloat16"), "dtype: auto, float32 or bfloat16"),
-                     (nproc is None or nproc >= 1, "--nproc >= 1")]:
-        if not ok:
-            raise BadInput(f"bad setting: {what} is required")
-    return tc, resume, nproc, export_to
+    def check(self):
+        """Every setting's range, checked before anything is loaded: the first one wrong is one line."""
+        parse_mix(self.mix)
+        for ok, what in [
+                (self.steps >= 1, "steps >= 1"), (self.batch_size >= 1, "batch_size >= 1"),
+                (self.grad_accum >= 1, "grad_accum >= 1"),
+                (self.rank >= 1 and self.expert_rank >= 0, "rank >= 1, expert_rank >= 0"),
+                (self.lr > 0 and self.min_lr >= 0, "lr > 0 and min_lr >= 0"), (self.warmup >= 0, "warmup >= 0"),
+                (0 <= self.caption_dropout < 1, "0 <= caption_dropout < 1"),
+                (min(self.log_every, self.eval_every, self.eval_batches, self.save_every) >= 1,
+                 "log_every, eval_every, eval_batches, save_every >= 1"),
+                (self.curve_every >= 0 and self.curve_captions >= 1, "curve_every >= 0, curve_captions >= 1"),
+                (not (self.fsdp and self.curve_every),
+                 "curve_every=0 under --fsdp (the curve draws with the whole model in one process)"),
+                (self.init in ("gw", "random", "mean"), "init: gw, random or mean"),
+                (not self.restart_schedule or self.init_from,
+                 "init_from with restart_schedule (a stage starts from a checkpoint)"),
+                (0 < self.init_scale < math.inf, "init_scale > 0"),
+                (0 < self.colour_weight < math.inf, "colour_weight > 0"),
+                (self.dtype in ("auto", "float32", "bfloat16"), "dtype: auto, float32 or bfloat16")]:
+            if not ok:
+                raise BadInput(f"bad setting: {what} is required")
+        return self
 
 
-def setting(key, value, kind):
-    """A --key=value string as the setting's type, or one line saying what was expected."""
-    if kind is bool:
-        if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
-            raise BadInput(f"--{key}={value}: expected true or false")
-        return value.lower() in ("1", "true", "yes")
-    try:
-        return kind(value)
-    except ValueError:
-        raise BadInput(f"--{key}={value}: expected {'an integer' if kind is int else 'a number' if kind is float else 'text'}") from None
+# A resumed run continues the same computation: these settings must be the run's own (the number of processes may
+# change: what counts is the global batch, batch_size x processes x grad_accum)
+COMPUTATION = ("base", "shards", "init", "init_scale", "rank", "expert_rank", "alpha", "attention", "router", "steps",
+               "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "caption_dropout", "aux_loss_coef", "dtype",
+               "seed", "mix", "restart_schedule", "colour_weight")
 
 # -----------------------------------------------------------------------------
-# Batches: a pure function of (seed, step), so resuming and DDP see exactly the right examples
+# The loop
+
+
+def train(tc, resume=False):
+    rank, world, device = start_processes(tc)
+    main_process, out_dir = rank == 0, Path(tc.out_dir)
+    train_set, val = open_shards(tc, out_dir, resume)
+    dtype, note = choose_dtype(tc.dtype, device)  # auto: the faster precision on this machine
+    if note and main_process:
+        print(note, file=sys.stderr)
+    codes, colours = train_set.index["codebook_size"], train_set.index.get("colour_tokens", 0)
+    model, base = build_model(tc, device, dtype, codes, colours)
+    step, log, first, saved = start_or_resume(model, tc, out_dir, resume, world, train_set, main_process)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fused: one kernel updates every tensor (AdamW's loop over ~500 tensors was ~4% of a step on a CPU)
+    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay, fused=True)
+    if saved is not None:
+        restore_optimizer(opt, out_dir, saved, device)
+    trained = distribute(model, tc, params, world, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+    tokenizer, repeats = load_tokenizer(base), mix_repeats(train_set, tc.mix)  # repeats: a data mix, or None
+    text_ids, global_size, last = english_text(tokenizer), tc.batch_size * world * tc.grad_accum, first + tc.steps
+    bar = tqdm(total=last, initial=step, desc="training", unit="step", disable=not main_process)
+    clock, curve, samples = Clock(step), None, None
+    model.train()
+    while step < last:
+        # the batch: a pure function of (seed, step), so a resumed run and every DDP process see the right examples
+        indices = batch_at(len(train_set), global_size, step, tc.seed, repeats)
+        drop = np.random.default_rng([tc.seed, step, 1]).random(len(indices)) < tc.caption_dropout
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step - first, tc.lr, tc.warmup, tc.steps, tc.min_lr)
+        loss, aux = forward_backward(trained, model, train_set, indices, drop, tc, rank, world, autocast, params, clock)
+        if not torch.isfinite(loss):  # stop before a bad update reaches the weights; the last checkpoint stays good
+            stop_on_a_bad_loss(loss, step, out_dir)
+        norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if main_process and (step % tc.log_every == 0 or step == last):
+            log.append({"step": step, "loss": loss.item(), "aux": aux.item(), "grad_norm": norm.item(),
+                        "lr": lr_at(step - 1 - first, tc.lr, tc.warmup, tc.steps, tc.min_lr)} | clock.read(step, world))
+        if step % tc.eval_every == 0 or step == last:
+            with torch.compiler.set_stance("force_eager"):
+                result = evaluate(model, tc, val, text_ids, device, autocast)
+            if main_process:
+                log.append({"step": step} | result)
+                bar.write(json.dumps(log[-1]))
+        if main_process and tc.curve_every and (step % tc.curve_every == 0 or step == last):
+            curve = curve or learning_curve_setup(model, tokenizer, train_set, tc)
+            with torch.compiler.set_stance("force_eager"):
+                figures, *samples = curve(model, autocast)
+            log.append({"step": step, "epoch": step * global_size / len(train_set)} | figures)
+            bar.write(json.dumps(log[-1]))
+        if main_process and (step % tc.save_every == 0 or step == last):
+            save_checkpoint(out_dir, model, opt, step, tc, log, train_set.index["vq"], world, samples, first)
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return model
+
+# -----------------------------------------------------------------------------
+# One step's forward and backward, and what the log records of it
+
+
+def forward_backward(trained, model, train_set, indices, drop, tc, rank, world, autocast, params, clock):
+    """This process's share of a global batch, in grad_accum micro-steps: forward, loss, backward -> (the last
+    micro-step's loss, its load-balancing loss); gradients are then in params (averaged over the processes)."""
+    device = params[0].device
+    for micro in range(tc.grad_accum):
+        part = slice((micro * world + rank) * tc.batch_size, (micro * world + rank + 1) * tc.batch_size)
+        idx, targets, pad = (t.to(device) for t in make_batch(train_set, indices[part], drop[part], model))
+        last = micro == tc.grad_accum - 1
+        sync = nullcontext() if last or world == 1 or tc.fsdp else trained.no_sync()  # DDP: all-reduce once, at the end
+        with sync, autocast:
+            _, loss = trained(idx, targets, pad=pad, colour_weight=tc.colour_weight)
+            aux = load_balancing_loss(model)
+            total = (loss + tc.aux_loss_coef * aux) / tc.grad_accum
+            if world > 1:  # every trainable tensor takes part in every step, even with no image token in the
+                total = total + 0.0 * sum(p.sum() for p in params)  # batch: DDP's all-reduce sees the same set
+        total.backward()
+        clock.tokens += idx.numel()
+    if tc.fsdp and world > 1:  # the adapter is not FSDP's: average its gradients in one all-reduce, as DDP would
+        flat = torch.cat([p.grad.flatten() for p in params])
+        dist.all_reduce(flat)
+        for p, g in zip(params, (flat / world).split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+    return loss, aux
 
 
 def load_balancing_loss(model):
@@ -175,21 +233,65 @@ def load_balancing_loss(model):
         losses.append(probs.shape[-1] * (chosen.mean(0) / moe.top_k * probs.mean(0)).sum())
     return torch.stack(losses).mean() if losses else torch.zeros((), device=model.lm_head.weight.device)
 
+
+class Clock:
+    """Tokens a second since the start, and wall seconds a step since the last log record (evaluations included),
+    both from one clock reading."""
+
+    def __init__(self, step):
+        self.t0 = self.t_log = time.time()
+        self.tokens, self.step_log = 0, step
+
+    def read(self, step, world):
+        now = time.time()
+        out = {"tokens_per_s": self.tokens * world / (now - self.t0),
+               "step_s": (now - self.t_log) / (step - self.step_log)}
+        self.t_log, self.step_log = now, step
+        return out
+
+
+def stop_on_a_bad_loss(loss, step, out_dir):
+    where = "No checkpoint was written yet"
+    if (out_dir / "state.json").exists():
+        saved = json.loads((out_dir / "state.json").read_text())["step"]
+        where = f"The last good checkpoint (step {saved}) is in {out_dir}"
+    raise BadInput(f"the loss became {loss.item()} at step {step}; stopped. {where}")
+
 # -----------------------------------------------------------------------------
-# Model, checkpoints
+# Around the loop: processes, data, the model, starting or resuming
 
 
-def compiler_found(device):
-    """torch.compile writes C++ for a CPU, which needs a compiler (inductor calls g++ or clang++); CUDA needs none."""
-    import shutil
-    if device.type == "cuda" or shutil.which("g++") or shutil.which("clang++"):
-        return True
-    print("warning: compile=true, but no C++ compiler (g++ or clang++) was found: training runs eagerly", file=sys.stderr)
-    return False
+def start_processes(tc):
+    """-> (this process's rank, the number of processes, its device); DDP's process group when there are several."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if tc.fsdp and world == 1:
+        raise BadInput("--fsdp shards the base over processes: start it with --nproc N or torchrun --nproc_per_node N")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    keep_freed_memory()  # every step allocates the same activations again: reuse the memory (docs/speed.md)
+    torch.manual_seed(tc.seed)
+    return rank, world, device
+
+
+def open_shards(tc, out_dir, resume):
+    """Check the run directory (never written over without --resume, never a user's own files) -> the shards."""
+    recover_dir(out_dir)  # a run killed while saving left its newest whole checkpoint beside out_dir
+    if not resume and (out_dir / "state.json").exists():
+        step = json.loads((out_dir / "state.json").read_text()).get("step")
+        raise BadInput(f"{out_dir} already holds a run (step {step}): add --resume to continue it, or choose "
+                       "another --out_dir")
+    check_replaceable(out_dir)
+    train_set, val = TokenShards(tc.shards, "train"), TokenShards(tc.shards, "val")
+    if not len(train_set) or not len(val):
+        raise BadInput(f"{tc.shards} has {len(train_set)} training and {len(val)} held-out examples: training needs "
+                       "both")
+    return train_set, val
 
 
 def build_model(tc, device, dtype, n_codes=None, colour_tokens=0):
-    from upcycle import builtin_base
     base = Path(tc.base) if tc.base else builtin_base()
     # the adapter is float32 always; under bf16 autocast a float32 base would be rounded to bf16 at every matmul
     model = MMMoE.from_pretrained(base, dtype=dtype, device=device)
@@ -198,13 +300,88 @@ def build_model(tc, device, dtype, n_codes=None, colour_tokens=0):
     return model.add_image_adapter(adapter), base
 
 
+def start_or_resume(model, tc, out_dir, resume, world, train_set, main_process):
+    """The adapter's starting point -> (step, log, the step the schedule counts from, the saved state to resume or
+    None): the run's own last checkpoint (--resume), a warm start (init_from), or fresh image rows (init)."""
+    step, log, first, state = 0, [], 0, None
+    if resume and (out_dir / "state.json").exists():
+        state = read_json(out_dir / "state.json", ("step", "log", "train_config", "param_groups"))
+        model.load_adapter(out_dir)
+        step, log, first = state["step"], state["log"], state.get("schedule_start", 0)
+        check_same_computation(tc, state, world, out_dir)
+    elif tc.init_from:  # e.g. the committed demo/ on a machine where the run's own checkpoints are gone
+        step, log = (s := model.load_adapter(tc.init_from))["step"], s["log"]
+        first = step if tc.restart_schedule else 0
+        restart = {"schedule_start": step} if tc.restart_schedule else {}
+        log.append({"step": step, "warm_start": tc.init_from} | restart)
+        print(f"warm start from {tc.init_from} at step {step}: adapter loaded, optimizer state starts afresh",
+              file=sys.stderr)
+    else:
+        if resume and main_process:
+            print(f"no checkpoint in {out_dir} yet: starting at step 0", file=sys.stderr)
+        init_model(model, train_set.index["vq"], tc.init, tc.seed, tc.init_scale)
+    if main_process:
+        counts, n_base = model.trainable_budget()
+        total = sum(counts.values())
+        print(f"trainable: {total:,} parameters = {100 * total / n_base:.2f}% of the {n_base:,}-parameter base ("
+              + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + ")", file=sys.stderr)
+    return step, log, first, state
+
+
+def check_same_computation(tc, state, world, out_dir):
+    saved = state["train_config"]
+    differ = [f"{k}={getattr(tc, k)} (run: {saved[k]})" for k in COMPUTATION
+              if k in saved and saved[k] != getattr(tc, k)]
+    run_batch = saved.get("batch_size", tc.batch_size) * state.get("world", 1) * saved.get("grad_accum", tc.grad_accum)
+    if run_batch != tc.batch_size * world * tc.grad_accum:
+        differ.append(f"a global batch of {tc.batch_size * world * tc.grad_accum} (run: {run_batch})")
+    if differ:
+        raise BadInput(f"{out_dir} is a run with other settings: {', '.join(differ)}; resume it with its own, or "
+                       "start a new --out_dir with --init_from to continue from it")
+
+
+def restore_optimizer(opt, out_dir, state, device):
+    tensors = read_tensors(out_dir / "optimizer.safetensors", device=str(device))
+    if "rng" not in tensors:
+        raise BadInput(f"damaged checkpoint file {out_dir / 'optimizer.safetensors'}: no 'rng'")
+    torch.set_rng_state(tensors.pop("rng").cpu())
+    load_optimizer(opt, tensors, state["param_groups"])
+
+
+def distribute(model, tc, params, world, device):
+    """-> what the loop calls: the model itself, or DDP around it; under FSDP2 the frozen base is sharded over the
+    processes and the adapter (~1%) stays whole on every one. Compiles the blocks if asked."""
+    trained = model
+    if tc.fsdp:
+        for layer in model.model.layers:
+            fully_shard(layer, ignored_params=set(params))
+        fully_shard(model, ignored_params=set(params))
+    elif world > 1:
+        ids = [device] if device.type == "cuda" else None
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if tc.compile and compiler_found(device):
+        model.compile_blocks()  # evaluation and drawing run eagerly (the loop): compiling their shapes would not pay
+    return trained
+
+
+def compiler_found(device):
+    """torch.compile writes C++ for a CPU, which needs a compiler (inductor calls g++ or clang++); CUDA needs none."""
+    if device.type == "cuda" or shutil.which("g++") or shutil.which("clang++"):
+        return True
+    print("warning: compile=true, but no C++ compiler (g++ or clang++) was found: training runs eagerly",
+          file=sys.stderr)
+    return False
+
+# -----------------------------------------------------------------------------
+# Checkpoints, evaluation, the learning curve
+
+
 def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir, world=1, samples=None, schedule_start=0):
     """Only what training changed (adapter tensors) + optimizer + RNG + step, atomically; and samples.png, the
     learning curve's latest pictures (samples: the grid and labels its curve() returned), if there are any."""
-    from pictures import save_grid
     opt_tensors, param_groups = optimizer_tensors(opt)
-    state = {"step": step, "train_config": asdict(tc), "world": world, "param_groups": param_groups, "vq": str(vq_dir), "log": log,
-             "schedule_start": schedule_start}
+    state = {"step": step, "train_config": asdict(tc), "world": world, "param_groups": param_groups, "vq": str(vq_dir),
+             "log": log, "schedule_start": schedule_start}
     try:
         with atomic_dir(out_dir) as tmp:
             model.save_adapter(tmp, state)
@@ -215,10 +392,6 @@ def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir, world=1, samples
     except OSError as e:  # e.g. the disk is full: the half-written copy is gone, the previous checkpoint intact
         raise BadInput(f"could not save step {step} to {out_dir} ({e.strerror or e}); the previous checkpoint there "
                        "is intact: free the space and add --resume") from None
-
-
-# -----------------------------------------------------------------------------
-# Evaluation
 
 
 @torch.no_grad()
@@ -241,9 +414,8 @@ def learning_curve_setup(model, tokenizer, train_set, tc):
     """-> curve(model, autocast): draws a fixed set of captions of each of data.GROUPS (training emoji as people ask,
     held-out emoji, held-out colour pairs), greedily with guidance 1.5 (sample.py's; at guidance 3 the demo drew
     nothing recognisable), and scores each picture against the dataset's pictures (VQModel.scores, score_summary):
-    the asked picture's rank by VQ features (0 = top-1), hue and colour-word agreement, the asked object's rank by shape."""
-    from data import GROUPS, asked_caption, caption_rows, load_images, object_index, read_folder
-    from vq import load_vq, score_summary
+    the asked picture's rank by VQ features (0 = top-1), hue and colour-word agreement, the asked object's rank by
+    shape."""
     device = model.lm_head.weight.device
     vq = load_vq(train_set.index["vq"], device)
     rows, images = load_images(read_folder(train_set.index["data"]), vq.config.image_size, desc="curve gallery")
@@ -273,178 +445,105 @@ def learning_curve_setup(model, tokenizer, train_set, tc):
             labels += [f"{GROUPS[group]}: asked", "drawn (greedy, guidance 1.5)"]
         model.train()
         width = max(len(row) for row in grid)
-        return out, torch.stack([torch.cat([row, torch.ones(width - len(row), *row.shape[1:])]) for row in grid]), labels
+        padded = [torch.cat([row, torch.ones(width - len(row), *row.shape[1:])]) for row in grid]
+        return out, torch.stack(padded), labels
     return curve
 
 
 # -----------------------------------------------------------------------------
-# Training
-
-
-def train(tc, resume=False):
-    from gw_init import init_model
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    if tc.fsdp and world == 1:
-        raise BadInput("--fsdp shards the base over processes: start it with --nproc N or torchrun --nproc_per_node N")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    keep_freed_memory()  # every step allocates the same activations again: reuse the memory (docs/speed.md)
-    torch.manual_seed(tc.seed)
-    out_dir, main_process = Path(tc.out_dir), rank == 0
-    recover_dir(out_dir)  # a run killed while saving left its newest whole checkpoint beside out_dir
-    if not resume and (out_dir / "state.json").exists():
-        raise BadInput(f"{out_dir} already holds a run (step {json.loads((out_dir / 'state.json').read_text()).get('step')}): "
-                       "add --resume to continue it, or choose another --out_dir")
-    check_replaceable(out_dir)  # never write over a directory of the user's own files
-    train_set, val = TokenShards(tc.shards, "train"), TokenShards(tc.shards, "val")
-    if not len(train_set) or not len(val):
-        raise BadInput(f"{tc.shards} has {len(train_set)} training and {len(val)} held-out examples: training needs both")
-    dtype, note = choose_dtype(tc.dtype, device)  # auto: the faster precision on this machine
-    if note and main_process:
-        print(note, file=sys.stderr)
-    model, base = build_model(tc, device, dtype, train_set.index["codebook_size"], train_set.index.get("colour_tokens", 0))
-    tokenizer = load_tokenizer(base)
-    step, log, state, first = 0, [], None, 0  # first: the step this run's schedule counts from
-    repeats = mix_repeats(train_set, tc.mix)  # (n,) times each example comes in an epoch, or None
-    if resume and (out_dir / "state.json").exists():
-        state = read_json(out_dir / "state.json", ("step", "log", "train_config", "param_groups"))
-        model.load_adapter(out_dir)
-        step, log, first = state["step"], state["log"], state.get("schedule_start", 0)
-        # a resumed run continues the same computation: settings that change it must be the run's own
-        # (the number of processes may change: what counts is the global batch, batch_size x processes x grad_accum)
-        computation = ("base", "shards", "init", "init_scale", "rank", "expert_rank", "alpha", "attention", "router", "steps",
-                       "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "caption_dropout", "aux_loss_coef", "dtype", "seed", "mix",
-                       "restart_schedule", "colour_weight")
-        saved = state["train_config"]
-        differ = [f"{k}={getattr(tc, k)} (run: {saved[k]})" for k in computation if k in saved and saved[k] != getattr(tc, k)]
-        run_batch = saved.get("batch_size", tc.batch_size) * state.get("world", 1) * saved.get("grad_accum", tc.grad_accum)
-        if run_batch != tc.batch_size * world * tc.grad_accum:
-            differ.append(f"a global batch of {tc.batch_size * world * tc.grad_accum} (run: {run_batch})")
-        if differ:
-            raise BadInput(f"{out_dir} is a run with other settings: {', '.join(differ)}; resume it with its own, or "
-                           "start a new --out_dir with --init_from to continue from it")
-    elif tc.init_from:  # e.g. the committed demo/ on a machine where the run's own checkpoints are gone
-        step, log = (s := model.load_adapter(tc.init_from))["step"], s["log"]
-        first = step if tc.restart_schedule else 0
-        log.append({"step": step, "warm_start": tc.init_from} | ({"schedule_start": step} if tc.restart_schedule else {}))
-        print(f"warm start from {tc.init_from} at step {step}: adapter loaded, optimizer state starts afresh",
-              file=sys.stderr)
-    else:
-        if resume and main_process:
-            print(f"no checkpoint in {out_dir} yet: starting at step 0", file=sys.stderr)
-        init_model(model, train_set.index["vq"], tc.init, tc.seed, tc.init_scale)
-    counts, n_base = model.trainable_budget()
-    if main_process:
-        total = sum(counts.values())
-        print(f"trainable: {total:,} parameters = {100 * total / n_base:.2f}% of the {n_base:,}-parameter base ("
-              + ", ".join(f"{k} {v:,}" for k, v in counts.items()) + ")", file=sys.stderr)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel updates every tensor (AdamW's loop over ~500 tensors was ~4% of a step on a CPU)
-    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay, fused=True)
-    if state is not None:
-        tensors = read_tensors(out_dir / "optimizer.safetensors", device=str(device))
-        if "rng" not in tensors:
-            raise BadInput(f"damaged checkpoint file {out_dir / 'optimizer.safetensors'}: no 'rng'")
-        torch.set_rng_state(tensors.pop("rng").cpu())
-        load_optimizer(opt, tensors, state["param_groups"])
-    trained = model
-    if tc.fsdp:  # FSDP2 shards the frozen base over the processes; the adapter (~1%) stays whole on every one
-        from torch.distributed.fsdp import fully_shard
-        for layer in model.model.layers:
-            fully_shard(layer, ignored_params=set(params))
-        fully_shard(model, ignored_params=set(params))
-    elif world > 1:
-        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if tc.compile and compiler_found(device):
-        model.compile_blocks()  # evaluation and drawing run eagerly (below): compiling their shapes would not pay
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
-    text_ids = english_text(tokenizer)
-    global_size = tc.batch_size * world * tc.grad_accum
-    last = first + tc.steps
-    bar = tqdm(total=last, initial=step, desc="training", unit="step", disable=not main_process)
-    curve = samples = None
-    t0, tokens = time.time(), 0
-    t_log, step_log = t0, step  # step_s: wall seconds a step since the last log record (evaluations included)
-    model.train()
-    while step < last:
-        indices = batch_at(len(train_set), global_size, step, tc.seed, repeats)
-        drop = np.random.default_rng([tc.seed, step, 1]).random(len(indices)) < tc.caption_dropout
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step - first, tc.lr, tc.warmup, tc.steps, tc.min_lr)
-        for micro in range(tc.grad_accum):
-            part = slice((micro * world + rank) * tc.batch_size, (micro * world + rank + 1) * tc.batch_size)
-            idx, targets, pad = make_batch(train_set, indices[part], drop[part], model)
-            idx, targets, pad = idx.to(device), targets.to(device), pad.to(device)
-            sync = nullcontext() if micro == tc.grad_accum - 1 or world == 1 or tc.fsdp else trained.no_sync()
-            with sync, autocast:
-                _, loss = trained(idx, targets, pad=pad, colour_weight=tc.colour_weight)
-                aux = load_balancing_loss(model)
-                total = (loss + tc.aux_loss_coef * aux) / tc.grad_accum
-                if world > 1:  # every trainable tensor takes part in every step, even with no image token in the
-                    total = total + 0.0 * sum(p.sum() for p in params)  # batch: DDP's all-reduce sees the same set
-            total.backward()
-            tokens += idx.numel()
-        if tc.fsdp and world > 1:  # the adapter is not FSDP's: average its gradients in one all-reduce, as DDP would
-            flat = torch.cat([p.grad.flatten() for p in params])
-            dist.all_reduce(flat)
-            for p, g in zip(params, (flat / world).split([p.numel() for p in params])):
-                p.grad.copy_(g.view_as(p))
-        if not torch.isfinite(loss):  # stop before a bad update reaches the weights; the last checkpoint stays good
-            saved = json.loads((out_dir / "state.json").read_text())["step"] if (out_dir / "state.json").exists() else None
-            raise BadInput(f"the loss became {loss.item()} at step {step}; stopped. " + (
-                f"The last good checkpoint (step {saved}) is in {out_dir}" if saved is not None else "No checkpoint was written yet"))
-        norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if main_process and (step % tc.log_every == 0 or step == last):
-            now = time.time()
-            log.append({"step": step, "loss": loss.item(), "aux": aux.item(), "grad_norm": norm.item(), "lr": lr_at(step - 1 - first, tc.lr, tc.warmup, tc.steps, tc.min_lr),
-                        "tokens_per_s": tokens * world / (now - t0), "step_s": (now - t_log) / (step - step_log)})
-            t_log, step_log = now, step
-        if step % tc.eval_every == 0 or step == last:
-            with torch.compiler.set_stance("force_eager"):
-                result = evaluate(model, tc, val, text_ids, device, autocast)
-            if main_process:
-                log.append({"step": step} | result)
-                bar.write(json.dumps(log[-1]))
-        if main_process and tc.curve_every and (step % tc.curve_every == 0 or step == last):
-            curve = curve or learning_curve_setup(model, tokenizer, train_set, tc)
-            with torch.compiler.set_stance("force_eager"):
-                figures, *samples = curve(model, autocast)
-            log.append({"step": step, "epoch": step * global_size / len(train_set)} | figures)
-            bar.write(json.dumps(log[-1]))
-        if main_process and (step % tc.save_every == 0 or step == last):
-            save_checkpoint(out_dir, model, opt, step, tc, log, train_set.index["vq"], world, samples, first)
-    bar.close()
-    if world > 1:
-        dist.destroy_process_group()
-    return model
+# Sharing a run, and the command line
 
 
 def export(run_dir, out):
     """A run's adapter for sharing, as the committed demo/ is: adapter.safetensors with its image rows in bfloat16
     (half their size; the LoRA stays float32, and load_adapter reads either), state.json, and the run's VQ as vq/,
-    so that the directory is all sample.py needs besides the base. Each file is replaced by a rename, never half-written."""
-    import shutil
+    so that the directory is all sample.py needs besides the base. No path of this machine is written: the VQ is
+    "vq" (beside the adapter), the run and its warm start are named, not located. Each file is replaced by a rename,
+    never half-written."""
     state, _, vq_dir = run_inputs(run_dir)
     tensors = read_tensors(Path(run_dir) / "adapter.safetensors")
+    config = state["train_config"]
+    names = {k: Path(config[k]).name for k in ("out_dir", "init_from") if config.get(k)}
+    log = [r | {"warm_start": Path(r["warm_start"]).name} if "warm_start" in r else r for r in state["log"]]
+    state = state | {"vq": "vq", "train_config": config | names, "log": log}
     out = Path(out)
     (out / "vq").mkdir(parents=True, exist_ok=True)
-    files = {"adapter.safetensors": lambda p: save_file({k: v.to(torch.bfloat16) if k.startswith("image_") else v
-                                                         for k, v in tensors.items()}, p),
+    half = {k: v.to(torch.bfloat16) if k.startswith("image_") else v for k, v in tensors.items()}
+    files = {"adapter.safetensors": lambda p: save_file(half, p),
              "state.json": lambda p: p.write_text(json.dumps(state, indent=1))}
-    files |= {f"vq/{name}": lambda p, name=name: shutil.copyfile(Path(vq_dir) / name, p) for name in ("config.json", "model.safetensors")}
+    for name in ("config.json", "model.safetensors"):
+        files[f"vq/{name}"] = lambda p, name=name: shutil.copyfile(Path(vq_dir) / name, p)
     for name, write in files.items():
         tmp = out / f"{name}.tmp-{os.getpid()}"
         write(tmp)
         os.replace(tmp, out / name)
-    print(f"exported {run_dir} (step {state['step']}) to {out}: {sum((out / n).stat().st_size for n in files) / 1e6:.1f} MB")
+    size = sum((out / n).stat().st_size for n in files) / 1e6
+    print(f"exported {run_dir} (step {state['step']}) to {out}: {size:.1f} MB")
+
+
+def parse_args(argv):
+    """A config/*.json preset, then --key=value overrides; --resume, --nproc N and --export DIR are flags. Every
+    value is checked here (TrainConfig.check), before anything is loaded."""
+    values, resume, nproc, export_to = {}, False, None, None
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    rest = list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--resume":
+            resume = True
+        elif arg.startswith("--nproc") or arg.startswith("--export"):
+            value = arg.split("=", 1)[1] if "=" in arg else (rest.pop(0) if rest else "")
+            if arg.startswith("--nproc"):
+                nproc = setting("nproc", value, int)
+            elif not value:
+                raise BadInput("--export needs a directory to write the adapter to")
+            else:
+                export_to = value
+        elif arg.startswith("--"):
+            key, _, value = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            if key not in types:
+                raise BadInput(f"unknown setting --{key} (settings: {', '.join(types)})")
+            values[key] = setting(key, value, types[key])
+        elif arg.endswith(".json"):
+            values = read_preset(arg, types) | values
+        else:
+            raise BadInput(f"unexpected argument {arg!r}: a config/*.json file, --key=value, --resume, --nproc N or "
+                           "--export DIR")
+    if nproc is not None and nproc < 1:
+        raise BadInput("bad setting: --nproc >= 1 is required")
+    return TrainConfig(**values).check(), resume, nproc, export_to
+
+
+def read_preset(path, types):
+    """A config/*.json file -> its settings, each a known one of the right type."""
+    try:
+        preset = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BadInput(f"no config file {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path} is not valid JSON: {' '.join(str(e).split())}") from None
+    if not isinstance(preset, dict):
+        raise BadInput(f"{path} must hold a JSON object of settings")
+    for key, value in preset.items():
+        if key not in types:
+            raise BadInput(f"unknown setting {key!r} in {path} (settings: {', '.join(types)})")
+        if not isinstance(value, types[key]) and not (types[key] is float and type(value) is int):
+            raise BadInput(f"{path}: {key} must be {types[key].__name__}, not {value!r}")
+    return preset
+
+
+def setting(key, value, kind):
+    """A --key=value string as the setting's type, or one line saying what was expected."""
+    if kind is bool:
+        if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise BadInput(f"--{key}={value}: expected true or false")
+        return value.lower() in ("1", "true", "yes")
+    try:
+        return kind(value)
+    except ValueError:
+        expected = "an integer" if kind is int else "a number" if kind is float else "text"
+        raise BadInput(f"--{key}={value}: expected {expected}") from None
 
 
 def main(argv=None):
@@ -454,11 +553,11 @@ def main(argv=None):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if nproc is not None and world > 1 and nproc != world:
         raise BadInput(f"--nproc {nproc} asks for {nproc} processes but torchrun started {world}: "
-                       f"use `torchrun --nproc_per_node {nproc} train.py ...` or `torchrun train.py --nproc {nproc} ...`")
+                       f"use `torchrun --nproc_per_node {nproc} train.py ...` or "
+                       f"`torchrun train.py --nproc {nproc} ...`")
     # `python train.py --nproc 8`, and `torchrun train.py --nproc 8` (torchrun's default is one process): that one
     # process starts the 8 workers on this node with torch's elastic launcher, as torchrun --nproc_per_node 8 would
     if nproc is not None and nproc > 1 and world == 1:
-        from torch.distributed.launcher.api import LaunchConfig, elastic_launch
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
                               rdzv_endpoint="localhost:0", run_id=f"mmmoe-{os.getpid()}", max_restarts=0)
         elastic_launch(config, worker)(tc, resume)
