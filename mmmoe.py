@@ -17,6 +17,7 @@ Hugging Face checkpoint I/O lives in hf.py.
 
     python mmmoe.py CHECKPOINT_DIR "The capital of France is"     # continue a text prompt
 """
+import argparse
 import json
 import math
 from contextlib import contextmanager, nullcontext
@@ -738,7 +739,7 @@ def attend_one_token(q, k, v, mask):
     kernel. tests/test_model.py::test_decoding_step_equals_the_whole_sequence."""
     B, n_kv, hd = k.shape[0], k.shape[1], q.shape[-1]
     q = q.contiguous().view(B, n_kv, -1, hd)  # contiguous, so that SDPA runs its fused kernel
-    # -> (B, nh, 1, hd); reshape, not view: on CUDA the output is not contiguous (seen on an H200)
+    # -> (B, nh, 1, hd); reshape, not view: on CUDA the output need not be contiguous
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, -1, 1, hd)
 
 
@@ -788,7 +789,6 @@ def choose_dtype(name, device):
 
 
 def main(argv=None):
-    import argparse  # only the command line needs it
     p = argparse.ArgumentParser(description="Continue a prompt with a Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE model.")
     p.add_argument("ckpt", help="directory with config.json, *.safetensors and tokenizer.json")
     p.add_argument("prompt")

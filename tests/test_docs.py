@@ -32,7 +32,7 @@ def script_commands(line):
         return []
     out, cmd = [], []
     for w in words + [";"]:
-        if w in (";", "&&", "||", "|"):
+        if w in (";", "&&", "||", "|", "&"):
             out.append(cmd)
             cmd = []
         else:

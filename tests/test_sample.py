@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT
 from PIL import Image
 
+import mmmoe
 import pipeline
 import sample
 import train
@@ -195,6 +196,29 @@ def test_the_demo_draws_a_batch_as_it_draws_each_prompt():
     n = vq.config.n_tokens
     together = model.generate_image(ids, n, temperature=0)
     assert torch.equal(together, torch.cat([model.generate_image([i], n, temperature=0) for i in ids]))
+
+
+def test_the_demo_still_draws_the_pictures_it_drew_before():
+    """The committed demo's greedy pictures at the default guidance, recorded by the code before the model file was
+    reorganised (tests/data/demo_greedy.json, drawn at 91867a1): every recorded token is still the model's choice. One
+    forward over each recorded sequence and its unconditional twin (teacher forcing): at every step the recorded
+    token's guided logit is the largest among the tokens allowed there, up to 1e-4 of their scale (a near tie may fall
+    either way with another CPU's rounding; a change of the function moves whole pictures)."""
+    model, tokenizer, _ = sample.load_pipeline()
+    K, C, eos = model.adapter.n_image_codes, model.adapter.colour_tokens, model.config.eos_token_id
+    guidance = mmmoe.SAMPLING["guidance"]
+    for record in json.loads((ROOT / "tests" / "data" / "demo_greedy.json").read_text()):
+        ids, codes = tokenizer.encode(record["prompt"]).ids, torch.tensor(record["codes"])
+        twin = [model.start_token, *[eos] * len(ids), model.image_token("boi")]  # generate_image's unconditional row
+        rows = torch.tensor([[model.start_token, *ids, model.image_token("boi")], twin])
+        seq = torch.cat([rows, model.image_token(codes[:-1]).expand(2, -1)], 1)
+        with torch.no_grad():
+            logits = mmmoe.linear(model.hidden_states(seq)[:, len(ids) + 1:], model.image_head[:K])  # (2, n, K)
+        guided = logits[1] + guidance * (logits[0] - logits[1])  # (n, K)
+        for i, code in enumerate(codes.tolist()):
+            lo, hi = (K - C, K) if i == 0 else (0, K - C)  # a colour token first, then codes
+            allowed = guided[i, lo:hi]
+            assert allowed[code - lo] >= allowed.max() - 1e-4 * allowed.abs().max(), (record["prompt"], i)
 
 
 def test_the_demo_moved_elsewhere_draws_from_its_own_files(tmp_path, monkeypatch):
