@@ -262,7 +262,7 @@ def load_checkpoint(model, path, dtype, device):
     model plus one tensor. Every name and shape is checked before any data is read.
 
     Copy upcycling makes every expert of a layer the same FFN (the paper's redundant start). Such a
-    layer keeps one copy, and MoE.shared_base computes it once: 1/E of the memory, 1/top_k of the work.
+    layer keeps one copy, and shared_base computes it once: 1/E of the memory, 1/top_k of the work.
     The copies are compared, not assumed: experts that differ in one number keep their own weights."""
     index = checkpoint_index(Path(path))
     sources, read = checkpoint_sources(model, index), TensorReader(index)

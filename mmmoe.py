@@ -8,9 +8,9 @@ unfolds in this order:
   1. configs: the text MoE (MMMoEConfig) and what the paper adds to it (AdapterConfig)
   2. PLoRA, `plora()`: a low-rank update that acts at image positions only; C1 starts there
   3. attention and the routed experts, every projection through PLoRA; `expert()`, the routed expert update
-  4. the model: where the images are (`hidden_states`), C1 whole (`text_then_images`), the loss each modality apart
-     (`loss`), the adapter (`add_image_adapter`, C2), drawing (`generate_image`)
-  5. the same, faster: copies of one FFN computed once (`shared_base`), a one-token attention step, PLoRA folded into
+  4. the model: the adapter (`add_image_adapter`, C2), C1 whole (`text_then_images`), where the images are
+     (`hidden_states`), the loss each modality apart (`loss`), drawing (`generate_image`)
+  5. the same, faster: copied experts computed once (`shared_base`), a one-token attention step, PLoRA folded into
      the weights while drawing, the few-row matmul form. Each equals the plain path above; the test that proves it
      is named where it is defined (docs/model.md lists them).
 Hugging Face checkpoint I/O lives in hf.py.
@@ -97,8 +97,8 @@ class AdapterConfig:
     expert_rank: int = 0
 
 # -----------------------------------------------------------------------------
-# Building blocks. Every projection below is `linear(x, w)`, which is x @ w.T (a faster form for a few rows on some
-# CPUs is chosen at the end of the file).
+# Building blocks. A projection below is `linear(x, w)`, which is x @ w.T (a faster form for a few rows on some
+# CPUs is chosen at the end of the file), or an nn.Linear where it has a bias or is the router.
 
 
 class RMSNorm(nn.Module):
@@ -173,7 +173,8 @@ class KVCache(nn.Module):
 def attend(q, k, v, mask):
     """softmax(q k^T / sqrt(hd), where mask allows) v: q (B, nh, T, hd), k and v (B, n_kv, S, hd), each K/V head read
     by nh / n_kv query heads; mask (T, S) or (B, 1, T, S) bool, None for plain causal attention -> (B, nh, T, hd)."""
-    with sdpa_kernel(SDPBackend.MATH):  # on a CPU at these short lengths faster than the flash kernel (docs/speed.md)
+    # on a CPU, at these short lengths, the plain math kernel is the faster one (docs/speed.md)
+    with sdpa_kernel(SDPBackend.MATH) if q.device.type == "cpu" else nullcontext():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
 
 
@@ -240,7 +241,7 @@ class Attention(nn.Module):
 def expert(x, experts, e, image_rows=None):
     """Expert e on its tokens x (n, C): w2(silu(w1 x) * w3 x), with w1 = gate, w3 = up, w2 = down projection. The
     routed expert update: at image rows (n, 1), each of the three projections adds expert e's own low-rank update."""
-    b = e if len(experts.w1) > 1 else 0  # a copy-upcycled base stores one copy for every expert
+    b = e if len(experts.w1) > 1 else 0  # copied experts are stored once
     gate = plora(linear(x, experts.w1[b]), x, experts.w1_lora, image_rows, expert=e)  # (n, I)
     up = plora(linear(x, experts.w3[b]), x, experts.w3_lora, image_rows, expert=e)
     h = F.silu(gate) * up
@@ -258,7 +259,7 @@ def expert_stack(n, inter, dim):
 
 class MoE(nn.Module):
     """Top-k routed SwiGLU experts, stored stacked per layer as (E, out, in) tensors, or as one (1, out, in)
-    copy when every expert holds the same weights (a copy-upcycled base: the loader keeps one). A dense layer
+    copy when every expert holds the same weights (copied experts, as upcycling makes them). A dense layer
     among MoE layers is one expert without a router; Qwen2-MoE adds a shared expert that every token runs."""
 
     def __init__(self, cfg, dense=False):
@@ -279,7 +280,7 @@ class MoE(nn.Module):
         x = x.view(-1, C)  # (N, C) with N = B * T
         image_rows = None if image_rows is None else image_rows.view(-1, 1)  # (N, 1)
         weights, expert_idx = self.route(x, image_rows)  # (N, k) each
-        if len(self.experts.w1) == 1:  # copies of one FFN (or a dense layer): grouped's result, faster
+        if len(self.experts.w1) == 1:  # copied experts (or a dense layer): grouped's result, faster
             y = shared_base(self, x, weights, expert_idx, image_rows)
         else:
             y = self.grouped(x, weights, expert_idx, image_rows)
@@ -336,9 +337,23 @@ class Block(nn.Module):
 # The model
 
 
-# Image sampling defaults, chosen by measurement on the demo (docs/demo.md): guidance 3 and temperature
-# 1 drew none of 16 training emoji recognisably; guidance 1.5, temperature 0.7, top-k 50 drew 69% (greedy 88%).
+# Image sampling defaults, the best measured on the demo (docs/demo.md)
 SAMPLING = {"guidance": 1.5, "temperature": 0.7, "top_k": 50}
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, allowed_ids=None, generator=None):
+    """logits (B, V) -> next token ids (B,)."""
+    logits = logits.float()
+    if allowed_ids is not None:  # every other token gets probability 0
+        logits = torch.full_like(logits, float("-inf")).index_copy(1, allowed_ids, logits[:, allowed_ids])
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    # the candidates, most likely first: the top k (then a draw among 50 codes costs 50 random numbers, not 16k), or all
+    logits, ids = torch.topk(logits, min(top_k or logits.size(-1), logits.size(-1)), dim=-1)  # (B, k)
+    probs = F.softmax(logits / temperature, dim=-1)
+    if top_p is not None:  # nucleus: keep the smallest set of tokens whose probability reaches top_p
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > top_p, 0.0)  # the mass before it already >= p
+    return ids.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
 
 
 class MMMoE(nn.Module):
@@ -346,7 +361,7 @@ class MMMoE(nn.Module):
         super().__init__()
         self.config = config
         # module names mirror the Hugging Face checkpoint keys, so loading is a plain name lookup; built uninitialised
-        # (weights are loaded), as random init on the meta device costs torch a 2-s import
+        # (weights are loaded): random init would cost time and be overwritten
         embed = nn.Embedding(config.vocab_size, config.dim, _weight=torch.empty(config.vocab_size, config.dim))
         self.model = nn.ModuleDict(dict(
             embed_tokens=embed,
@@ -396,7 +411,7 @@ class MMMoE(nn.Module):
         params = list(self.named_parameters())
         counts = {k: sum(p.numel() for n, p in params if p.requires_grad and v in n) for k, v in self.BUDGET.items()}
 
-        def copies(name, p):  # a shared base stores one copy of a layer's identical experts; its MoE has n_experts
+        def copies(name, p):  # copied experts are stored once; the MoE they stand for has n_experts
             shared = ".experts.w" in name and len(p) == 1
             return self.get_submodule(name[:name.index(".experts.")]).n_experts if shared else 1
         return counts, sum(p.numel() * copies(n, p) for n, p in params if not p.requires_grad)
@@ -411,7 +426,6 @@ class MMMoE(nn.Module):
         loss needs the output layer only at its targets (over a 49k text vocabulary the rest would be a large share of
         a step). pad (B,): the columns at the start of each row that are left padding, seen by no token, so that rows
         of different lengths share a batch."""
-        pad = pad if pad is not None and bool(pad.any()) else None  # no row padded: plain causal attention
         if targets is not None and (targets >= 0).any():  # causal: the columns after the last target cannot change it
             last = int((targets >= 0).any(0).nonzero()[-1]) + 1
             idx, targets = idx[:, :last], targets[:, :last]
@@ -443,6 +457,7 @@ class MMMoE(nn.Module):
         sequences from column 0 (training, scoring); input_pos (T,): the columns of idx in the KV cache of
         setup_caches (from column 0: prefill, attending to these tokens; later: attending to the whole cache)."""
         cfg, V = self.config, self.config.vocab_size
+        pad = pad if pad is not None and bool(pad.any()) else None  # no row padded: plain causal attention
         columns = torch.arange(idx.shape[1], device=idx.device) if input_pos is None else input_pos  # (T,)
         # each row's own positions: after left padding a row starts at position 0, its padding is negative
         positions = columns if pad is None else columns - pad[:, None]  # (T,) or (B, T)
@@ -514,7 +529,6 @@ class MMMoE(nn.Module):
             raise BadInput(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds the model's context of "
                            f"{self.config.max_seq_len} tokens")
         head, feed = head or (lambda x, i: self.logits(x)), feed or (lambda t, i: t)
-        pad = pad if pad is not None and bool(pad.any()) else None  # no row padded: plain causal attention
         eos, out, pos = self.config.eos_token_id, [idx], torch.arange(T, device=idx.device)
         with torch.inference_mode():  # no autograd bookkeeping at all
             self.setup_caches(R, T + max_new_tokens)
@@ -671,34 +685,20 @@ class MMMoE(nn.Module):
 
     def compile_blocks(self):
         """torch.compile each block for training (train.py draws under set_stance("force_eager")): one graph for every
-        length, elementwise chains fused; grouped dispatch (data-dependent slices) stays eager. Imports the compiler
-        (~1 s). Pinned by tests/test_train.py::test_compiled_blocks_equal_eager."""
+        length, elementwise chains fused; grouped dispatch (data-dependent slices) stays eager. Pinned by
+        tests/test_train.py::test_compiled_blocks_equal_eager."""
         for layer in self.model.layers:
             layer.block_sparse_moe.grouped = torch.compiler.disable(layer.block_sparse_moe.grouped)
             layer.compile(dynamic=True)
         return self
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, allowed_ids=None, generator=None):
-    """logits (B, V) -> next token ids (B,)."""
-    logits = logits.float()
-    if allowed_ids is not None:  # every other token gets probability 0
-        logits = torch.full_like(logits, float("-inf")).index_copy(1, allowed_ids, logits[:, allowed_ids])
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    # the candidates, most likely first: the top k (then a draw among 50 codes costs 50 random numbers, not 16k), or all
-    logits, ids = torch.topk(logits, min(top_k or logits.size(-1), logits.size(-1)), dim=-1)  # (B, k)
-    probs = F.softmax(logits / temperature, dim=-1)
-    if top_p is not None:  # nucleus: keep the smallest set of tokens whose probability reaches top_p
-        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > top_p, 0.0)  # the mass before it already >= p
-    return ids.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
-
 # -----------------------------------------------------------------------------
 # The same, faster. Each function here computes what a plain one above computes; the test named in it proves it.
 
 
 def shared_base(moe, x, weights, expert_idx, image_rows):
-    """MoE.grouped for experts that are copies of one FFN (the paper's redundant start) and differ only by their PLoRA
+    """MoE.grouped for copied experts (copies of one FFN: the paper's redundant start), which differ only by their PLoRA
     updates, faster. w1 x and w3 x are the same for every expert: computed once per token. The down projection is
     linear, so sum_s w_s W2 h_s = W2 (sum_s w_s h_s): once per token, not top_k times. A text row has no update at all:
     with weights summing to 1 it is exactly the dense FFN. Pinned by test_shared_base_equals_grouped_dispatch

@@ -5,7 +5,7 @@ sample.py: draw pictures from text with a multimodal MoE.
     python sample.py "blue heart" "green apple" -n 4 --out grid.png
     python sample.py "a lemon" --ckpt out/demo --guidance 1.5 --temperature 0 # greedy: one picture per prompt
     python sample.py --from-file prompts.txt --out-dir out/pictures  # one PNG per line; a rerun skips what is written
-    python sample.py "a lemon" "a taxi" "grapes" --dtype bfloat16   # faster on a CPU with AMX (docs/speed.md)
+    python sample.py "a lemon" "a taxi" "grapes" --dtype float32    # default auto: the faster here (bf16 on AMX)
 
 The prompt becomes  <bos> prompt <boi>; the model then writes the image codes one at a time with the
 KV cache, and the VQ decoder turns them into pixels. Inside an image only image codes can be sampled

@@ -124,8 +124,8 @@ class TrainConfig:
 # A resumed run continues the same computation: these settings must be the run's own (the number of processes may
 # change: what counts is the global batch, batch_size x processes x grad_accum)
 COMPUTATION = ("base", "shards", "init", "init_scale", "rank", "expert_rank", "alpha", "attention", "router", "steps",
-               "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "caption_dropout", "aux_loss_coef", "dtype",
-               "seed", "mix", "restart_schedule", "colour_weight")
+               "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "caption_dropout", "aux_loss_coef", "seed",
+               "mix", "restart_schedule", "colour_weight")  # and the precision computed in (check_same_computation)
 
 # -----------------------------------------------------------------------------
 # The loop
@@ -134,22 +134,25 @@ COMPUTATION = ("base", "shards", "init", "init_scale", "rank", "expert_rank", "a
 def train(tc, resume=False):
     rank, world, device = start_processes(tc)
     main_process, out_dir = rank == 0, Path(tc.out_dir)
-    train_set, val = open_shards(tc, out_dir, resume)
+    check_out_dir(out_dir, resume)
+    train_set, val = open_shards(tc)
     dtype, note = choose_dtype(tc.dtype, device)  # auto: the faster precision on this machine
     if note and main_process:
         print(note, file=sys.stderr)
     codes, colours = train_set.index["codebook_size"], train_set.index.get("colour_tokens", 0)
     model, base = build_model(tc, device, dtype, codes, colours)
-    step, log, first, saved = start_or_resume(model, tc, out_dir, resume, world, train_set, main_process)
+    step, log, first, saved = start_or_resume(model, tc, dtype, out_dir, resume, world, train_set, main_process)
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel updates every tensor (AdamW's loop over ~500 tensors was ~4% of a step on a CPU)
+    # fused: one kernel updates every tensor, not a loop over them
     opt = torch.optim.AdamW(params, lr=tc.lr, betas=(0.9, 0.95), weight_decay=tc.weight_decay, fused=True)
     if saved is not None:
         restore_optimizer(opt, out_dir, saved, device)
     trained = distribute(model, tc, params, world, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
-    tokenizer, repeats = load_tokenizer(base), mix_repeats(train_set, tc.mix)  # repeats: a data mix, or None
-    text_ids, global_size, last = english_text(tokenizer), tc.batch_size * world * tc.grad_accum, first + tc.steps
+    tokenizer = load_tokenizer(base)
+    repeats = mix_repeats(train_set, tc.mix)  # (n,) times each example comes in an epoch (a data mix), or None
+    text_ids = english_text(tokenizer)  # held-out English: C1's perplexity check
+    global_size, last = tc.batch_size * world * tc.grad_accum, first + tc.steps
     bar = tqdm(total=last, initial=step, desc="training", unit="step", disable=not main_process)
     clock, curve, samples = Clock(step), None, None
     model.train()
@@ -159,7 +162,9 @@ def train(tc, resume=False):
         drop = np.random.default_rng([tc.seed, step, 1]).random(len(indices)) < tc.caption_dropout
         for g in opt.param_groups:
             g["lr"] = lr_at(step - first, tc.lr, tc.warmup, tc.steps, tc.min_lr)
-        loss, aux = forward_backward(trained, model, train_set, indices, drop, tc, rank, world, autocast, params, clock)
+        loss, aux, tokens = forward_backward(trained, model, train_set, indices, drop, tc, rank, world, autocast,
+                                             params)
+        clock.tokens += tokens
         if not torch.isfinite(loss):  # stop before a bad update reaches the weights; the last checkpoint stays good
             stop_on_a_bad_loss(loss, step, out_dir)
         norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
@@ -170,7 +175,7 @@ def train(tc, resume=False):
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if main_process and (step % tc.log_every == 0 or step == last):
             log.append({"step": step, "loss": loss.item(), "aux": aux.item(), "grad_norm": norm.item(),
-                        "lr": lr_at(step - 1 - first, tc.lr, tc.warmup, tc.steps, tc.min_lr)} | clock.read(step, world))
+                        "lr": opt.param_groups[0]["lr"]} | clock.read(step, world))
         if step % tc.eval_every == 0 or step == last:
             with torch.compiler.set_stance("force_eager"):
                 result = evaluate(model, tc, val, text_ids, device, autocast)
@@ -194,10 +199,11 @@ def train(tc, resume=False):
 # One step's forward and backward, and what the log records of it
 
 
-def forward_backward(trained, model, train_set, indices, drop, tc, rank, world, autocast, params, clock):
+def forward_backward(trained, model, train_set, indices, drop, tc, rank, world, autocast, params):
     """This process's share of a global batch, in grad_accum micro-steps: forward, loss, backward -> (the last
-    micro-step's loss, its load-balancing loss); gradients are then in params (averaged over the processes)."""
-    device = params[0].device
+    micro-step's loss, its load-balancing loss, the tokens seen); gradients are then in params (averaged over the
+    processes). trained is the model, or DDP around it."""
+    device, tokens = params[0].device, 0
     for micro in range(tc.grad_accum):
         part = slice((micro * world + rank) * tc.batch_size, (micro * world + rank + 1) * tc.batch_size)
         idx, targets, pad = (t.to(device) for t in make_batch(train_set, indices[part], drop[part], model))
@@ -210,13 +216,13 @@ def forward_backward(trained, model, train_set, indices, drop, tc, rank, world, 
             if world > 1:  # every trainable tensor takes part in every step, even with no image token in the
                 total = total + 0.0 * sum(p.sum() for p in params)  # batch: DDP's all-reduce sees the same set
         total.backward()
-        clock.tokens += idx.numel()
+        tokens += idx.numel()
     if tc.fsdp and world > 1:  # the adapter is not FSDP's: average its gradients in one all-reduce, as DDP would
         flat = torch.cat([p.grad.flatten() for p in params])
         dist.all_reduce(flat)
         for p, g in zip(params, (flat / world).split([p.numel() for p in params])):
             p.grad.copy_(g.view_as(p))
-    return loss, aux
+    return loss, aux, tokens
 
 
 def load_balancing_loss(model):
@@ -276,14 +282,17 @@ def start_processes(tc):
     return rank, world, device
 
 
-def open_shards(tc, out_dir, resume):
-    """Check the run directory (never written over without --resume, never a user's own files) -> the shards."""
+def check_out_dir(out_dir, resume):
+    """A run is never written over without --resume, and a directory of the user's own files never at all."""
     recover_dir(out_dir)  # a run killed while saving left its newest whole checkpoint beside out_dir
     if not resume and (out_dir / "state.json").exists():
         step = json.loads((out_dir / "state.json").read_text()).get("step")
         raise BadInput(f"{out_dir} already holds a run (step {step}): add --resume to continue it, or choose "
                        "another --out_dir")
     check_replaceable(out_dir)
+
+
+def open_shards(tc):
     train_set, val = TokenShards(tc.shards, "train"), TokenShards(tc.shards, "val")
     if not len(train_set) or not len(val):
         raise BadInput(f"{tc.shards} has {len(train_set)} training and {len(val)} held-out examples: training needs "
@@ -291,7 +300,7 @@ def open_shards(tc, out_dir, resume):
     return train_set, val
 
 
-def build_model(tc, device, dtype, n_codes=None, colour_tokens=0):
+def build_model(tc, device, dtype, n_codes, colour_tokens):
     base = Path(tc.base) if tc.base else builtin_base()
     # the adapter is float32 always; under bf16 autocast a float32 base would be rounded to bf16 at every matmul
     model = MMMoE.from_pretrained(base, dtype=dtype, device=device)
@@ -300,7 +309,7 @@ def build_model(tc, device, dtype, n_codes=None, colour_tokens=0):
     return model.add_image_adapter(adapter), base
 
 
-def start_or_resume(model, tc, out_dir, resume, world, train_set, main_process):
+def start_or_resume(model, tc, dtype, out_dir, resume, world, train_set, main_process):
     """The adapter's starting point -> (step, log, the step the schedule counts from, the saved state to resume or
     None): the run's own last checkpoint (--resume), a warm start (init_from), or fresh image rows (init)."""
     step, log, first, state = 0, [], 0, None
@@ -308,7 +317,7 @@ def start_or_resume(model, tc, out_dir, resume, world, train_set, main_process):
         state = read_json(out_dir / "state.json", ("step", "log", "train_config", "param_groups"))
         model.load_adapter(out_dir)
         step, log, first = state["step"], state["log"], state.get("schedule_start", 0)
-        check_same_computation(tc, state, world, out_dir)
+        check_same_computation(tc, dtype, state, world, out_dir)
     elif tc.init_from:  # e.g. the committed demo/ on a machine where the run's own checkpoints are gone
         step, log = (s := model.load_adapter(tc.init_from))["step"], s["log"]
         first = step if tc.restart_schedule else 0
@@ -328,10 +337,17 @@ def start_or_resume(model, tc, out_dir, resume, world, train_set, main_process):
     return step, log, first, state
 
 
-def check_same_computation(tc, state, world, out_dir):
+def check_same_computation(tc, dtype, state, world, out_dir):
+    """Refuse (one line) to resume a run with settings that change its computation. The precision compared is the one
+    each run computes in (auto may choose another on another machine)."""
     saved = state["train_config"]
     differ = [f"{k}={getattr(tc, k)} (run: {saved[k]})" for k in COMPUTATION
               if k in saved and saved[k] != getattr(tc, k)]
+    precision = str(dtype).removeprefix("torch.")
+    if state.get("precision", precision) != precision:
+        differ.append(f"dtype={tc.dtype}, {precision} here (run: {saved.get('dtype')}, {state['precision']})")
+    elif "precision" not in state and saved.get("dtype", tc.dtype) != tc.dtype:  # saved before precision was
+        differ.append(f"dtype={tc.dtype} (run: {saved['dtype']})")
     run_batch = saved.get("batch_size", tc.batch_size) * state.get("world", 1) * saved.get("grad_accum", tc.grad_accum)
     if run_batch != tc.batch_size * world * tc.grad_accum:
         differ.append(f"a global batch of {tc.batch_size * world * tc.grad_accum} (run: {run_batch})")
@@ -381,7 +397,8 @@ def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir, world=1, samples
     learning curve's latest pictures (samples: the grid and labels its curve() returned), if there are any."""
     opt_tensors, param_groups = optimizer_tensors(opt)
     state = {"step": step, "train_config": asdict(tc), "world": world, "param_groups": param_groups, "vq": str(vq_dir),
-             "log": log, "schedule_start": schedule_start}
+             "log": log, "schedule_start": schedule_start,
+             "precision": str(model.lm_head.weight.dtype).removeprefix("torch.")}  # what dtype (auto) computed in
     try:
         with atomic_dir(out_dir) as tmp:
             model.save_adapter(tmp, state)
@@ -412,7 +429,7 @@ def evaluate(model, tc, val, text_ids, device, autocast):
 
 def learning_curve_setup(model, tokenizer, train_set, tc):
     """-> curve(model, autocast): draws a fixed set of captions of each of data.GROUPS (training emoji as people ask,
-    held-out emoji, held-out colour pairs), greedily with guidance 1.5 (sample.py's; at guidance 3 the demo drew
+    held-out emoji, held-out colour pairs), greedily with sample.py's default guidance (at guidance 3 the demo drew
     nothing recognisable), and scores each picture against the dataset's pictures (VQModel.scores, score_summary):
     the asked picture's rank by VQ features (0 = top-1), hue and colour-word agreement, the asked object's rank by
     shape."""
@@ -442,7 +459,7 @@ def learning_curve_setup(model, tokenizer, train_set, tc):
             pictures, own = vq.detokenize(tokens), torch.tensor([i for i, _ in chosen])
             out |= {f"{group}_{k}": v for k, v in score_summary(vq.scores(pictures, gallery, own)).items()}
             grid += [images[own[:12]].cpu(), pictures[:12].cpu()]
-            labels += [f"{GROUPS[group]}: asked", "drawn (greedy, guidance 1.5)"]
+            labels += [f"{GROUPS[group]}: asked", f"drawn (greedy, guidance {SAMPLING['guidance']})"]
         model.train()
         width = max(len(row) for row in grid)
         padded = [torch.cat([row, torch.ones(width - len(row), *row.shape[1:])]) for row in grid]

@@ -377,7 +377,7 @@ class TokenShards:
 def make_batch(shards, indices, drop, model):
     """-> idx (B, T), targets (B, T), pad (B,): targets are the next image code at every position that predicts
     one, -1 elsewhere. Each example is  <bos> caption <boi> code_1 ... code_n <eoi> <eos>, left-padded with pad[i]
-    <eos> tokens that no token sees (MMMoE.forward), so that every row's <boi> is in one column: the columns before
+    <eos> tokens that no token sees (MMMoE.hidden_states), so that every row's <boi> is in one column: the columns before
     it are all text, which runs as the base runs it, and the image part is all image tokens, where PLoRA acts on
     every row. drop[i]: example i gets the unconditional prompt (its caption's tokens all <eos>: classifier-free
     guidance's caption dropout)."""

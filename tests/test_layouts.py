@@ -66,7 +66,7 @@ def test_save_and_load_round_trip_bit_for_bit(layout_ckpt, tmp_path):
 
 
 def test_copy_upcycled_experts_share_one_copy_in_every_layout(tiny_ckpt):
-    """Copies of one FFN are kept once (MoE.shared_base) in any layout, and give what distinct copies give; without
+    """Copies of one FFN are kept once (shared_base) in any layout, and give what distinct copies give; without
     renormalised top-k weights (OLMoE, Qwen2-MoE) the copies' outputs add up to the weights' sum times one."""
     for layout in LAYOUTS:
         path, cfg, sd = tiny_ckpt(layout=layout, name=layout + "-copies", copies=True)

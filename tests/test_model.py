@@ -55,10 +55,13 @@ def test_grouped_dispatch_equals_per_token_loop():
     assert (counts > 0).sum() >= 4  # routing really spreads over experts in this test
 
 
-def test_decoding_step_equals_the_whole_sequence(tiny_ckpt):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_decoding_step_equals_the_whole_sequence(tiny_ckpt, monkeypatch, transposed):
     """A one-token step from the KV cache (its query heads folded onto the K/V head they share, SDPA's fused
-    kernel) gives the hidden state that the whole sequence gives at that position (grouped-query attention:
-    4 query heads, 2 K/V heads; 3 rows, so that linear() hands back a transposed query)."""
+    kernel: attend_one_token) gives the hidden state that the whole sequence gives at that position (grouped-query
+    attention: 4 query heads, 2 K/V heads; 3 rows), with linear()'s few-row products in either form, (w x^T)^T as
+    on AMD (which also hands back a transposed query) or x w^T as on Intel."""
+    monkeypatch.setattr(mmmoe, "FEW_ROWS_TRANSPOSED", transposed)
     path, cfg, _ = tiny_ckpt()
     model = MMMoE.from_pretrained(path)
     ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(4))

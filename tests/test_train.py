@@ -150,7 +150,7 @@ def test_grouped_plora_equals_per_token(tiny_ckpt):
 
 
 def test_shared_base_equals_grouped_dispatch(tiny_ckpt):
-    """A copy-upcycled base keeps one copy of each layer's FFN and computes it once (MoE.shared_base). With a
+    """A copy-upcycled base keeps one copy of each layer's FFN and computes it once (shared_base). With a
     trained adapter it must compute what grouped dispatch over E separate copies computes."""
     path, cfg, _ = tiny_ckpt(copies=True)
     shared, grouped = with_random_adapter(path), with_random_adapter(path)  # the same adapter weights
@@ -400,9 +400,10 @@ def test_torchrun_with_nproc_trains_on_that_many_processes(tiny_setup):
     assert same_training(tmp / "one", tmp / "tr")
 
 
-def test_bfloat16_training_on_the_cpu(tiny_setup, capsys):
+def test_bfloat16_training_on_the_cpu(tiny_setup, capsys, monkeypatch):
     """dtype=bfloat16: the frozen base in bf16 under bf16 autocast, the adapter float32; the learning curve
-    draws with it; a float32 resume of a bfloat16 run is a different computation and is refused."""
+    draws with it; a float32 resume of a bfloat16 run is a different computation and is refused, and so is
+    dtype=auto where auto chooses float32; where it chooses bf16 (AMX), the run resumes."""
     tc = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(tiny_setup["tmp"] / "bf"),
                            rank=4, batch_size=4, steps=3, warmup=1, eval_every=3, eval_batches=1, save_every=3,
                            curve_every=3, curve_captions=2, dtype="bfloat16")
@@ -413,8 +414,17 @@ def test_bfloat16_training_on_the_cpu(tiny_setup, capsys):
     log = json.loads((tiny_setup["tmp"] / "bf" / "state.json").read_text())["log"]
     assert all(math.isfinite(r["loss"]) for r in log if "loss" in r) and any("train_top1" in r for r in log)
     assert load_file(tiny_setup["tmp"] / "bf" / "adapter.safetensors")["image_embed"].dtype == torch.float32
-    with pytest.raises(BadInput, match=r"dtype=float32 \(run: bfloat16\)"):
+    with pytest.raises(BadInput, match=r"dtype=float32, float32 here \(run: bfloat16, bfloat16\)"):
         train.train(train.TrainConfig(**{**tc.__dict__, "dtype": "float32"}), resume=True)
+    auto = train.TrainConfig(**{**tc.__dict__, "dtype": "auto"})
+    for amx in (False, True):  # an AVX2 machine, then one with AMX
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        if not amx:
+            with pytest.raises(BadInput, match=r"dtype=auto, float32 here \(run: bfloat16, bfloat16\)"):
+                train.train(auto, resume=True)
+        else:
+            assert train.train(auto, resume=True).lm_head.weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("machine,avx512_bf16,amx,auto", [("cuda", False, False, torch.bfloat16), ("cpu", True, True, torch.bfloat16),
