@@ -84,7 +84,8 @@ class MMMoEConfig:
 @dataclass
 class AdapterConfig:
     """What the paper adds to a text MoE: image tokens, and Partial LoRA (PLoRA) updates that act on
-    image-token positions only. Image codes take ids V..V+K-1 after the V text tokens, then <boi>, <eoi>."""
+    image-token positions only. Image codes take ids V..V+K-1 after the V text tokens, then <boi>, <eoi> (and with
+    scene_tokens <scene>, <empty>: a 2 x 2 canvas of tiles, each a picture or empty)."""
     n_image_codes: int = 1024  # the image tokenizer's vocabulary K (VQ codes, then any colour tokens)
     colour_tokens: int = 0  # the last this many of them only ever start an image (a VQ with hue_bins)
     rank: int = 8
@@ -95,6 +96,8 @@ class AdapterConfig:
     router: bool = True
     # the experts' updates' rank, if not rank: a dense base's one expert at rank 32 has the budget of 8 at rank 4
     expert_rank: int = 0
+    # two more image tokens for scenes: <boi> <scene> tile_0 .. tile_3 <eoi>, a tile <empty> or a picture's tokens
+    scene_tokens: bool = False
 
 # -----------------------------------------------------------------------------
 # Building blocks. A projection below is `linear(x, w)`, which is x @ w.T (a faster form for a few rows on some
@@ -356,6 +359,58 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, allowed_ids=Non
     return ids.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
 
 
+class ImageRule:
+    """The decoding rule inside an image, row by row: which image tokens each row may take next. Image tokens are
+    numbered from 0 here: K codes (the last colour_tokens of them colours), <boi>, <eoi>, and with scene tokens
+    <scene>, <empty>. A picture is n_codes tokens: a colour token first if the VQ has them, then codes. A row writes
+    one picture, or (with scene tokens) <scene> and then 4 tiles, each <empty> or a picture. A row's state: the
+    tokens still to come in the picture it writes (left) and the tiles still to start (tiles; -1 before its first
+    token). A row that is done may take <eoi> alone (what it takes then is not used)."""
+
+    def __init__(self, adapter, n_codes, batch_size, device):
+        K, C = adapter.n_image_codes, adapter.colour_tokens
+        ids = torch.arange(K + 2 + 2 * adapter.scene_tokens, device=device)
+        self.n_codes, self.scene, self.empty = n_codes, K + 2, K + 3
+        self.code = ids < K - C  # (K + 2 [+ 2],): inside a picture
+        self.first = (ids >= K - C) & (ids < K) if C else ids < K  # a picture's first token: its colour, or a code
+        self.eoi, self.may_scene, self.may_empty = ids == K + 1, ids == K + 2, ids == K + 3
+        self.left = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+        self.tiles = torch.full_like(self.left, -1)
+
+    @property
+    def done(self):  # (B,) bool
+        return (self.left == 0) & (self.tiles == 0)
+
+    def allowed(self):
+        """-> (B, K + 2 [+ 2]) bool: the tokens each row may take next."""
+        start, tiles = (self.left == 0)[:, None], self.tiles[:, None]  # (B, 1)
+        allowed = torch.where(start, self.first & (tiles != 0), self.code)
+        allowed |= start & ((tiles == -1) & self.may_scene | (tiles > 0) & self.may_empty)
+        return allowed | self.done[:, None] & self.eoi
+
+    def take(self, tokens):
+        """Each row's next token (B,), one that allowed() allows: the state moves on."""
+        new = (self.left == 0) & ~self.done  # the token starts a picture, a scene or an empty tile
+        picture = new & (tokens != self.scene) & (tokens != self.empty)
+        self.left = torch.where(picture, self.n_codes - 1, (self.left - 1).clamp(min=0))
+        started = torch.where(new, (self.tiles - 1).clamp(min=0), self.tiles)  # a single picture: -1 -> 0, done
+        self.tiles = torch.where(new & (tokens == self.scene), 4, started)
+
+
+def scene_tiles(tokens, n_codes, n_image_codes):
+    """A row of generate_image's output with scene tokens (1 + 4 n_codes,), padded with -1 -> None for a single
+    picture (its tokens are tokens[:n_codes]), or a scene's 4 tiles, top-left, top-right, bottom-left, bottom-right:
+    each None (<empty>) or a picture's tokens (n_codes,)."""
+    if int(tokens[0]) != n_image_codes + 2:  # not <scene>
+        return None
+    tiles, i = [], 1
+    for _ in range(4):
+        empty = int(tokens[i]) == n_image_codes + 3
+        tiles.append(None if empty else tokens[i:i + n_codes])
+        i += 1 if empty else n_codes
+    return tiles
+
+
 class MMMoE(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -378,7 +433,8 @@ class MMMoE(nn.Module):
         as they are (frozen tensors); the new rows are separate parameters, tied if the base is tied."""
         cfg, a = self.config, adapter
         self.adapter = a
-        self.image_embed = nn.Parameter(torch.zeros(a.n_image_codes + 2, cfg.dim))  # codes, <boi>, <eoi>
+        # codes, <boi>, <eoi> (, <scene>, <empty>)
+        self.image_embed = nn.Parameter(torch.zeros(a.n_image_codes + 2 + 2 * a.scene_tokens, cfg.dim))
         tied = cfg.tie_word_embeddings
         self.image_head = self.image_embed if tied else nn.Parameter(torch.zeros_like(self.image_embed))
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
@@ -399,6 +455,21 @@ class MMMoE(nn.Module):
             param.requires_grad_(self.is_adapter_param(name))
         return self
 
+    def add_scene_tokens(self):
+        """Give an adapter without them the two scene rows, <scene> and <empty> (a warm start of scenes from a
+        single-picture run): every image row kept as it is, the two new ones starting as copies of <boi>'s."""
+        if self.adapter.scene_tokens:
+            raise BadInput("the adapter has scene tokens already")
+        K = self.adapter.n_image_codes
+
+        def grown(rows):  # (K + 2, C) -> (K + 4, C)
+            return nn.Parameter(torch.cat([rows.detach(), rows.detach()[K:K + 1].expand(2, -1)]))
+        tied = self.image_head is self.image_embed
+        self.image_embed = grown(self.image_embed)
+        self.image_head = self.image_embed if tied else grown(self.image_head)
+        self.adapter = AdapterConfig(**vars(self.adapter) | {"scene_tokens": True})
+        return self
+
     @staticmethod
     def is_adapter_param(name):
         return "_lora." in name or name.startswith("image_")
@@ -417,15 +488,18 @@ class MMMoE(nn.Module):
         return counts, sum(p.numel() * copies(n, p) for n, p in params if not p.requires_grad)
 
     def image_token(self, which):
-        """Token id of image code `which` (int or tensor), or of "boi" / "eoi"."""
+        """Token id of image code `which` (int or tensor), or of "boi" / "eoi" (/ "scene" / "empty")."""
         K, V = self.adapter.n_image_codes, self.config.vocab_size
-        return {"boi": V + K, "eoi": V + K + 1}[which] if isinstance(which, str) else which + V
+        if isinstance(which, str):
+            names = ("boi", "eoi", "scene", "empty") if self.adapter.scene_tokens else ("boi", "eoi")
+            return V + K + names.index(which)
+        return which + V
 
     def forward(self, idx, targets=None, pad=None, colour_weight=1.0):
-        """idx (B, T) token ids -> (logits (B, T, V [+ K + 2 with an adapter]), None), or with targets (None, loss): a
-        loss needs the output layer only at its targets (over a 49k text vocabulary the rest would be a large share of
-        a step). pad (B,): the columns at the start of each row that are left padding, seen by no token, so that rows
-        of different lengths share a batch."""
+        """idx (B, T) token ids -> (logits (B, T, V [+ K + 2 (+ 2) with an adapter]), None), or with targets (None,
+        loss): a loss needs the output layer only at its targets (over a 49k text vocabulary the rest would be a large
+        share of a step). pad (B,): the columns at the start of each row that are left padding, seen by no token, so
+        that rows of different lengths share a batch."""
         if targets is not None and (targets >= 0).any():  # causal: the columns after the last target cannot change it
             last = int((targets >= 0).any(0).nonzero()[-1]) + 1
             idx, targets = idx[:, :last], targets[:, :last]
@@ -484,7 +558,7 @@ class MMMoE(nn.Module):
         return self.model.norm(x)
 
     def logits(self, x):
-        """Final hidden states (..., C) -> (..., V [+ K + 2]): the text columns are the base's."""
+        """Final hidden states (..., C) -> (..., V [+ K + 2 (+ 2)]): the text columns are the base's."""
         logits = linear(x, self.lm_head.weight)
         return logits if self.adapter is None else torch.cat([logits, linear(x, self.image_head)], dim=-1)
 
@@ -499,7 +573,8 @@ class MMMoE(nn.Module):
         nll = [F.cross_entropy(linear(x[text], self.lm_head.weight).float(), targets[text], reduction="none")]
         if self.adapter is not None:
             code = targets[image] - V  # the colour tokens are the last adapter.colour_tokens codes
-            weight = torch.where(code >= self.adapter.n_image_codes - self.adapter.colour_tokens, colour_weight, 1.0)
+            K, C = self.adapter.n_image_codes, self.adapter.colour_tokens
+            weight = torch.where((code >= K - C) & (code < K), colour_weight, 1.0)
             logits = linear(x[image], self.image_head).float()
             nll.append(F.cross_entropy(logits, code, reduction="none") * weight)
         return torch.cat(nll).mean()
@@ -523,7 +598,8 @@ class MMMoE(nn.Module):
         be sampled; stop_at_eos ends early once every row has produced eos (finished rows then repeat eos).
         head(hidden (R, C), i) -> logits (B, n) to sample new token i from (default: self.logits) and feed(sampled
         (B,), i) -> the tokens (R,) fed back (default: the sampled ones) let a caller steer it: generate_image, which
-        also says image_steps (every token fed is an image token), so that the steps run folded_plora()."""
+        also says image_steps (every token fed is an image token, or eos in a row that is done and no longer read),
+        so that the steps run folded_plora()."""
         R, T = idx.shape
         if T + max_new_tokens > self.config.max_seq_len:
             raise BadInput(f"prompt of {T} tokens + {max_new_tokens} new ones exceeds the model's context of "
@@ -556,38 +632,47 @@ class MMMoE(nn.Module):
                        top_k=SAMPLING["top_k"], top_p=None, generator=None, progress=None):
         """Captions' token ids (a list of lists) -> image tokens (B, n_codes), drawn as one batch: each prompt
         <start> caption <boi>, left-padded with <eos> (seen by no token). Inside an image only image tokens can be
-        sampled (the decoding rule), so the output layer is their rows alone: first the colour tokens, if the VQ has
-        them, then the codes. With guidance, each row gets an unconditional twin, the caption replaced by <eos>
+        sampled, and of them only those ImageRule allows each row next (the decoding rule), so the output layer is the
+        rows some row may take, the rest -inf: a colour token first, if the VQ has them, then the codes. With scene
+        tokens a row may write a scene instead: -> (B, 1 + 4 n_codes), each row padded with -1 after its last token
+        (scene_tiles reads one). With guidance, each row gets an unconditional twin, the caption replaced by <eos>
         (train.py's caption dropout), and the two rows' logits mix: uncond + guidance * (cond - uncond) (classifier-free
-        guidance). progress(i, tokens (B,)), if given, sees each new image token as it is drawn (serve.py's page)."""
+        guidance). progress(i, tokens (B,)), if given, sees each new image token as it is drawn (serve.py's page; -1
+        for a row already done)."""
         rows = [[self.start_token, *ids, self.image_token("boi")] for ids in captions]
         B, T = len(rows), max(map(len, rows))
-        if T + n_codes > self.config.max_seq_len:
-            raise BadInput(f"prompt too long: {T} tokens + {n_codes} image codes exceed the model's context of "
+        steps = 1 + 4 * n_codes if self.adapter.scene_tokens else n_codes  # the longest a row can be
+        if T + steps > self.config.max_seq_len:
+            raise BadInput(f"prompt too long: {T} tokens + {steps} image tokens exceed the model's context of "
                            f"{self.config.max_seq_len}")
-        K, n_colours, eos = self.adapter.n_image_codes, self.adapter.colour_tokens, self.config.eos_token_id
+        V, eos = self.config.vocab_size, self.config.eos_token_id
         idx = torch.tensor([[eos] * (T - len(r)) + r for r in rows], device=self.lm_head.weight.device)  # (B, T)
         pad = T - torch.tensor([len(r) for r in rows], device=idx.device)  # (B,)
         if guidance:  # the twin keeps <start> and <boi>, <eos> everywhere else
             column = torch.arange(T, device=idx.device)
             keep = (column == pad[:, None]) | (column == T - 1)
             idx, pad = torch.cat([idx, torch.where(keep, idx, eos)]), pad.repeat(2)  # (2B, T): cond rows, then twins
+        rule, drawn, lo = ImageRule(self.adapter, n_codes, B, idx.device), [], 0
 
-        def span(i):  # new token i is one of the image tokens lo..hi-1: a colour token first, if any, then codes
-            return (K - n_colours, K) if n_colours and i == 0 else (0, K - n_colours)
+        def head(x, i):  # (2B or B, C) -> (B, hi - lo): the image tokens lo..hi-1 some row may take, -inf if not this
+            nonlocal lo
+            allowed = rule.allowed()  # (B, K + 2 [+ 2])
+            cols = allowed.any(0).nonzero()[:, 0].tolist()  # the tokens some row may take
+            lo, hi = cols[0], cols[-1] + 1
+            logits = linear(x, self.image_head[lo:hi])
+            logits = logits[B:] + guidance * (logits[:B] - logits[B:]) if guidance else logits
+            return logits.masked_fill(~allowed[:, lo:hi], float("-inf"))
 
-        def head(x, i):  # (2B or B, C) -> (B, hi - lo)
-            logits = linear(x, self.image_head[slice(*span(i))])
-            return logits[B:] + guidance * (logits[:B] - logits[B:]) if guidance else logits
-
-        def feed(t, i):  # (B,) sampled among lo..hi-1 -> the image tokens fed back, to both twins
-            codes = span(i)[0] + t
+        def feed(t, i):  # (B,) sampled among lo..hi-1 -> the tokens fed back, to both twins: <eos> once a row is done
+            tokens = torch.where(rule.done, -1, lo + t)  # (B,) image tokens from 0, -1 where the row is done
+            drawn.append(tokens)
+            rule.take(lo + t)
             if progress is not None:
-                progress(i, codes)
-            return self.image_token(codes).repeat(2 if guidance else 1)
-        out = self.generate(idx, n_codes, temperature, top_k, top_p, generator=generator, head=head, feed=feed,
-                            image_steps=True, pad=pad)
-        return out[:B, T:] - self.config.vocab_size
+                progress(i, tokens)
+            return torch.where(rule.done, eos, self.image_token(tokens)).repeat(2 if guidance else 1)
+        self.generate(idx, steps, temperature, top_k, top_p, stop_at_eos=True, generator=generator, head=head,
+                      feed=feed, image_steps=True, pad=pad)
+        return F.pad(torch.stack(drawn, 1), (0, steps - len(drawn)), value=-1)  # (B, steps)
 
     # The adapter's checkpoint format, in a directory: adapter.safetensors holds only what training changed
     # (the adapter's tensors, by parameter name); state.json its AdapterConfig, the base's vocabulary size

@@ -3,12 +3,20 @@ pictures.py: pixels for people. The image tokenizer's output, (3, H, W) tensors 
 labelled grids of them at viewing size: what sample.py, analyze.py, train.py's learning curve, vq.py and the explorer
 write. Every pixel of a 32-px emoji is enlarged to a sharp square (nearest neighbour).
 """
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
 def to_pil(x):
     """(3, H, W) in [-1, 1] -> PIL image"""
     return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+
+def canvas(tiles, height, width):
+    """A scene's 4 tiles, top-left, top-right, bottom-left, bottom-right, each a picture (3, H, W) or None (empty)
+    -> one picture (3, 2H, 2W): the tiles side by side, no frame or gap, an empty tile white."""
+    tiles = [torch.ones(3, height, width) if t is None else t for t in tiles]
+    return torch.cat([torch.cat(tiles[:2], dim=2), torch.cat(tiles[2:], dim=2)], dim=1)  # rows of (3, H, 2W)
 
 
 def save_grid(rows_of_images, path, size=None, labels=None):

@@ -14,6 +14,10 @@ unconditional prompt (the same length, caption replaced by <eos>, train.py's fil
 of one batch and mixes their logits: uncond + guidance * (cond - uncond). All prompts (times -n) are drawn
 together, --batch of them at a time, left-padded to one length; a batch is drawn from its own seed,
 (--seed, its number), so a picture does not depend on which batches were drawn before it.
+
+A model trained with scene tokens may draw a scene instead of a single picture: a 2 x 2 canvas of tiles, each an
+emoji or empty (white). Its output shows every drawing, scene or single picture, at --size pixels: a scene's whole
+canvas fills the cell (or file) that a single picture fills.
 """
 import argparse
 import json
@@ -29,9 +33,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from cli import BadInput, run
-from mmmoe import SAMPLING
+from mmmoe import SAMPLING, scene_tiles
 from pipeline import DRAWING_DTYPES, batch_generator, drawing_dtype, load_pipeline
-from pictures import save_grid, to_pil
+from pictures import canvas, save_grid, to_pil
 
 
 def read_prompts(path):
@@ -90,6 +94,27 @@ def check_args(args):
             raise BadInput(message)
 
 
+def draw(model, vq, captions, args, generator):
+    """Captions' token ids -> what each draws, (N, 3, h, w) in [-1, 1]: the VQ's pictures (N, 3, H, W), or with an
+    adapter that has scene tokens, each on a canvas's size (N, 3, 2H, 2W): a scene's 2 x 2 canvas, a single picture
+    enlarged 2x (nearest neighbour, so that at --size it looks as it would alone)."""
+    n = vq.config.n_tokens
+    tokens = model.generate_image(captions, n, args.guidance, args.temperature, args.top_k, args.top_p, generator)
+    if not model.adapter.scene_tokens:
+        return vq.detokenize(tokens)
+    scenes = [scene_tiles(row, n, model.adapter.n_image_codes) for row in tokens]  # None: a single picture
+    # every picture of the batch decoded at once: the single pictures and the scenes' tiles that are not empty
+    parts = [t for row, tiles in zip(tokens, scenes) for t in (tiles or [row[:n]]) if t is not None]
+    decoded = iter(vq.detokenize(torch.stack(parts)) if parts else [])
+    drawings, size = [], vq.config.image_size
+    for tiles in scenes:
+        if tiles is None:  # a single picture, each pixel a 2 x 2 square
+            drawings.append(next(decoded).repeat_interleave(2, dim=1).repeat_interleave(2, dim=2))
+        else:
+            drawings.append(canvas([None if t is None else next(decoded) for t in tiles], size, size))
+    return torch.stack(drawings)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="*")
@@ -120,14 +145,14 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tokenizer, vq = load_pipeline(args.ckpt, dtype=dtype)
-    n_tokens = vq.config.n_tokens
+    n_tokens = 1 + 4 * vq.config.n_tokens if model.adapter.scene_tokens else vq.config.n_tokens  # at most, a drawing
     ids = [tokenizer.encode(prompt).ids for prompt in prompts]
     room = model.config.max_seq_len - n_tokens - 2  # <bos> and <boi> besides the caption
     too_long = [k for k, i in enumerate(ids) if len(i) > room]
     if too_long:
         where = f"line {too_long[0] + 1} of {args.from_file}" if args.from_file else f"prompt {too_long[0] + 1}"
-        raise BadInput(f"prompt too long ({where}): {len(ids[too_long[0]])} tokens + {n_tokens} image codes exceed the "
-                       f"model's context of {model.config.max_seq_len}")
+        raise BadInput(f"prompt too long ({where}): {len(ids[too_long[0]])} tokens + {n_tokens} image tokens exceed "
+                       f"the model's context of {model.config.max_seq_len}")
     jobs = [caption for caption in ids for _ in range(args.n)]  # one per picture, prompt by prompt
     names = file_names(prompts, args.n) if args.out_dir else None
     if args.out_dir:  # an index of what each file shows; pictures of earlier runs are kept
@@ -149,14 +174,12 @@ def main(argv=None):
         for k, s in enumerate(starts):
             if written[k]:
                 continue
-            codes = model.generate_image(jobs[s:s + args.batch], n_tokens, args.guidance, args.temperature, args.top_k,
-                                         args.top_p, batch_generator(args.seed, k))
-            drawn = vq.detokenize(codes)  # (batch, 3, H, W)
+            drawn = draw(model, vq, jobs[s:s + args.batch], args, batch_generator(args.seed, k))  # (batch, 3, h, w)
             for picture, path in zip(drawn, files[s:s + args.batch] if args.out_dir else []):
                 to_pil(picture).resize((args.size, args.size), Image.NEAREST).save(tmp := path.with_suffix(".tmp.png"))
                 os.replace(tmp, path)  # each file whole or absent
             pictures += [] if args.out_dir else [drawn]
-            bar.update(len(codes))
+            bar.update(len(drawn))
     n = len(jobs)
     if args.out_dir:
         print(f"{args.out_dir}: {n} picture(s) of {len(prompts)} prompt(s) ({skipped} there already); drawn in "
