@@ -262,3 +262,15 @@ def test_a_prompt_file_draws_steered_scenes_each_to_its_file(scene_run, tmp_path
             empties += t is None
     assert 0 < empties < 12
 
+
+
+def test_colour_weight_leaves_the_scene_tokens_terms_alone(tiny_ckpt):
+    """colour_weight multiplies a colour token's term only: a loss over <scene> and <empty> targets is the same at
+    any colour_weight (they come after the colour tokens, but are none)."""
+    model = scene_model(tiny_ckpt)
+    V = model.config.vocab_size
+    idx = torch.tensor([[0, 10, 20, V + K, V + SCENE, V + EMPTY, V + EMPTY]])
+    targets = torch.tensor([[-1, -1, -1, V + SCENE, V + EMPTY, V + EMPTY, -1]])
+    with torch.no_grad():
+        losses = [model(idx, targets, colour_weight=w)[1] for w in (1.0, 5.0)]
+    assert torch.equal(*losses)
