@@ -15,6 +15,8 @@ data: captioned images in, token shards out (what the trainer, the VQ and the an
    as memory-mapped numpy arrays + a JSON index, so training never touches an image. Re-running with the same
    inputs does nothing. The format, its writer and its reader live here; the image tokenizer is vq.py's, which
    imports this package (never the other way round).
+4. Scenes (#52): 2 x 2 canvases of the shards' pictures asked for as GenEval asks ("a lemon to the left of a pear",
+   "three lemons"), with their held-out combinations: data/scenes.py.
 """
 import hashlib
 import json
