@@ -261,6 +261,8 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, guidance=SAMPLING["guidanc
     out, ckpt = Path(out), ckpt or DEMO
     out.mkdir(parents=True, exist_ok=True)
     state, base_dir, vq_dir = run_inputs(ckpt)
+    if state.get("adapter", {}).get("scene_tokens"):
+        raise BadInput(f"{ckpt} draws scenes, which analyze.py does not score yet (#52); draw them with sample.py")
     base_dir, tc = base_dir or builtin_base(), state["train_config"]
     # One copy of the base serves all three models in turn: the plain base (C1's reference), "before" (the
     # same adapter initialised as train.py initialises it, untrained) and "after" (the trained adapter).

@@ -101,6 +101,8 @@ class Explorer:
 
     def __init__(self, ckpt=None):
         self.model, self.tokenizer, self.vq = load_pipeline(ckpt)
+        if self.model.adapter.scene_tokens:
+            raise BadInput(f"{ckpt} draws scenes, which the explorer does not show yet (#52); draw them with sample.py")
         with torch.no_grad():  # a white picture's tokens: what a picture not yet drawn shows
             self.blank = self.vq.tokenize(torch.ones(1, 3, self.vq.config.image_size, self.vq.config.image_size))
         self.lock, self.slots = threading.Lock(), threading.BoundedSemaphore(1 + QUEUE)

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from cli import BadInput, run
 from data import (GROUPS, TokenShards, asked_caption, caption_rows, english_text, load_images, make_batch, mix_repeats,
                   object_index, parse_mix, read_folder)
+from data.scenes import held_out_scenes, make_scene_batch, scene_at, tile_table
 from gw_init import init_model
 from hf import load_tokenizer
 from mmmoe import SAMPLING, AdapterConfig, MMMoE, choose_dtype
@@ -86,6 +87,9 @@ class TrainConfig:
     # a data mix: how many times each kind of example (data.MIX_KINDS) comes in an epoch, "multicolour=4,bare=3";
     # a kind not named comes once, 0 leaves it out. The order stays a function of (seed, step)
     mix: str = ""
+    # scenes (#52): on this share of the steps the batch is 2 x 2 scenes composed from the shards' pictures
+    # (data/scenes.py), else single pictures; the adapter gets the scene tokens (warm-started from <boi>'s row)
+    scenes: float = 0.0
     save_every: int = 100
     # bfloat16: the frozen base stored in bf16 and every matmul under bf16 autocast (the adapter keeps float32
     # master weights); auto: the faster of the two here (mmmoe.choose_dtype: bf16 on CUDA and on a CPU with AMX)
@@ -113,7 +117,7 @@ class TrainConfig:
                 (self.init in ("gw", "random", "mean"), "init: gw, random or mean"),
                 (not self.restart_schedule or self.init_from,
                  "init_from with restart_schedule (a stage starts from a checkpoint)"),
-                (0 < self.init_scale < math.inf, "init_scale > 0"),
+                (0 < self.init_scale < math.inf, "init_scale > 0"), (0 <= self.scenes <= 1, "0 <= scenes <= 1"),
                 (0 < self.colour_weight < math.inf, "colour_weight > 0"),
                 (self.dtype in ("auto", "float32", "bfloat16"), "dtype: auto, float32 or bfloat16")]:
             if not ok:
@@ -125,7 +129,7 @@ class TrainConfig:
 # change: what counts is the global batch, batch_size x processes x grad_accum)
 COMPUTATION = ("base", "shards", "init", "init_scale", "rank", "expert_rank", "alpha", "attention", "router", "steps",
                "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "caption_dropout", "aux_loss_coef", "seed",
-               "mix", "restart_schedule", "colour_weight")  # and the precision computed in (check_same_computation)
+               "mix", "restart_schedule", "colour_weight", "scenes")  # and the precision (check_same_computation)
 
 # -----------------------------------------------------------------------------
 # The loop
@@ -136,6 +140,7 @@ def train(tc, resume=False):
     main_process, out_dir = rank == 0, Path(tc.out_dir)
     check_out_dir(out_dir, resume)
     train_set, val = open_shards(tc)
+    table = tile_table(tc.shards) if tc.scenes else None  # the pictures scenes are made of
     dtype, note = choose_dtype(tc.dtype, device)  # auto: the faster precision on this machine
     if note and main_process:
         print(note, file=sys.stderr)
@@ -150,6 +155,9 @@ def train(tc, resume=False):
     trained = distribute(model, tc, params, world, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
     tokenizer = load_tokenizer(base)
+    scene_tokenizer = tokenizer if table else None  # captions of scenes are written at batch time
+    # held-out scenes (pairs, counts, relations never trained), one batch, for the held-out scene loss
+    val_scenes = scene_batch(train_set, table, tc, tokenizer, model) if table else None
     repeats = mix_repeats(train_set, tc.mix)  # (n,) times each example comes in an epoch (a data mix), or None
     text_ids = english_text(tokenizer)  # held-out English: C1's perplexity check
     global_size, last = tc.batch_size * world * tc.grad_accum, first + tc.steps
@@ -160,10 +168,11 @@ def train(tc, resume=False):
         # the batch: a pure function of (seed, step), so a resumed run and every DDP process see the right examples
         indices = batch_at(len(train_set), global_size, step, tc.seed, repeats)
         drop = np.random.default_rng([tc.seed, step, 1]).random(len(indices)) < tc.caption_dropout
+        items = with_scenes(indices, table, tc, step)  # some of them scenes, if the run has them
         for g in opt.param_groups:
             g["lr"] = lr_at(step - first, tc.lr, tc.warmup, tc.steps, tc.min_lr)
-        loss, aux, tokens = forward_backward(trained, model, train_set, indices, drop, tc, rank, world, autocast,
-                                             params)
+        loss, aux, tokens = forward_backward(trained, model, train_set, items, drop, tc, rank, world, autocast,
+                                             params, scene_tokenizer)
         clock.tokens += tokens
         if not torch.isfinite(loss):  # stop before a bad update reaches the weights; the last checkpoint stays good
             stop_on_a_bad_loss(loss, step, out_dir)
@@ -178,7 +187,7 @@ def train(tc, resume=False):
                         "lr": opt.param_groups[0]["lr"]} | clock.read(step, world))
         if step % tc.eval_every == 0 or step == last:
             with torch.compiler.set_stance("force_eager"):
-                result = evaluate(model, tc, val, text_ids, device, autocast)
+                result = evaluate(model, tc, val, text_ids, device, autocast, val_scenes)
             if main_process:
                 log.append({"step": step} | result)
                 bar.write(json.dumps(log[-1]))
@@ -199,14 +208,18 @@ def train(tc, resume=False):
 # One step's forward and backward, and what the log records of it
 
 
-def forward_backward(trained, model, train_set, indices, drop, tc, rank, world, autocast, params):
-    """This process's share of a global batch, in grad_accum micro-steps: forward, loss, backward -> (the last
-    micro-step's loss, its load-balancing loss, the tokens seen); gradients are then in params (averaged over the
-    processes). trained is the model, or DDP around it."""
+def forward_backward(trained, model, train_set, items, drop, tc, rank, world, autocast, params, scene_tokenizer=None):
+    """This process's share of a global batch (items: example indices, and Scenes if the run has them), in
+    grad_accum micro-steps: forward, loss, backward -> (the last micro-step's loss, its load-balancing loss, the tokens
+    seen); gradients are then in params (averaged over the processes). trained is the model, or DDP around it."""
     device, tokens = params[0].device, 0
     for micro in range(tc.grad_accum):
         part = slice((micro * world + rank) * tc.batch_size, (micro * world + rank + 1) * tc.batch_size)
-        idx, targets, pad = (t.to(device) for t in make_batch(train_set, indices[part], drop[part], model))
+        if scene_tokenizer is None:
+            batch = make_batch(train_set, items[part], drop[part], model)
+        else:
+            batch = make_scene_batch(train_set, items[part], scene_tokenizer, model, drop[part])
+        idx, targets, pad = (t.to(device) for t in batch)
         last = micro == tc.grad_accum - 1
         sync = nullcontext() if last or world == 1 or tc.fsdp else trained.no_sync()  # DDP: all-reduce once, at the end
         with sync, autocast:
@@ -238,6 +251,22 @@ def load_balancing_loss(model):
         chosen = F.one_hot(probs.topk(moe.top_k, dim=-1).indices, probs.shape[-1]).sum(1).float()  # (n, E)
         losses.append(probs.shape[-1] * (chosen.mean(0) / moe.top_k * probs.mean(0)).sum())
     return torch.stack(losses).mean() if losses else torch.zeros((), device=model.lm_head.weight.device)
+
+
+def with_scenes(indices, table, tc, step):
+    """The global batch's examples, or on a share tc.scenes of the steps a batch of scenes instead (data/scenes.py): a
+    whole batch, so that no single picture is padded to a scene's length. Which steps, and which scenes, a pure
+    function of (seed, step): resume and DDP stay exact. No table: the indices as they are."""
+    if table is None or np.random.default_rng([tc.seed, step, 2]).random() >= tc.scenes:
+        return indices
+    return [scene_at(table, tc.seed, step, i) for i in range(len(indices))]
+
+
+def scene_batch(train_set, table, tc, tokenizer, model):
+    """One batch of held-out scenes (never trained: held_out_scenes), the categories in turn, for the held-out loss."""
+    groups = list(held_out_scenes(table).values())
+    scenes = [s for row in zip(*[g for g in groups if g]) for s in row][:tc.batch_size]
+    return make_scene_batch(train_set, scenes, tokenizer, model)
 
 
 class Clock:
@@ -311,10 +340,13 @@ def build_model(tc, device, dtype, n_codes, colour_tokens):
 
 def start_or_resume(model, tc, dtype, out_dir, resume, world, train_set, main_process):
     """The adapter's starting point -> (step, log, the step the schedule counts from, the saved state to resume or
-    None): the run's own last checkpoint (--resume), a warm start (init_from), or fresh image rows (init)."""
+    None): the run's own last checkpoint (--resume), a warm start (init_from), or fresh image rows (init); then the
+    scene tokens, if the run has scenes and the start did not."""
     step, log, first, state = 0, [], 0, None
     if resume and (out_dir / "state.json").exists():
         state = read_json(out_dir / "state.json", ("step", "log", "train_config", "param_groups"))
+        if state.get("adapter", {}).get("scene_tokens"):  # the run's own adapter has scene rows: room for them
+            model.add_scene_tokens()
         model.load_adapter(out_dir)
         step, log, first = state["step"], state["log"], state.get("schedule_start", 0)
         check_same_computation(tc, dtype, state, world, out_dir)
@@ -329,6 +361,8 @@ def start_or_resume(model, tc, dtype, out_dir, resume, world, train_set, main_pr
         if resume and main_process:
             print(f"no checkpoint in {out_dir} yet: starting at step 0", file=sys.stderr)
         init_model(model, train_set.index["vq"], tc.init, tc.seed, tc.init_scale)
+    if tc.scenes and not model.adapter.scene_tokens:
+        model.add_scene_tokens()
     if main_process:
         counts, n_base = model.trainable_budget()
         total = sum(counts.values())
@@ -412,7 +446,7 @@ def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir, world=1, samples
 
 
 @torch.no_grad()
-def evaluate(model, tc, val, text_ids, device, autocast):
+def evaluate(model, tc, val, text_ids, device, autocast, val_scenes=None):
     model.eval()
     losses = []
     for b in range(tc.eval_batches):
@@ -423,8 +457,12 @@ def evaluate(model, tc, val, text_ids, device, autocast):
     seq = text_ids.view(-1, 256).to(device)  # (n, 256) chunks of English
     with autocast:
         text_loss = model(seq[:, :-1], seq[:, 1:])[1].item()
+        if val_scenes is not None:  # scenes never trained: held-out pairs, counts, relations
+            x, y, pad = (t.to(device) for t in val_scenes)
+            scene_loss = {"val_scene_loss": model(x, y, pad=pad)[1].item()}
     model.train()
-    return {"val_image_loss": sum(losses) / len(losses), "text_ppl": math.exp(text_loss)}
+    return {"val_image_loss": sum(losses) / len(losses), "text_ppl": math.exp(text_loss)} | \
+        (scene_loss if val_scenes is not None else {})
 
 
 def learning_curve_setup(model, tokenizer, train_set, tc):
@@ -438,6 +476,7 @@ def learning_curve_setup(model, tokenizer, train_set, tc):
     rows, images = load_images(read_folder(train_set.index["data"]), vq.config.image_size, desc="curve gallery")
     images = images.to(device)
     gallery = vq.gallery(images, object_index(rows))
+    white = vq.tokenize(torch.ones(1, *images.shape[1:], device=device))[0]  # (n,): a picture with nothing on it
     picked = {}  # group -> [(row, caption)]
     for group in GROUPS:
         idx = caption_rows(rows, group)
@@ -456,6 +495,9 @@ def learning_curve_setup(model, tokenizer, train_set, tc):
             with autocast:  # the model as it trains, all captions of the group as one batch; the VQ in float32
                 tokens = model.generate_image([tokenizer.encode(caption).ids for _, caption in chosen], n,
                                               guidance=SAMPLING["guidance"], temperature=0)
+            if model.adapter.scene_tokens:  # one object asked: a scene drawn instead is a miss, scored as white
+                K = model.adapter.n_image_codes
+                tokens = torch.stack([white if row[0] == K + 2 else row[:n] for row in tokens])
             pictures, own = vq.detokenize(tokens), torch.tensor([i for i, _ in chosen])
             out |= {f"{group}_{k}": v for k, v in score_summary(vq.scores(pictures, gallery, own)).items()}
             grid += [images[own[:12]].cpu(), pictures[:12].cpu()]

@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT
+from PIL import Image
 from safetensors.torch import load_file
 
+import sample
 import train
+from data.scenes import Scene, tile_table
 from mmmoe import AdapterConfig, BadInput, MMMoE, bfloat16_support, choose_dtype
 
 
@@ -636,3 +639,43 @@ def test_a_full_disk_and_a_damaged_optimizer_file_are_one_line(tiny_setup, monke
     (out / "optimizer.safetensors").write_bytes((out / "optimizer.safetensors").read_bytes()[:100])
     with pytest.raises(BadInput, match=r"damaged checkpoint file .*optimizer\.safetensors"):
         train.train(tc, resume=True)
+
+
+def test_scenes_warm_started_from_single_pictures_train_resume_and_draw(tiny_setup, tmp_path):
+    """scenes=0.5 (#52): about half of the steps train on a batch of 2 x 2 scenes of the shards' pictures. A warm
+    start from a single-picture run gets the two scene rows (copies of <boi>'s), trains, logs a held-out scene loss;
+    --resume makes room for the scene rows before loading them; sample.py draws with the run (a canvas's size)."""
+    base = tmp_path / "base"  # the tiny base with room for a scene: 1 + 4 x 64 image tokens after the caption
+    shutil.copytree(tiny_setup["base"], base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(config | {"max_position_embeddings": 512}))
+    single = train.TrainConfig(base=str(base), shards=str(tiny_setup["shards"]), out_dir=str(tmp_path / "one"),
+                               rank=4, batch_size=4, steps=2, warmup=1, eval_every=2, eval_batches=1, save_every=2,
+                               dtype="float32", init="mean")
+    before = train.train(single)
+    K = before.adapter.n_image_codes
+    scenes = train.TrainConfig(**{**single.__dict__, "out_dir": str(tmp_path / "scenes"), "init_from": single.out_dir,
+                                  "restart_schedule": True, "steps": 3, "eval_every": 3, "save_every": 3, "scenes": 0.5})
+    table = tile_table(scenes.shards)
+    kinds = [{type(x) for x in train.with_scenes(np.arange(4), table, scenes, step)} for step in range(40)]
+    assert all(len(k) == 1 for k in kinds) and 10 <= sum(k == {Scene} for k in kinds) <= 30  # whole batches, ~half
+    model = train.train(scenes)
+    assert model.adapter.scene_tokens and model.image_embed.shape[0] == K + 4
+    assert not torch.equal(model.image_embed[:K + 2].detach(), before.image_embed.detach())  # it trained
+    state = json.loads((tmp_path / "scenes" / "state.json").read_text())
+    assert state["step"] == 5 and state["adapter"]["scene_tokens"] and any("val_scene_loss" in r for r in state["log"])
+    again = train.train(scenes, resume=True)  # nothing left to run: the saved adapter, scene rows included, loads
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+    out = tmp_path / "drawn.png"
+    sample.main(["w10 w20", "w11 w21", "--ckpt", str(tmp_path / "scenes"), "--out", str(out), "--size", "64"])
+    assert Image.open(out).size[0] == 64  # each drawing, scene or single picture, in a --size cell
+    drawn, tokenizer, vq = sample.load_pipeline(tmp_path / "scenes")
+    args = sample.argparse.Namespace(guidance=1.5, temperature=1.0, top_k=None, top_p=None)
+    pictures = sample.draw(drawn, vq, [tokenizer.encode("w10 w20").ids] * 3, args, torch.Generator().manual_seed(0))
+    assert pictures.shape == (3, 3, 2 * vq.config.image_size, 2 * vq.config.image_size)  # a canvas's size
+    import analyze
+    import serve
+    with pytest.raises(BadInput, match="analyze.py does not score yet"):  # not yet: one line, not a wrong report
+        analyze.analyze(tmp_path / "scenes", tmp_path / "report")
+    with pytest.raises(BadInput, match="the explorer does not show yet"):
+        serve.Explorer(tmp_path / "scenes")
