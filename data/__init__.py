@@ -394,6 +394,12 @@ def make_batch(shards, indices, drop, model):
         tgt[1 + len(text):1 + len(text) + len(codes)] = image  # the <boi> position predicts the first code
         seqs.append(seq)
         tgts.append(tgt)
+    return left_padded(seqs, tgts, eos)
+
+
+def left_padded(seqs, tgts, eos):
+    """Sequences and their targets, of different lengths -> idx (B, T), targets (B, T), pad (B,): each row left-padded
+    to the longest with eos (seen by no token) and targets -1 there."""
     T = max(map(len, seqs))
     pad = [T - len(s) for s in seqs]
     idx = torch.tensor(np.stack([np.pad(s, (p, 0), constant_values=eos) for s, p in zip(seqs, pad)]))

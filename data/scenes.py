@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from cli import BadInput
-from data import TokenShards, names_a_colour, read_folder
+from data import TokenShards, left_padded, names_a_colour, read_folder
 
 CATEGORIES = ("two objects", "counting", "position", "colour")
 NUMBERS = {2: "two", 3: "three", 4: "four"}
@@ -238,8 +237,4 @@ def make_scene_batch(shards, scenes, tokenizer, model, drop=None):
         tgt[1 + len(text):1 + len(text) + len(image)] = image  # the <boi> position predicts the first image token
         seqs.append(seq)
         tgts.append(tgt)
-    T = max(map(len, seqs))
-    pad = [T - len(s) for s in seqs]
-    idx = torch.tensor(np.stack([np.pad(s, (p, 0), constant_values=eos) for s, p in zip(seqs, pad)]))
-    targets = torch.tensor(np.stack([np.pad(t, (p, 0), constant_values=-1) for t, p in zip(tgts, pad)]))
-    return idx, targets, torch.tensor(pad)
+    return left_padded(seqs, tgts, eos)
