@@ -42,7 +42,7 @@ from data import (GROUPS, TokenShards, asked_caption, caption_rows, english_text
 from data.scenes import held_out_scenes, make_scene_batch, scene_at, tile_table
 from gw_init import init_model
 from hf import load_tokenizer
-from mmmoe import SAMPLING, AdapterConfig, MMMoE, choose_dtype
+from mmmoe import SAMPLING, AdapterConfig, MMMoE, choose_dtype, scene_tiles
 from pictures import save_grid
 from runs import (atomic_dir, batch_at, check_replaceable, keep_freed_memory, load_optimizer, lr_at,
                   optimizer_tensors, read_json, read_tensors, recover_dir, run_inputs)
@@ -497,7 +497,7 @@ def learning_curve_setup(model, tokenizer, train_set, tc):
                                               guidance=SAMPLING["guidance"], temperature=0)
             if model.adapter.scene_tokens:  # one object asked: a scene drawn instead is a miss, scored as white
                 K = model.adapter.n_image_codes
-                tokens = torch.stack([white if row[0] == K + 2 else row[:n] for row in tokens])
+                tokens = torch.stack([row[:n] if scene_tiles(row, n, K) is None else white for row in tokens])
             pictures, own = vq.detokenize(tokens), torch.tensor([i for i, _ in chosen])
             out |= {f"{group}_{k}": v for k, v in score_summary(vq.scores(pictures, gallery, own)).items()}
             grid += [images[own[:12]].cpu(), pictures[:12].cpu()]
