@@ -4,6 +4,7 @@ analyze.py: measure the paper's claims on a trained model, and write them up.
     python analyze.py --ckpt out/demo --out out/report          # report.md + PNGs
     python analyze.py --out out/report                          # the built-in demo model
     python analyze.py --ckpt out/demo --out out/report --samples 64   # also draw and score held-out prompts
+    python analyze.py --ckpt out/scenes --out out/report --geneval 80 # a scene run: GenEval's six categories
 
 What it measures, each before training (the same adapter, initialised, untrained) and after:
 - routing by modality: for every layer and expert, the share of text and of image tokens routed there
@@ -16,7 +17,9 @@ What it measures, each before training (the same adapter, initialised, untrained
 - images (--samples N): pictures drawn for N captions of training emoji (phrased as people ask: "a red
   bicycle") and N of held-out emoji, each scored against its emoji: retrieval of the intended emoji among
   all emoji by VQ-feature similarity (top-1/top-5), whether the dominant hue matches, and for the held-out
-  ones a Frechet distance on the project's own VQ-encoder features (not Inception FID).
+  ones a Frechet distance on the project's own VQ-encoder features (not Inception FID);
+- scenes (--geneval N, a run trained with scenes): GenEval's six categories on held-out prompts, four pictures each,
+  each judged tile by tile (the object by shape, the colour word), beside the published figures.
 """
 import argparse
 import json
@@ -33,11 +36,12 @@ from tqdm import tqdm
 from cli import BadInput, run
 from data import (GROUPS, TokenShards, asked_caption, caption_rows, colour_word, english_text, load_images, make_batch,
                   object_index, read_folder)
+from data.scenes import GENEVAL, geneval_prompts, judge, tile_table
 from gw_init import init_model
 from hf import load_tokenizer
 from mmmoe import SAMPLING, AdapterConfig, MMMoE, expert, linear
-from pictures import save_grid
-from pipeline import DEMO, DRAWING_DTYPES, drawing_dtype
+from pictures import on_canvas, save_grid
+from pipeline import DEMO, DRAWING_DTYPES, decode_drawings, drawing_dtype
 from routing import routing, routing_stats
 from runs import run_inputs
 from upcycle import builtin_base, chat_prompt
@@ -255,14 +259,16 @@ QUESTIONS = ("What is the capital of France?", "Name three colours.", "What is 2
 
 
 def analyze(ckpt, out, n_probe=32, samples=0, seed=0, guidance=SAMPLING["guidance"],
-            temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], batch_size=16, offset=0, dtype=torch.float32):
+            temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], batch_size=16, offset=0, dtype=torch.float32,
+            geneval=0):
     """A train.py run (default: the built-in demo) -> the report's figures (report.json), written to out with
-    report.md and its PNGs: routing and redundancy, C1, caption use, C2 and, with samples > 0, pictures."""
+    report.md and its PNGs: routing and redundancy, C1, caption use, C2 and, with samples > 0, pictures; with
+    geneval > 0 (a run that draws scenes), GenEval's six categories."""
     out, ckpt = Path(out), ckpt or DEMO
     out.mkdir(parents=True, exist_ok=True)
     state, base_dir, vq_dir = run_inputs(ckpt)
-    if state.get("adapter", {}).get("scene_tokens"):
-        raise BadInput(f"{ckpt} draws scenes, which analyze.py does not score yet (#52); draw them with sample.py")
+    if geneval and not state["adapter"].get("scene_tokens"):
+        raise BadInput(f"--geneval: {ckpt} draws no scenes (train it with scenes > 0, as config/scenes.json does)")
     base_dir, tc = base_dir or builtin_base(), state["train_config"]
     # One copy of the base serves all three models in turn: the plain base (C1's reference), "before" (the
     # same adapter initialised as train.py initialises it, untrained) and "after" (the trained adapter).
@@ -280,20 +286,24 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, guidance=SAMPLING["guidanc
                 c1_section(text_base, text_ability(model, tokenizer, english)),
                 caption_use_section(model, TokenShards(tc["shards"], "train"), n_probe, seed),
                 budget_section(model)]
-    drawn = {}
+    drawn, scenes = {}, {}
+    model.to(dtype)  # the pictures in sample.py's --dtype; everything above in float32
+    data_dir = val.index["data"]  # every picture of the dataset trained on: what drawn ones are scored against
+    sampling = {"guidance": guidance, "temperature": temperature, "top_k": top_k}
+    settings, vq = sampling | {"dtype": str(dtype).removeprefix("torch.")}, load_vq(vq_dir)
     if samples:
-        model.to(dtype)  # the pictures in sample.py's --dtype; everything above in float32
-        data_dir = val.index["data"]  # every picture of the dataset trained on: what drawn ones are scored against
-        sampling = {"guidance": guidance, "temperature": temperature, "top_k": top_k}
-        figures, drawn, n_pictures = picture_figures(model, tokenizer, load_vq(vq_dir), data_dir, samples, offset,
-                                                     sampling, batch_size, seed)
-        settings = {"n": samples} | sampling | {"dtype": str(dtype).removeprefix("torch.")}
-        sections.append(pictures_section(settings | figures, n_pictures, data_dir))
+        figures, drawn, n_pictures = picture_figures(model, tokenizer, vq, data_dir, samples, offset, sampling,
+                                                     batch_size, seed)
+        sections.append(pictures_section({"n": samples} | settings | figures, n_pictures, data_dir))
+    if geneval:
+        figures, scenes = geneval_figures(model, tokenizer, vq, tile_table(tc["shards"]), data_dir, geneval, sampling,
+                                          batch_size, seed)
+        sections.append(geneval_section({"n": geneval} | settings | figures))
     report, lines = {}, [f"# mmmoe report: {ckpt}", ""]
     for part, section_lines in sections:
         report |= part
         lines += section_lines
-    save_pictures(out, report, drawn)
+    save_pictures(out, report, drawn, scenes, vq.config.image_size)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
@@ -462,8 +472,11 @@ def picture_figures(model, tokenizer, vq, data_dir, samples, offset, sampling, b
             continue
         own = torch.tensor(idx[offset:: max(1, len(idx) // samples)][:samples])  # evenly spread; offset: another set
         captions = [asked_caption(rows[i], group) for i in own.tolist()]
-        fake = draw(model, tokenizer, vq, captions, sampling, batch_size, g, f"drawing {title}")
+        drawings = draw(model, tokenizer, vq, captions, sampling, batch_size, g, f"drawing {title}")
+        fake = single_pictures(drawings, vq.config.image_size)
         figures[group] = score_pictures(vq, gallery, own, everything[own], fake, captions)
+        if model.adapter.scene_tokens:
+            figures[group]["drawn_as_scenes"] = sum(len(tiles) == 4 for tiles in drawings) / len(drawings)
         drawn[group] = (everything[own], fake)
     if "val" in drawn:  # a Frechet distance on the VQ's features between the held-out pictures and the real ones, next
         # to the same distance between two real sets of that size (a reference at this sample size)
@@ -477,14 +490,23 @@ def picture_figures(model, tokenizer, vq, data_dir, samples, offset, sampling, b
 
 
 def draw(model, tokenizer, vq, captions, sampling, batch_size, g, desc):
-    """Pictures (B, 3, H, W) drawn for captions, batch_size prompts together, sampled with generator g."""
-    fake = []
-    with tqdm(total=len(captions), desc=desc, unit="image", leave=False) as bar:
+    """What captions draw, batch_size prompts together, sampled with generator g -> a list, per caption: [picture
+    (3, H, W)], or a scene's 4 tiles (each a picture or None: empty) with an adapter that has scene tokens."""
+    drawings = []
+    with tqdm(total=len(captions), desc=desc, unit="drawing", leave=False) as bar:
         for b in range(0, len(captions), batch_size):
             ids = [tokenizer.encode(c).ids for c in captions[b:b + batch_size]]
-            fake.append(vq.detokenize(model.generate_image(ids, vq.config.n_tokens, **sampling, generator=g)))
+            tokens = model.generate_image(ids, vq.config.n_tokens, **sampling, generator=g)
+            drawings += decode_drawings(model, vq, tokens)
             bar.update(len(ids))
-    return torch.cat(fake)
+    return drawings
+
+
+def single_pictures(drawings, size):
+    """draw's drawings of one object each -> (B, 3, size, size): a scene drawn instead is a miss, scored as a white
+    picture (as train.py's learning curve does)."""
+    white = torch.ones(3, size, size)
+    return torch.stack([tiles[0] if len(tiles) == 1 else white for tiles in drawings])
 
 
 def score_pictures(vq, gallery, own, real, fake, captions):
@@ -558,12 +580,86 @@ def pictures_section(im, n_pictures, data_dir):
     return {"images": im}, lines
 
 # -----------------------------------------------------------------------------
+# Scenes (#52): GenEval's six categories (Ghosh et al. 2023: template prompts, four pictures each, a detector as the
+# judge) on held-out prompts. Here the judge is the project's own: each tile's object is the nearest original emoji by
+# shape (whatever its colour), its colour the colour word; data.scenes.judge applies GenEval's rules to them.
+
+PICTURES_PER_PROMPT = 4  # GenEval's
+PUBLISHED = {  # GenEval overall (and where #52 quotes them, categories), on photographs: another domain
+    "LlamaGen": {"overall": 0.32, "position": 0.07, "colour attribution": 0.04}, "SDXL": {"overall": 0.55},
+    "Janus-Pro-7B": {"overall": 0.80}, "BAGEL": {"overall": 0.82}}
+
+
+def geneval_figures(model, tokenizer, vq, table, data_dir, n, sampling, batch_size, seed):
+    """Up to n prompts of each of GenEval's categories (data.scenes.geneval_prompts), PICTURES_PER_PROMPT drawn of
+    each and judged -> ({category: its figures}, {category: (its first drawings, their captions)} for the PNGs)."""
+    rows, everything = load_images(read_folder(data_dir), vq.config.image_size)
+    gallery = vq.gallery(everything, object_index(rows))
+    g = torch.Generator().manual_seed(seed)
+    figures, shown = {}, {}
+    for category, scenes in geneval_prompts(table, rows, n).items():
+        asked = [s for s in scenes for _ in range(PICTURES_PER_PROMPT)]
+        drawings = draw(model, tokenizer, vq, [s.caption for s in asked], sampling, batch_size, g, category)
+        found = what_they_show(vq, gallery, rows, drawings)
+        right = [judge(s, f) for s, f in zip(asked, found)]
+        figures[category] = {"score": sum(right) / max(1, len(right)), "prompts": len(scenes),
+                             "drawn_as_scenes": sum(len(t) == 4 for t in drawings) / max(1, len(drawings)),
+                             "captions": [s.caption for s in asked], "right": right,
+                             "found": [[list(d) for d in f] for f in found]}
+        shown[category] = drawings[:16], [s.caption for s in asked[:16]]
+    scores = [figures[c]["score"] for c in GENEVAL]
+    return figures | {"overall": sum(scores) / len(scores)}, shown
+
+
+@torch.no_grad()
+def what_they_show(vq, gallery, rows, drawings):
+    """draw's drawings -> per drawing, what it shows: [(cell, object name, colour word or None)] for each picture in
+    it, cell 0-3 in a scene, None for a single picture. A picture's object: the original emoji (the gallery's, not a
+    recoloured copy) nearest by shape features, named by its bare name."""
+    pictures = [(k, cell if len(tiles) == 4 else None, t) for k, tiles in enumerate(drawings)
+                for cell, t in enumerate(tiles) if t is not None]
+    if not pictures:
+        return [[] for _ in drawings]
+    x = torch.stack([t for _, _, t in pictures]).clamp(-1, 1)
+    originals = (gallery["objects"] == torch.arange(len(gallery["objects"]))).nonzero()[:, 0]
+    nearest = originals[(vq.shape_features(x) @ gallery["shapes"][originals].T).argmax(1)]
+    found = [[] for _ in drawings]
+    for (k, cell, t), i in zip(pictures, nearest.tolist()):
+        found[k].append((cell, rows[i]["captions"][0], colour_word(t.clamp(-1, 1))))
+    return found
+
+
+def geneval_section(ge):
+    """The drawing settings and geneval_figures -> report["geneval"] and its lines: the six categories beside the
+    published figures."""
+    names = list(PUBLISHED)
+    cell = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = ["", "## Scenes: GenEval's six categories", "",
+             f"Up to {ge['n']} held-out prompts a category (single object: training objects by name; colours: held-out "
+             f"(object, colour) pairs), {PICTURES_PER_PROMPT} pictures each; guidance {ge['guidance']}, temperature "
+             f"{ge['temperature']}, top-k {ge['top_k']}, {ge['dtype']}. A picture is right when every criterion of its "
+             "category holds, judged per tile: its object the nearest original emoji by shape, its colour the colour "
+             "word. The published figures are on photographs judged by a detector: another domain, not a "
+             "comparison of models.", "",
+             "| category | prompts | drawn as scenes | score | " + " | ".join(names) + " |",
+             "| --- " * (4 + len(names)) + "|"]
+    for c in GENEVAL:
+        lines.append(f"| {c} | {ge[c]['prompts']} | {100 * ge[c]['drawn_as_scenes']:.0f}% | **{ge[c]['score']:.2f}** "
+                     "| " + " | ".join(cell(PUBLISHED[m].get(c)) for m in names) + " |")
+    lines.append(f"| overall | | | **{ge['overall']:.2f}** | "
+                 + " | ".join(cell(PUBLISHED[m]["overall"]) for m in names) + " |")
+    lines += [""] + [f"![{c}](geneval_{c.replace(' ', '_')}.png)" for c in GENEVAL]
+    return {"geneval": ge}, lines
+
+
+# -----------------------------------------------------------------------------
 # The report's PNGs
 
 
-def save_pictures(out, report, drawn):
+def save_pictures(out, report, drawn, scenes, size):
     """The report's PNGs in out: the image-specificity heatmaps before and after training, and for the pictures drawn
-    (per group: asked pictures, drawn ones) a grid of each group and the held-out pairs' colour confusion."""
+    (per group: asked pictures, drawn ones) a grid of each group and the held-out pairs' colour confusion; for the
+    scenes drawn (per GenEval category: drawings and their captions) a labelled grid of each category."""
     for name in ("before", "after"):
         heatmap(np.array(report[name]["specificity"]), out / f"specificity_{name}.png",
                 f"image-specificity {name} (red: image, blue: text)")
@@ -573,6 +669,10 @@ def save_pictures(out, report, drawn):
     if "pairs" in drawn:
         pairs = report["images"]["pairs"]
         colour_confusion(pairs["asked_colours"], pairs["drawn_colours"], out / "colour_confusion.png")
+    for category, (drawings, captions) in scenes.items():
+        pictures = torch.stack([on_canvas(d, size) for d in drawings])  # (N, 3, 2 size, 2 size), N a multiple of 4
+        save_grid(pictures.view(-1, PICTURES_PER_PROMPT, *pictures.shape[1:]),
+                  out / f"geneval_{category.replace(' ', '_')}.png", size=128, labels=captions[::PICTURES_PER_PROMPT])
 
 
 def colour_confusion(asked, drawn, path, cell=40):
@@ -604,6 +704,8 @@ def main():
     p.add_argument("--probe", type=int, default=32, help="held-out sequences for routing and redundancy")
     p.add_argument("--samples", type=int, default=0, help="captions of training emoji (as people ask, and by bare "
                    "name), held-out emoji and held-out colour pairs to draw and score, of each (slow on CPU)")
+    p.add_argument("--geneval", type=int, default=0, metavar="N", help="a run that draws scenes: up to N held-out "
+                   f"prompts of each of GenEval's six categories, {PICTURES_PER_PROMPT} pictures each (slow on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", "--cfg", type=float, default=SAMPLING["guidance"],
                    help="guidance for --samples (sample.py's default)")
@@ -634,12 +736,12 @@ def main():
         plot_curve(state["log"], args.curve, n, state["train_config"]["batch_size"])
         print("\n".join(curve_table(state["log"])))
         return
-    if args.samples < 0 or not 0 <= args.guidance < math.inf or not 0 <= args.temperature < math.inf \
-            or (args.top_k or 1) < 1 or args.batch < 1 or args.offset < 0:
-        raise BadInput("--samples >= 0, --guidance and --temperature numbers >= 0, --top-k >= 1, --batch >= 1, "
-                       "--offset >= 0")
+    if args.samples < 0 or args.geneval < 0 or not 0 <= args.guidance < math.inf \
+            or not 0 <= args.temperature < math.inf or (args.top_k or 1) < 1 or args.batch < 1 or args.offset < 0:
+        raise BadInput("--samples and --geneval >= 0, --guidance and --temperature numbers >= 0, --top-k >= 1, "
+                       "--batch >= 1, --offset >= 0")
     analyze(args.ckpt, args.out, args.probe, args.samples, args.seed, args.guidance, args.temperature, args.top_k,
-            args.batch, args.offset, drawing_dtype(args.dtype)[0])
+            args.batch, args.offset, drawing_dtype(args.dtype)[0], args.geneval)
     print((Path(args.out) / "report.md").read_text())
 
 

@@ -400,12 +400,13 @@ class ImageRule:
 def scene_tiles(tokens, n_codes, n_image_codes):
     """A row of generate_image's output with scene tokens (1 + 4 n_codes,), padded with -1 -> None for a single
     picture (its tokens are tokens[:n_codes]), or a scene's 4 tiles, top-left, top-right, bottom-left, bottom-right:
-    each None (<empty>) or a picture's tokens (n_codes,)."""
+    each None (<empty>) or a picture's tokens (n_codes,). The beginning of a row (while drawing) reads as far as it
+    goes: the last tile begun may be short, those not begun None."""
     if int(tokens[0]) != n_image_codes + 2:  # not <scene>
         return None
     tiles, i = [], 1
     for _ in range(4):
-        empty = int(tokens[i]) == n_image_codes + 3
+        empty = i >= len(tokens) or int(tokens[i]) == n_image_codes + 3
         tiles.append(None if empty else tokens[i:i + n_codes])
         i += 1 if empty else n_codes
     return tiles

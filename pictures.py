@@ -19,6 +19,15 @@ def canvas(tiles, height, width):
     return torch.cat([torch.cat(tiles[:2], dim=2), torch.cat(tiles[2:], dim=2)], dim=1)  # rows of (3, H, 2W)
 
 
+def on_canvas(drawing, size):
+    """A drawing, [picture] or a scene's 4 tiles (pictures (3, size, size) or None), -> (3, 2 size, 2 size): the
+    scene's canvas, or the single picture enlarged 2x (nearest neighbour: at any output size it looks as it would
+    alone)."""
+    if len(drawing) == 4:
+        return canvas(drawing, size, size)
+    return drawing[0].repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)  # each pixel a 2 x 2 square
+
+
 def save_grid(rows_of_images, path, size=None, labels=None):
     """(R, C, 3, H, W) -> one image file with R rows of C pictures, each enlarged to size x size pixels
     (nearest neighbour: every pixel of a 32-px emoji stays a sharp square). labels: one per row (above

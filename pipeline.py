@@ -1,7 +1,7 @@
 """
 pipeline.py: a trained run (or the committed demo) loaded for drawing, as sample.py and serve.py draw: the base with
 its adapter, the base's tokenizer, and the run's image tokenizer; the dtype to draw in; the seed of each batch of
-pictures.
+pictures; what the model's image tokens show, decoded (a picture, or a scene's tiles).
 """
 from pathlib import Path
 
@@ -10,7 +10,7 @@ import torch
 
 from cli import BadInput
 from hf import load_tokenizer
-from mmmoe import MMMoE, bfloat16_support, choose_dtype
+from mmmoe import MMMoE, bfloat16_support, choose_dtype, scene_tiles
 from runs import run_inputs
 from upcycle import builtin_base
 from vq import load_vq
@@ -52,3 +52,21 @@ def batch_generator(seed, k):
     """The random numbers of batch k of a drawing: its own seed, from (seed, k), so that a picture does not depend on
     which batches were drawn before it (a rerun that skips what is written draws the rest as the first run did)."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, k]).generate_state(1)[0]))
+
+
+def decode_drawings(model, vq, tokens):
+    """generate_image's rows (B, n), or with scene tokens (B, 1 + 4n) -> what each row shows: [picture] for a single
+    picture (3, H, W), or a scene's 4 tiles, top-left, top-right, bottom-left, bottom-right, each a picture or None
+    (empty)."""
+    n, K = vq.config.n_tokens, model.adapter.n_image_codes
+    if not model.adapter.scene_tokens:
+        return [[p] for p in vq.detokenize(tokens)]
+    return decode_tiles(vq, [scene_tiles(row, n, K) or [row[:n]] for row in tokens])
+
+
+def decode_tiles(vq, drawings):
+    """Drawings as tokens, each [a picture's tokens (n,)] or 4 tiles (tokens or None) -> the same with the pictures
+    decoded, (3, H, W) each: every picture of the batch at once."""
+    parts = [t for tiles in drawings for t in tiles if t is not None]
+    decoded = iter(vq.detokenize(torch.stack(parts)) if parts else [])
+    return [[None if t is None else next(decoded) for t in tiles] for tiles in drawings]

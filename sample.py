@@ -33,9 +33,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from cli import BadInput, run
-from mmmoe import SAMPLING, scene_tiles
-from pipeline import DRAWING_DTYPES, batch_generator, drawing_dtype, load_pipeline
-from pictures import canvas, save_grid, to_pil
+from mmmoe import SAMPLING
+from pipeline import DRAWING_DTYPES, batch_generator, decode_drawings, drawing_dtype, load_pipeline
+from pictures import on_canvas, save_grid, to_pil
 
 
 def read_prompts(path):
@@ -98,21 +98,12 @@ def draw(model, vq, captions, args, generator):
     """Captions' token ids -> what each draws, (N, 3, h, w) in [-1, 1]: the VQ's pictures (N, 3, H, W), or with an
     adapter that has scene tokens, each on a canvas's size (N, 3, 2H, 2W): a scene's 2 x 2 canvas, a single picture
     enlarged 2x (nearest neighbour, so that at --size it looks as it would alone)."""
-    n = vq.config.n_tokens
-    tokens = model.generate_image(captions, n, args.guidance, args.temperature, args.top_k, args.top_p, generator)
+    tokens = model.generate_image(captions, vq.config.n_tokens, args.guidance, args.temperature, args.top_k,
+                                  args.top_p, generator)
+    drawings = decode_drawings(model, vq, tokens)
     if not model.adapter.scene_tokens:
-        return vq.detokenize(tokens)
-    scenes = [scene_tiles(row, n, model.adapter.n_image_codes) for row in tokens]  # None: a single picture
-    # every picture of the batch decoded at once: the single pictures and the scenes' tiles that are not empty
-    parts = [t for row, tiles in zip(tokens, scenes) for t in (tiles or [row[:n]]) if t is not None]
-    decoded = iter(vq.detokenize(torch.stack(parts)) if parts else [])
-    drawings, size = [], vq.config.image_size
-    for tiles in scenes:
-        if tiles is None:  # a single picture, each pixel a 2 x 2 square
-            drawings.append(next(decoded).repeat_interleave(2, dim=1).repeat_interleave(2, dim=2))
-        else:
-            drawings.append(canvas([None if t is None else next(decoded) for t in tiles], size, size))
-    return torch.stack(drawings)
+        return torch.stack([picture for picture, in drawings])
+    return torch.stack([on_canvas(drawing, vq.config.image_size) for drawing in drawings])
 
 
 def main(argv=None):

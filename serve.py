@@ -12,9 +12,10 @@ in and out; a mistake is answered 400 with one line, {"error": "..."}:
     GET  /        the page
     POST /draw    {"prompt": "a red bicycle", "n": 1, "guidance": 1.5, "temperature": 0.7, "seed": 0}
                   -> JSON lines as the pictures are drawn: {"row": r, "images": [...]} after each row of codes (PNG,
-                  base64), then {"done": true, "images", "codes", "routing"}: the finished pictures (as sample.py
-                  draws them with the same seed), their tokens, and which experts the first one's image tokens and its
-                  prompt's text tokens went to in each layer (routing.py, as analyze.py counts them)
+                  base64; a model that draws scenes: {"tokens": t, "images"} every grid-th token, each a canvas), then
+                  {"done": true, "images", "codes", "routing"}: the finished pictures (as sample.py draws them with
+                  the same seed), their tokens, and which experts the first one's image tokens and its prompt's text
+                  tokens went to in each layer (routing.py, as analyze.py counts them)
     POST /text    {"prompt": "..."} -> the prompt's next-token distribution with the adapter and on the base alone
                   (torch.equal: C1), and the chat answer of each, greedy
 
@@ -35,9 +36,9 @@ import torch
 from PIL import Image
 
 from cli import BadInput, run
-from mmmoe import SAMPLING
-from pictures import to_pil
-from pipeline import batch_generator, load_pipeline
+from mmmoe import SAMPLING, scene_tiles
+from pictures import on_canvas, to_pil
+from pipeline import batch_generator, decode_drawings, decode_tiles, load_pipeline
 from routing import routing, routing_stats
 from upcycle import chat_prompt
 
@@ -101,40 +102,59 @@ class Explorer:
 
     def __init__(self, ckpt=None):
         self.model, self.tokenizer, self.vq = load_pipeline(ckpt)
-        if self.model.adapter.scene_tokens:
-            raise BadInput(f"{ckpt} draws scenes, which the explorer does not show yet (#52); draw them with sample.py")
         with torch.no_grad():  # a white picture's tokens: what a picture not yet drawn shows
-            self.blank = self.vq.tokenize(torch.ones(1, 3, self.vq.config.image_size, self.vq.config.image_size))
+            self.blank = self.vq.tokenize(torch.ones(1, 3, self.vq.config.image_size, self.vq.config.image_size))[0]
         self.lock, self.slots = threading.Lock(), threading.BoundedSemaphore(1 + QUEUE)
 
     def draw(self, req, send):
-        """Draw req's pictures, calling send(dict) after each row of codes and at the end. A prompt too long for the
-        model's context is generate_image's BadInput, raised before the first send."""
+        """Draw req's pictures, calling send(dict) after each row of codes (a scene: every grid-th token) and at the
+        end. A prompt too long for the model's context is generate_image's BadInput, raised before the first send."""
         n, vq, model = req["n"], self.vq, self.model
         grid, first = vq.config.grid, vq.config.colour_tokens > 0  # the codes follow a colour token, if the VQ has them
         ids, drawn = self.tokenizer.encode(req["prompt"]).ids, []
 
         def progress(i, tokens):  # new token i of every picture (n,)
             drawn.append(tokens)
-            codes = i + 1 - first
-            if codes > 0 and codes % grid == 0:  # a row of codes done: decode what there is, white where not yet
-                partial = torch.cat([torch.stack(drawn, 1), self.blank[:, len(drawn):].expand(n, -1)], 1)
-                send({"row": codes // grid, "images": [png(p) for p in vq.detokenize(partial)]})
+            if model.adapter.scene_tokens and (i + 1) % grid == 0:
+                send({"tokens": i + 1, "images": [png(p) for p in self.so_far(torch.stack(drawn, 1))]})
+            elif not model.adapter.scene_tokens and (i + 1 - first) > 0 and (i + 1 - first) % grid == 0:
+                send({"row": (i + 1 - first) // grid, "images": [png(p) for p in self.so_far(torch.stack(drawn, 1))]})
         with self.lock:
             tokens = model.generate_image([ids] * n, vq.config.n_tokens, req["guidance"], req["temperature"],
                                           SAMPLING["top_k"], None, batch_generator(req["seed"], 0), progress)
-            # The routing shown is analyze.py's count of the finished sequence, so one forward over it: the drawing's
-            # own steps never run its last code, and run the rest with folded PLoRA beside the guidance twins, where
-            # rounding can tip a near tie between two experts.
-            seq = torch.tensor([[model.start_token, *ids, model.image_token("boi"), *model.image_token(tokens[0])]])
-            counts, _, routes = routing(model, [(seq, None)])
-            shares, spec, _ = routing_stats(counts)
-            send({"done": True, "images": [png(p) for p in vq.detokenize(tokens)], "codes": tokens.tolist(),
-                  "routing": {"text": shares[0].tolist(), "image": shares[1].tolist(), "specificity": spec.tolist(),
-                              "counts": counts.tolist(),
-                              # each image token's experts in every layer (L, n_tokens, k), for the page's hover
-                              "routes": routes[:, 0, -vq.config.n_tokens:].tolist(), "first_code": int(first),
-                              "grid": grid}})
+            drawings = decode_drawings(model, vq, tokens)
+            pictures = [on_canvas(d, vq.config.image_size) if model.adapter.scene_tokens else d[0] for d in drawings]
+            send({"done": True, "images": [png(p) for p in pictures], "codes": tokens.tolist(),
+                  "routing": self.routing(ids, tokens[0], drawings[0])})
+
+    def routing(self, ids, tokens, drawing):
+        """The first drawing's routing, analyze.py's count of the finished sequence, so one forward over it: the
+        drawing's own steps never run its last token, and run the rest with folded PLoRA beside the guidance twins,
+        where rounding can tip a near tie between two experts. -> the page's routing: shares, specificity, each image
+        token's experts in every layer (routes), and where each picture's codes start among them (tile_starts: one
+        for a single picture, four for a scene, None for an empty tile)."""
+        model, grid, first = self.model, self.vq.config.grid, int(self.vq.config.colour_tokens > 0)
+        tokens = tokens[tokens >= 0]  # a scene adapter's rows are padded with -1
+        seq = torch.tensor([[model.start_token, *ids, model.image_token("boi"), *model.image_token(tokens)]])
+        counts, _, routes = routing(model, [(seq, None)])
+        shares, spec, _ = routing_stats(counts)
+        starts, i = [], int(len(drawing) == 4)  # a scene's tiles come after <scene>
+        for tile in drawing:
+            starts.append(None if tile is None else i)
+            i += self.vq.config.n_tokens if tile is not None else 1
+        return {"text": shares[0].tolist(), "image": shares[1].tolist(), "specificity": spec.tolist(),
+                "counts": counts.tolist(), "routes": routes[:, 0, -len(tokens):].tolist(),  # (L, image tokens, k)
+                "tile_starts": starts, "first_code": first, "grid": grid}
+
+    def so_far(self, tokens):
+        """(n, t): the first t tokens of each drawing -> what they show so far, each (3, h, w) as the finished drawing
+        will be: codes not yet drawn white, a scene's tiles not yet begun empty."""
+        K, n, size = self.model.adapter.n_image_codes, self.vq.config.n_tokens, self.vq.config.image_size
+        done = lambda t: torch.cat([t, self.blank[len(t):]])  # noqa: E731  (a picture's tokens, white where not yet)
+        if not self.model.adapter.scene_tokens:
+            return [d[0] for d in decode_tiles(self.vq, [[done(row)] for row in tokens])]
+        drawings = [[None if t is None else done(t) for t in (scene_tiles(row, n, K) or [row[:n]])] for row in tokens]
+        return [on_canvas(d, size) for d in decode_tiles(self.vq, drawings)]
 
     @torch.no_grad()
     def text(self, req):

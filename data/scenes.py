@@ -12,6 +12,8 @@ the shards. A single picture stays exactly as data.make_batch writes it.
     scenes = [scene_at(table, seed, step, i) for i in range(B)]        # a pure function of (seed, step, i)
     idx, targets, pad = make_scene_batch(shards, scenes, tokenizer, model)
     held_out_scenes(table)                                             # {category: [Scene]}, never trained on
+    geneval_prompts(table, rows, n)                                    # GenEval's six categories, for analyze.py
+    judge(scene, found)                                                # does a drawing show what scene asks?
 
 Held out, never composed for training: pairs of objects never shown together, some (object, count) and some
 (object, relation) combinations, each fixed by a hash of the names (held_out_scene); the held-out (object, colour)
@@ -27,7 +29,7 @@ import numpy as np
 from cli import BadInput
 from data import TokenShards, left_padded, names_a_colour, read_folder
 
-CATEGORIES = ("two objects", "counting", "position", "colour")
+CATEGORIES = ("two objects", "counting", "position", "colour attribution")
 NUMBERS = {2: "two", 3: "three", 4: "four"}
 # Where (X, Y) may stand for "a X <relation> a Y", as cells 0 1 / 2 3: the same row for left/right, the same column
 # for above/below
@@ -43,9 +45,10 @@ PREPOSITIONS = {"with", "of", "in", "on", "for", "from"}
 
 
 class Scene(NamedTuple):
-    category: str  # one of CATEGORIES
+    category: str  # one of CATEGORIES (or GENEVAL's, as a prompt)
     caption: str
-    tiles: tuple  # 4 example indices of the training shards, top-left, top-right, bottom-left, bottom-right; -1: empty
+    tiles: tuple | None  # 4 example indices of the training shards, top-left, top-right, bottom-left, bottom-right;
+    # -1: empty. None: a prompt no training pictures show (GENEVAL's single object and colours)
     objects: tuple  # the names the caption asks for, in its order ("lemon", "pear")
     colours: tuple  # their colour words (colour attribution), else Nones
     count: int  # how many of each object
@@ -133,7 +136,7 @@ def compose(table, category, objects, rng, colours=(None, None), count=1, relati
             tiles[cell] = table["own"][x]
         return Scene(category, caption, tuple(tiles), objects, (None,), count, None)
     x, y = objects
-    if category == "colour":
+    if category == "colour attribution":
         cx, cy = colours
         caption = f"{article(cx)} {cx} {x} and {article(cy)} {cy} {y}"
         pictures = table["coloured"][x][cx], table["coloured"][y][cy]
@@ -151,7 +154,7 @@ def compose(table, category, objects, rng, colours=(None, None), count=1, relati
 
 def draw(table, category, rng):
     """A random Scene of category from the table, held out or not."""
-    if category == "colour":
+    if category == "colour attribution":
         names = list(table["coloured"])
         x, y = (names[k] for k in rng.choice(len(names), 2, replace=False))
         colours = tuple(str(rng.choice(sorted(table["coloured"][n]))) for n in (x, y))  # each in a colour it has
@@ -184,7 +187,7 @@ def scene_at(table, seed, step, i):
     """The i-th scene of an optimiser step: a pure function of (seed, step, i), so a resumed run and every DDP rank
     see the same scenes. A category at random, then its objects, drawn again while the scene is held out."""
     rng = np.random.default_rng([seed, step, i, SCENE_STREAM])
-    categories = [c for c in CATEGORIES if c != "colour" or len(table["coloured"]) >= 2]
+    categories = [c for c in CATEGORIES if c != "colour attribution" or len(table["coloured"]) >= 2]
     for _ in range(1000):
         scene = draw(table, categories[rng.integers(len(categories))], rng)
         if not held_out_scene(scene):
@@ -199,7 +202,7 @@ def held_out_scenes(table, n=20):
     out = {}
     for category in CATEGORIES:
         found = {}
-        for _ in range(200 * n if category != "colour" or len(table["coloured"]) >= 2 else 0):
+        for _ in range(200 * n if category != "colour attribution" or len(table["coloured"]) >= 2 else 0):
             scene = draw(table, category, rng)
             if held_out_scene(scene):
                 found.setdefault(scene.caption, scene)
@@ -238,3 +241,52 @@ def make_scene_batch(shards, scenes, tokenizer, model, drop=None):
         seqs.append(seq)
         tgts.append(tgt)
     return left_padded(seqs, tgts, eos)
+
+
+# -----------------------------------------------------------------------------
+# GenEval's six categories (Ghosh et al. 2023) on this domain: the prompts analyze.py asks, and the judge of a drawing
+
+GENEVAL = ("single object", "two objects", "counting", "colours", "position", "colour attribution")
+
+
+def geneval_prompts(table, rows, n):
+    """-> {category of GENEVAL: up to n Scenes}, the same every time. Single object: training objects by name ("a
+    lemon"; the objects are trained: an emoji never trained cannot be drawn by its name); colours: compose's held-out
+    (object, colour) pairs, never trained ("a blue pear"); the other four: held_out_scenes'. rows: the dataset's
+    (data.read_folder), where the held-out pairs are."""
+    names = sorted(table["own"])
+    single = [Scene("single object", f"{article(x)} {x}", None, (x,), (None,), 1, None)
+              for x in names[::max(1, len(names) // n)][:n]]
+    by_image = {r["image"]: r for r in rows}
+    pairs = [r for r in rows if r["split"] == "val" and r["object"] is not None and r["colour"] is not None]
+    colours = [Scene("colours", r["captions"][0], None, (by_image[r["object"]]["captions"][0],), (r["colour"],), 1,
+                     None) for r in pairs[::max(1, len(pairs) // n)][:n]]
+    held = held_out_scenes(table, n)
+    return {"single object": single, "two objects": held["two objects"], "counting": held["counting"],
+            "colours": colours, "position": held["position"], "colour attribution": held["colour attribution"]}
+
+
+def judge(scene, found):
+    """Does a drawing show what scene asks, every criterion of its category (GenEval's rules)? found: what the
+    drawing shows, [(cell, object name, colour word or None)], cell 0-3 in a scene (top-left, top-right, bottom-left,
+    bottom-right), None for a single picture. Single object: the object is there; colours: in the asked colour; two
+    objects: both are there; counting: exactly count of the object; position: X and Y are there, X's cell left of
+    (right of, above, below) Y's, whatever the other axis; colour attribution: X in its colour and Y in its."""
+    def cells(name, colour=None):  # where the drawing shows name (in colour, if one is asked)
+        return [cell for cell, n, c in found if n == name and colour in (None, c)]
+    x, cx = scene.objects[0], scene.colours[0]
+    if scene.category in ("single object", "colours"):
+        return bool(cells(x, cx))
+    if scene.category == "counting":
+        return len(cells(x)) == scene.count
+    y, cy = scene.objects[1], scene.colours[1]
+    if scene.category == "position":
+        return any(a is not None and b is not None and beyond(scene.relation, a, b) for a in cells(x) for b in cells(y))
+    return bool(cells(x, cx)) and bool(cells(y, cy))  # two objects (no colours asked), colour attribution
+
+
+def beyond(relation, a, b):
+    """Whether cell a stands in relation (a key of RELATIONS) to cell b, in a 2 x 2 grid (cells 0 1 / 2 3)."""
+    (row_a, col_a), (row_b, col_b) = divmod(a, 2), divmod(b, 2)
+    return {"to the left of": col_a < col_b, "to the right of": col_a > col_b, "above": row_a < row_b,
+            "below": row_a > row_b}[relation]

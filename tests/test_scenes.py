@@ -8,8 +8,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import data
-from data.scenes import (CATEGORIES, RELATIONS, Scene, held_out_scene, held_out_scenes, make_scene_batch, plural,
-                         scene_at, tile_table)
+from data.scenes import (CATEGORIES, GENEVAL, RELATIONS, Scene, geneval_prompts, held_out_scene, held_out_scenes, judge,
+                         make_scene_batch, plural, scene_at, tile_table)
 
 NAMES = ["apple", "banana", "cherry", "peach", "lemon", "pear", "grape", "melon", "kiwi fruit", "hot pepper", "carrot",
          "onion", "mushroom", "peanut", "chestnut", "bread", "croissant", "pretzel", "bagel", "pancake", "waffle",
@@ -123,7 +123,7 @@ def test_captions_say_what_the_layout_shows(shards_dir):
             continue
         x, y = s.objects
         assert x != y and len(filled) == 2
-        if s.category == "colour":
+        if s.category == "colour attribution":
             cx, cy = s.colours
             assert s.caption.endswith(f"{cx} {x} and {'an' if cy[0] in 'aeiou' else 'a'} {cy} {y}")
             pictures = table["coloured"][x][cx], table["coloured"][y][cy]
@@ -137,10 +137,10 @@ def test_captions_say_what_the_layout_shows(shards_dir):
             (rx, cx), (ry, cy) = (divmod(cell_of(s.tiles, p)[0], 2) for p in pictures)  # (row, column) of X and Y
             assert {"to the left of": rx == ry and cx < cy, "to the right of": rx == ry and cx > cy,
                     "above": cx == cy and rx < ry, "below": cx == cy and rx > ry}[s.relation]
-    assert seen == {"two objects", "counting", "colour", *RELATIONS}
+    assert seen == {"two objects", "counting", "colour attribution", *RELATIONS}
     # empty cells at random where the category allows: any 2 of 4 cells, any 2-4 for counting, a free row or column
     assert {c: len(p) for c, p in patterns.items()} == {"two objects": 6, "counting": 6 + 4 + 1, "position": 4,
-                                                        "colour": 6}
+                                                        "colour attribution": 6}
 
 
 def test_scene_at_is_a_pure_function_of_seed_step_and_i(shards_dir):
@@ -198,3 +198,52 @@ def test_a_two_object_scene_costs_at_most_2_2_pictures(shards_dir):
     image_tokens = (targets >= 0).sum(1)  # (2,): the image tokens of each
     assert image_tokens.tolist()[1] == N_TOKENS and image_tokens[0] <= 2.2 * image_tokens[1]
     assert 0 not in tok.encode(two.caption).ids  # every word known: no <unk>
+
+
+def test_judge_applies_genevals_rules():
+    """Every criterion of a category must hold: the object (in its colour), the exact count, the side, both colours."""
+    def scene(category, objects, colours=(None, None), count=1, relation=None):
+        return Scene(category, "", None, objects, colours, count, relation)
+    pear, lemon = scene("two objects", ("pear", "lemon")), scene("counting", ("lemon",), count=3)
+    assert judge(scene("single object", ("pear",)), [(None, "pear", "green")])
+    assert not judge(scene("single object", ("pear",)), [(None, "lemon", "yellow")])
+    assert judge(scene("colours", ("pear",), ("blue",)), [(None, "pear", "blue")])
+    assert not judge(scene("colours", ("pear",), ("blue",)), [(None, "pear", "green")])
+    assert not judge(scene("colours", ("pear",), ("blue",)), [(None, "lemon", "blue")])
+    assert judge(pear, [(0, "lemon", None), (3, "pear", None)]) and not judge(pear, [(0, "pear", None)])
+    assert judge(lemon, [(0, "lemon", None), (1, "lemon", None), (3, "lemon", None), (2, "pear", None)])
+    assert not judge(lemon, [(0, "lemon", None), (1, "lemon", None)])
+    assert not judge(lemon, [(c, "lemon", None) for c in range(4)])  # exactly three
+    left = scene("position", ("pear", "lemon"), relation="to the left of")
+    assert judge(left, [(2, "pear", None), (1, "lemon", None)])  # a column to the left, whatever the rows
+    assert not judge(left, [(0, "pear", None), (2, "lemon", None)])  # the same column
+    assert not judge(left, [(1, "pear", None), (0, "lemon", None)])
+    assert not judge(left, [(None, "pear", None)])  # a single picture shows no place
+    above = scene("position", ("pear", "lemon"), relation="above")
+    assert judge(above, [(1, "pear", None), (2, "lemon", None)]) and not judge(above, [(2, "pear", None), (3, "lemon", None)])
+    below = scene("position", ("pear", "lemon"), relation="below")
+    assert judge(below, [(3, "pear", None), (0, "lemon", None)]) and not judge(below, [(0, "pear", None), (3, "lemon", None)])
+    right = scene("position", ("pear", "lemon"), relation="to the right of")
+    assert judge(right, [(1, "pear", None), (0, "lemon", None)]) and not judge(right, [(0, "pear", None), (1, "lemon", None)])
+    both = scene("colour attribution", ("pear", "lemon"), ("blue", "red"))
+    assert judge(both, [(0, "pear", "blue"), (1, "lemon", "red")])
+    assert not judge(both, [(0, "pear", "red"), (1, "lemon", "blue")])  # the colours swapped: attribution fails
+    assert not judge(both, [(0, "pear", "blue")])
+
+
+def test_geneval_prompts_are_held_out_or_say_why_not(shards_dir):
+    """Six categories; single objects are trained objects by name; colours are the held-out (object, colour) pairs
+    (the shards' "val" copies, never in the table); the other four are held_out_scenes'."""
+    table = tile_table(shards_dir)
+    rows = data.read_folder(shards_dir.parent / "data")
+    prompts = geneval_prompts(table, rows, 5)
+    assert tuple(prompts) == GENEVAL and all(0 < len(p) <= 5 for p in prompts.values())
+    assert all(s.objects[0] in table["own"] and s.caption in (f"a {s.objects[0]}", f"an {s.objects[0]}")
+               for s in prompts["single object"])
+    for s in prompts["colours"]:
+        x, c = s.objects[0], s.colours[0]
+        assert s.caption == f"a {c} {x}" and c not in table["coloured"].get(x, {})  # never trained in that colour
+        n = NAMES.index(x)
+        assert c == COLOURS[(n + 2) % 6]  # the fixture's held-out copy
+    held = held_out_scenes(table, 5)
+    assert all(prompts[c] == held[c] for c in CATEGORIES)

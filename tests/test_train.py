@@ -1,5 +1,7 @@
 """PLoRA in mmmoe.py and train.py: the text path provably untouched, training distributed and resumable."""
+import base64
 import contextlib
+import io
 import json
 import math
 import os
@@ -16,9 +18,10 @@ from conftest import ROOT
 from PIL import Image
 from safetensors.torch import load_file
 
+import mmmoe
 import sample
 import train
-from data.scenes import Scene, tile_table
+from data.scenes import GENEVAL, Scene, tile_table
 from mmmoe import AdapterConfig, BadInput, MMMoE, bfloat16_support, choose_dtype
 
 
@@ -675,7 +678,30 @@ def test_scenes_warm_started_from_single_pictures_train_resume_and_draw(tiny_set
     assert pictures.shape == (3, 3, 2 * vq.config.image_size, 2 * vq.config.image_size)  # a canvas's size
     import analyze
     import serve
-    with pytest.raises(BadInput, match="analyze.py does not score yet"):  # not yet: one line, not a wrong report
-        analyze.analyze(tmp_path / "scenes", tmp_path / "report")
-    with pytest.raises(BadInput, match="the explorer does not show yet"):
-        serve.Explorer(tmp_path / "scenes")
+    with pytest.raises(BadInput, match="--geneval: .* draws no scenes"):  # before any work
+        analyze.analyze(tmp_path / "one", tmp_path / "report", geneval=2)
+    report = analyze.analyze(tmp_path / "scenes", tmp_path / "report", n_probe=4, samples=2, geneval=2, batch_size=8)
+    ge = report["geneval"]
+    assert 0 <= report["images"]["train"]["drawn_as_scenes"] <= 1  # a scene drawn for one object: a miss
+    for category in GENEVAL:
+        c = ge[category]
+        assert 0 < c["prompts"] <= 2 and len(c["right"]) == len(c["found"]) == 4 * c["prompts"]
+        assert c["score"] == sum(c["right"]) / len(c["right"]) and 0 <= c["drawn_as_scenes"] <= 1
+        assert all(cell in (None, 0, 1, 2, 3) for found in c["found"] for cell, _, _ in found)
+        assert (tmp_path / "report" / f"geneval_{category.replace(' ', '_')}.png").exists()
+    assert ge["overall"] == pytest.approx(sum(ge[c]["score"] for c in GENEVAL) / 6)
+    assert "## Scenes: GenEval's six categories" in (tmp_path / "report" / "report.md").read_text()
+    explorer, lines = serve.Explorer(tmp_path / "scenes"), []  # the explorer draws them: canvases, as sample.py
+    explorer.draw({"prompt": "w10 w20", "n": 2, "guidance": 1.5, "temperature": 1.0, "seed": 0}, lines.append)
+    done, canvases = lines[-1], [Image.open(io.BytesIO(base64.b64decode(b))) for b in lines[-1]["images"]]
+    assert done["done"] and all(m["tokens"] % vq.config.grid == 0 for m in lines[:-1]) and len(canvases) == 2
+    row = torch.tensor(done["codes"][0])
+    starts, routes = done["routing"]["tile_starts"], done["routing"]["routes"]
+    assert len(routes[0]) == int((row >= 0).sum())  # every image token of the first drawing routed
+    if len(starts) == 4:  # a scene: each tile's codes where tile_starts says
+        for tile, start in zip(mmmoe.scene_tiles(row, vq.config.n_tokens, K), starts):
+            assert (tile is None) == (start is None) and (tile is None or torch.equal(row[start:start + len(tile)], tile))
+    tile = torch.randint(0, K, (vq.config.n_tokens,))  # a scene by hand: <scene> <empty> tile <empty> <empty>
+    scene = torch.tensor([K + 2, K + 3, *tile, K + 3, K + 3])
+    shown = explorer.routing(tokenizer.encode("w10 w20").ids, scene, [None, tile, None, None])
+    assert shown["tile_starts"] == [None, 2, None, None] and len(shown["routes"][0]) == len(scene)
