@@ -675,6 +675,19 @@ class MMMoE(nn.Module):
                       feed=feed, image_steps=True, pad=pad)
         return F.pad(torch.stack(drawn, 1), (0, steps - len(drawn)), value=-1)  # (B, steps)
 
+    def describe(self, pictures, before, after=(), max_new_tokens=32):
+        """Pictures' image tokens (B, n), from 0 (a VQ's tokenize) -> the words each is described with, greedy: a list
+        of token ids per picture, up to its <eos>. Each row is  before <boi> picture <eoi> after  (before: <start>, or
+        a chat turn's beginning), continued with text tokens only. The picture's positions run with the adapter; every
+        text position runs the frozen base, reading the picture through attention (C1: no text row uses an adapter
+        weight, test_describe's proof)."""
+        boi, eoi, eos = self.image_token("boi"), self.image_token("eoi"), self.config.eos_token_id
+        rows = [[*before, boi, *self.image_token(p).tolist(), eoi, *after] for p in pictures.cpu()]
+        idx = torch.tensor(rows, device=self.lm_head.weight.device)  # (B, T): the rows are all one length
+        text = torch.arange(self.config.vocab_size, device=idx.device)
+        out = self.generate(idx, max_new_tokens, temperature=0, allowed_ids=text, stop_at_eos=True)[:, idx.shape[1]:]
+        return [row[:row.index(eos)] if eos in row else row for row in out.tolist()]
+
     # The adapter's checkpoint format, in a directory: adapter.safetensors holds only what training changed
     # (the adapter's tensors, by parameter name); state.json its AdapterConfig, the base's vocabulary size
     # and whatever the trainer adds (step, settings, log).

@@ -6,6 +6,8 @@ sample.py: draw pictures from text with a multimodal MoE.
     python sample.py "a lemon" --ckpt out/demo --guidance 1.5 --temperature 0 # greedy: one picture per prompt
     python sample.py --from-file prompts.txt --out-dir out/pictures  # one PNG per line; a rerun skips what is written
     python sample.py "a lemon" "a taxi" "grapes" --dtype float32    # default auto: the faster here (bf16 on AMX)
+    python sample.py --describe pear.png photo.jpg                  # the other way: picture -> words (#53)
+    python sample.py --describe pear.png --ask "What colour is it?" # a question, in the base's chat format
 
 The prompt becomes  <bos> prompt <boi>; the model then writes the image codes one at a time with the
 KV cache, and the VQ decoder turns them into pixels. Inside an image only image codes can be sampled
@@ -18,6 +20,10 @@ together, --batch of them at a time, left-padded to one length; a batch is drawn
 A model trained with scene tokens may draw a scene instead of a single picture: a 2 x 2 canvas of tiles, each an
 emoji or empty (white). Its output shows every drawing, scene or single picture, at --size pixels: a scene's whole
 canvas fills the cell (or file) that a single picture fills.
+
+--describe reads pictures instead (a model trained with describe > 0): each PNG or JPEG resized to the VQ's size and
+tokenized, then  <bos> <boi> picture <eoi>  continued greedily with text until <eos>, one line a picture,
+"PICTURE: words". The picture's positions run with the adapter, the words the frozen base reading it (C1).
 """
 import argparse
 import json
@@ -33,9 +39,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from cli import BadInput, run
+from data import load_image
 from mmmoe import SAMPLING
-from pipeline import DRAWING_DTYPES, batch_generator, decode_drawings, drawing_dtype, load_pipeline
 from pictures import on_canvas, save_grid, to_pil
+from pipeline import DRAWING_DTYPES, batch_generator, decode_drawings, drawing_dtype, load_pipeline
+from upcycle import chat_prompt
 
 
 def read_prompts(path):
@@ -69,7 +77,10 @@ def file_names(prompts, n):
 def check_args(args):
     out = Path(args.out)
     for bad, message in [
-            (not args.prompts and not args.from_file, "give prompts, or --from-file FILE"),
+            (args.describe and (args.prompts or args.from_file), "give prompts or --describe PICTURE ..., not both"),
+            (args.ask is not None and not args.describe, "--ask goes with --describe PICTURE ..."),
+            (args.ask is not None and not args.ask.strip(), "--ask: an empty question"),
+            (not args.prompts and not args.from_file and not args.describe, "give prompts, or --from-file FILE"),
             (args.prompts and args.from_file, "give prompts or --from-file FILE, not both"),
             (bool(args.from_file) != bool(args.out_dir),
              "--from-file and --out-dir go together: a file of prompts, a folder of pictures"),
@@ -106,6 +117,51 @@ def draw(model, vq, captions, args, generator):
     return torch.stack([on_canvas(drawing, vq.config.image_size) for drawing in drawings])
 
 
+def write_index(out_dir, prompts, names):
+    """--out-dir's index.jsonl, what each file shows (pictures of earlier runs are kept) -> every file's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = "".join(json.dumps({"file": f, "prompt": prompt}) + "\n" for prompt, files in zip(prompts, names)
+                    for f in files)
+    (out_dir / "index.jsonl.tmp").write_text(index)
+    os.replace(out_dir / "index.jsonl.tmp", out_dir / "index.jsonl")
+    return [out_dir / f for fs in names for f in fs]
+
+
+def read_pictures(paths, size):
+    """--describe's files -> (N, 3, size, size), each checked first: a folder, a missing or unreadable file is one
+    line."""
+    pictures = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise BadInput(f"--describe {path}: a folder, not a picture")
+        if not path.exists():
+            raise BadInput(f"--describe {path}: no such file")
+        picture = load_image(path, size)
+        if picture is None:
+            raise BadInput(f"--describe {path}: not a picture this can read (PNG, JPEG, ...)")
+        pictures.append(picture)
+    return torch.stack(pictures)
+
+
+def describe(args):
+    """--describe: each picture read, tokenized by the run's VQ and described (MMMoE.describe), one line each."""
+    read_pictures(args.describe, 8)  # each file checked before the model loads
+    dtype, note = drawing_dtype(args.dtype)
+    model, tokenizer, vq = load_pipeline(args.ckpt, dtype=dtype)
+    pictures = read_pictures(args.describe, vq.config.image_size)  # at the size the VQ was trained on
+    if note:
+        print(note, file=sys.stderr)
+    before, after = [model.start_token], []
+    if args.ask:  # the picture, then the question, as the user's turn in the base's chat format
+        head, tail = chat_prompt("\0").split("\0")
+        before, after = tokenizer.encode(head).ids, tokenizer.encode("\n" + args.ask.strip() + tail).ids
+    with torch.no_grad():
+        codes = vq.tokenize(pictures)  # (N, n)
+    for b in range(0, len(codes), args.batch):
+        for path, words in zip(args.describe[b:b + args.batch], model.describe(codes[b:b + args.batch], before, after)):
+            print(f"{path}: {tokenizer.decode(words).strip()}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompts", nargs="*")
@@ -126,10 +182,14 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=256, help="pixels per picture in the output (enlarged to be seen)")
     p.add_argument("--cols", type=int, default=None, help="with -n 1: lay the prompts out this many per row")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--describe", nargs="+", metavar="PICTURE", help="read pictures instead: one line of words each")
+    p.add_argument("--ask", metavar="QUESTION", help="with --describe: a question about each picture")
     p.add_argument("--dtype", choices=DRAWING_DTYPES, default="auto",
                    help="auto: the faster here (bfloat16 on a CPU with AMX; not code for code float32's pictures)")
     args = p.parse_args(argv)
     check_args(args)  # before anything slow: a mistake costs a second, not a whole drawing
+    if args.describe:
+        return describe(args)
     dtype, note = drawing_dtype(args.dtype)  # said once every check has passed, before the drawing
     prompts = read_prompts(args.from_file) if args.from_file else [prompt.strip() for prompt in args.prompts]
     if args.threads:
@@ -146,14 +206,7 @@ def main(argv=None):
                        f"the model's context of {model.config.max_seq_len}")
     jobs = [caption for caption in ids for _ in range(args.n)]  # one per picture, prompt by prompt
     names = file_names(prompts, args.n) if args.out_dir else None
-    if args.out_dir:  # an index of what each file shows; pictures of earlier runs are kept
-        out_dir = Path(args.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        index = "".join(json.dumps({"file": f, "prompt": prompt}) + "\n"
-                        for prompt, files in zip(prompts, names) for f in files)
-        (out_dir / "index.jsonl.tmp").write_text(index)
-        os.replace(out_dir / "index.jsonl.tmp", out_dir / "index.jsonl")
-        files = [out_dir / f for fs in names for f in fs]  # in the order of jobs
+    files = write_index(Path(args.out_dir), prompts, names) if args.out_dir else None  # in the order of jobs
     if note:
         print(note, file=sys.stderr)
     t1 = time.time()

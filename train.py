@@ -37,8 +37,8 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from tqdm import tqdm
 
 from cli import BadInput, run
-from data import (GROUPS, TokenShards, asked_caption, caption_rows, english_text, load_images, make_batch, mix_repeats,
-                  object_index, parse_mix, read_folder)
+from data import (GROUPS, TokenShards, asked_caption, caption_rows, english_text, load_images, make_batch,
+                  make_describe_batch, mix_repeats, object_index, parse_mix, read_folder)
 from data.scenes import held_out_scenes, make_scene_batch, scene_at, tile_table
 from gw_init import init_model
 from hf import load_tokenizer
@@ -90,6 +90,9 @@ class TrainConfig:
     # scenes (#52): on this share of the steps the batch is 2 x 2 scenes composed from the shards' pictures
     # (data/scenes.py), else single pictures; the adapter gets the scene tokens (warm-started from <boi>'s row)
     scenes: float = 0.0
+    # describe (#53): on this share of the steps the batch is pictures described, the other direction: <boi> a
+    # picture <eoi> then its words, the loss on the words (data.make_describe_batch): one adapter draws and reads
+    describe: float = 0.0
     save_every: int = 100
     # bfloat16: the frozen base stored in bf16 and every matmul under bf16 autocast (the adapter keeps float32
     # master weights); auto: the faster of the two here (mmmoe.choose_dtype: bf16 on CUDA and on a CPU with AMX)
@@ -117,7 +120,9 @@ class TrainConfig:
                 (self.init in ("gw", "random", "mean"), "init: gw, random or mean"),
                 (not self.restart_schedule or self.init_from,
                  "init_from with restart_schedule (a stage starts from a checkpoint)"),
-                (0 < self.init_scale < math.inf, "init_scale > 0"), (0 <= self.scenes <= 1, "0 <= scenes <= 1"),
+                (0 < self.init_scale < math.inf, "init_scale > 0"),
+                (0 <= self.scenes and 0 <= self.describe and self.scenes + self.describe <= 1,
+                 "scenes >= 0, describe >= 0, scenes + describe <= 1"),
                 (0 < self.colour_weight < math.inf, "colour_weight > 0"),
                 (self.dtype in ("auto", "float32", "bfloat16"), "dtype: auto, float32 or bfloat16")]:
             if not ok:
@@ -125,11 +130,12 @@ class TrainConfig:
         return self
 
 
-# A resumed run continues the same computation: these settings must be the run's own (the number of processes may
-# change: what counts is the global batch, batch_size x processes x grad_accum)
+# A resumed run continues the same computation: these settings must be the run's own, and so must the precision
+# (check_same_computation). The number of processes may change: what counts is the global batch, batch_size x
+# processes x grad_accum
 COMPUTATION = ("base", "shards", "init", "init_scale", "rank", "expert_rank", "alpha", "attention", "router", "steps",
                "lr", "min_lr", "warmup", "weight_decay", "grad_clip", "caption_dropout", "aux_loss_coef", "seed",
-               "mix", "restart_schedule", "colour_weight", "scenes")  # and the precision (check_same_computation)
+               "mix", "restart_schedule", "colour_weight", "scenes", "describe")
 
 # -----------------------------------------------------------------------------
 # The loop
@@ -155,9 +161,7 @@ def train(tc, resume=False):
     trained = distribute(model, tc, params, world, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
     tokenizer = load_tokenizer(base)
-    scene_tokenizer = tokenizer if table else None  # captions of scenes are written at batch time
-    # held-out scenes (pairs, counts, relations never trained), one batch, for the held-out scene loss
-    val_scenes = scene_batch(train_set, table, tc, tokenizer, model) if table else None
+    held_out = held_out_batches(val, train_set, table, tc, tokenizer, model)  # held-out losses beside val_image_loss
     repeats = mix_repeats(train_set, tc.mix)  # (n,) times each example comes in an epoch (a data mix), or None
     text_ids = english_text(tokenizer)  # held-out English: C1's perplexity check
     global_size, last = tc.batch_size * world * tc.grad_accum, first + tc.steps
@@ -168,11 +172,10 @@ def train(tc, resume=False):
         # the batch: a pure function of (seed, step), so a resumed run and every DDP process see the right examples
         indices = batch_at(len(train_set), global_size, step, tc.seed, repeats)
         drop = np.random.default_rng([tc.seed, step, 1]).random(len(indices)) < tc.caption_dropout
-        items = with_scenes(indices, table, tc, step)  # some of them scenes, if the run has them
+        batch_of = batch_maker(step_kind(tc, step), train_set, indices, drop, table, tokenizer, model, tc, step)
         for g in opt.param_groups:
             g["lr"] = lr_at(step - first, tc.lr, tc.warmup, tc.steps, tc.min_lr)
-        loss, aux, tokens = forward_backward(trained, model, train_set, items, drop, tc, rank, world, autocast,
-                                             params, scene_tokenizer)
+        loss, aux, tokens = forward_backward(trained, model, batch_of, tc, rank, world, autocast, params)
         clock.tokens += tokens
         if not torch.isfinite(loss):  # stop before a bad update reaches the weights; the last checkpoint stays good
             stop_on_a_bad_loss(loss, step, out_dir)
@@ -187,7 +190,7 @@ def train(tc, resume=False):
                         "lr": opt.param_groups[0]["lr"]} | clock.read(step, world))
         if step % tc.eval_every == 0 or step == last:
             with torch.compiler.set_stance("force_eager"):
-                result = evaluate(model, tc, val, text_ids, device, autocast, val_scenes)
+                result = evaluate(model, tc, val, text_ids, device, autocast, held_out)
             if main_process:
                 log.append({"step": step} | result)
                 bar.write(json.dumps(log[-1]))
@@ -208,18 +211,14 @@ def train(tc, resume=False):
 # One step's forward and backward, and what the log records of it
 
 
-def forward_backward(trained, model, train_set, items, drop, tc, rank, world, autocast, params, scene_tokenizer=None):
-    """This process's share of a global batch (items: example indices, and Scenes if the run has them), in
-    grad_accum micro-steps: forward, loss, backward -> (the last micro-step's loss, its load-balancing loss, the tokens
-    seen); gradients are then in params (averaged over the processes). trained is the model, or DDP around it."""
+def forward_backward(trained, model, batch_of, tc, rank, world, autocast, params):
+    """This process's share of a global batch (batch_of: a slice of it -> its idx, targets, pad), in grad_accum
+    micro-steps: forward, loss, backward -> (the last micro-step's loss, its load-balancing loss, the tokens seen);
+    gradients are then in params (averaged over the processes). trained is the model, or DDP around it."""
     device, tokens = params[0].device, 0
     for micro in range(tc.grad_accum):
         part = slice((micro * world + rank) * tc.batch_size, (micro * world + rank + 1) * tc.batch_size)
-        if scene_tokenizer is None:
-            batch = make_batch(train_set, items[part], drop[part], model)
-        else:
-            batch = make_scene_batch(train_set, items[part], scene_tokenizer, model, drop[part])
-        idx, targets, pad = (t.to(device) for t in batch)
+        idx, targets, pad = (t.to(device) for t in batch_of(part))
         last = micro == tc.grad_accum - 1
         sync = nullcontext() if last or world == 1 or tc.fsdp else trained.no_sync()  # DDP: all-reduce once, at the end
         with sync, autocast:
@@ -253,20 +252,39 @@ def load_balancing_loss(model):
     return torch.stack(losses).mean() if losses else torch.zeros((), device=model.lm_head.weight.device)
 
 
-def with_scenes(indices, table, tc, step):
-    """The global batch's examples, or on a share tc.scenes of the steps a batch of scenes instead (data/scenes.py): a
-    whole batch, so that no single picture is padded to a scene's length. Which steps, and which scenes, a pure
-    function of (seed, step): resume and DDP stay exact. No table: the indices as they are."""
-    if table is None or np.random.default_rng([tc.seed, step, 2]).random() >= tc.scenes:
-        return indices
-    return [scene_at(table, tc.seed, step, i) for i in range(len(indices))]
+def step_kind(tc, step):
+    """What a step trains on: a batch of scenes on a share tc.scenes of the steps, of pictures described on a share
+    tc.describe, else of single pictures drawn. Whole batches, so that no single picture is padded to a scene's
+    length. A pure function of (seed, step): resume and DDP stay exact."""
+    u = np.random.default_rng([tc.seed, step, 2]).random()
+    return "scenes" if u < tc.scenes else "describe" if u < tc.scenes + tc.describe else "pictures"
 
 
-def scene_batch(train_set, table, tc, tokenizer, model):
-    """One batch of held-out scenes (never trained: held_out_scenes), the categories in turn, for the held-out loss."""
-    groups = list(held_out_scenes(table).values())
-    scenes = [s for row in zip(*[g for g in groups if g]) for s in row][:tc.batch_size]
-    return make_scene_batch(train_set, scenes, tokenizer, model)
+def batch_maker(kind, train_set, indices, drop, table, tokenizer, model, tc, step):
+    """A step's global batch of step_kind's kind -> batch_of(part): a slice of it (a process's micro-step) as idx,
+    targets, pad. Scenes are composed at batch time (data/scenes.py, a pure function of (seed, step, i)); pictures
+    described are the step's examples, read the other way (data.make_describe_batch)."""
+    if kind == "scenes":
+        scenes = [scene_at(table, tc.seed, step, i) for i in range(len(indices))]
+        return lambda part: make_scene_batch(train_set, scenes[part], tokenizer, model, drop[part])
+    if kind == "describe":
+        return lambda part: make_describe_batch(train_set, indices[part], model)
+    return lambda part: make_batch(train_set, indices[part], drop[part], model)
+
+
+def held_out_batches(val, train_set, table, tc, tokenizer, model):
+    """The held-out losses a run logs beside val_image_loss, one batch each: with scenes, held-out scenes (pairs,
+    counts, relations never trained: held_out_scenes), the categories in turn; with describe, held-out pictures
+    described (val's examples, evenly spread)."""
+    batches = {}
+    if table is not None:
+        groups = list(held_out_scenes(table).values())
+        scenes = [s for row in zip(*[g for g in groups if g]) for s in row][:tc.batch_size]
+        batches["val_scene_loss"] = make_scene_batch(train_set, scenes, tokenizer, model)
+    if tc.describe:
+        spread = np.linspace(0, len(val) - 1, min(tc.batch_size, len(val))).astype(int)
+        batches["val_describe_loss"] = make_describe_batch(val, spread, model)
+    return batches
 
 
 class Clock:
@@ -446,9 +464,11 @@ def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir, world=1, samples
 
 
 @torch.no_grad()
-def evaluate(model, tc, val, text_ids, device, autocast, val_scenes=None):
+def evaluate(model, tc, val, text_ids, device, autocast, held_out=None):
+    """-> the held-out losses: val_image_loss (eval_batches of val's pictures drawn), text_ppl (held-out English: C1's
+    check, the base's to the bit) and each of held_out's ({name: one batch}: held_out_batches)."""
     model.eval()
-    losses = []
+    losses, extra = [], {}
     for b in range(tc.eval_batches):
         idx = np.arange(b * tc.batch_size, (b + 1) * tc.batch_size) % len(val)
         x, y, pad = make_batch(val, idx, np.zeros(len(idx), bool), model)
@@ -457,12 +477,11 @@ def evaluate(model, tc, val, text_ids, device, autocast, val_scenes=None):
     seq = text_ids.view(-1, 256).to(device)  # (n, 256) chunks of English
     with autocast:
         text_loss = model(seq[:, :-1], seq[:, 1:])[1].item()
-        if val_scenes is not None:  # scenes never trained: held-out pairs, counts, relations
-            x, y, pad = (t.to(device) for t in val_scenes)
-            scene_loss = {"val_scene_loss": model(x, y, pad=pad)[1].item()}
+        for name, batch in (held_out or {}).items():
+            x, y, pad = (t.to(device) for t in batch)
+            extra[name] = model(x, y, pad=pad)[1].item()
     model.train()
-    return {"val_image_loss": sum(losses) / len(losses), "text_ppl": math.exp(text_loss)} | \
-        (scene_loss if val_scenes is not None else {})
+    return {"val_image_loss": sum(losses) / len(losses), "text_ppl": math.exp(text_loss)} | extra
 
 
 def learning_curve_setup(model, tokenizer, train_set, tc):

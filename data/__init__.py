@@ -353,7 +353,8 @@ def mix_repeats(shards, mix):
 class TokenShards:
     """Read-only view of one split of the shards: shards[i] -> (caption ids, image codes), int64 arrays.
     The arrays are memory-mapped: opening costs nothing, and workers share the pages. captions, kinds: each
-    example's caption and MIX_KINDS kind (None in shards written before kinds were)."""
+    example's caption and MIX_KINDS kind (None in shards written before kinds were); describing: the example whose
+    caption describes each one's picture (describing())."""
 
     def __init__(self, path, split):
         path = Path(path)
@@ -367,6 +368,7 @@ class TokenShards:
         self.offsets = np.load(path / f"{split}.offsets.npy", mmap_mode="r")
         examples = [json.loads(line) for line in (path / f"{split}.jsonl").read_text().splitlines()]
         self.captions, self.kinds = [e["caption"] for e in examples], [e.get("kind") for e in examples]
+        self.describing = describing(examples)
 
     def __len__(self):
         return len(self.codes)
@@ -374,6 +376,17 @@ class TokenShards:
     def __getitem__(self, i):
         text = self.text[self.offsets[i]:self.offsets[i + 1]]
         return np.asarray(text, dtype=np.int64), np.asarray(self.codes[i], dtype=np.int64)
+
+
+def describing(examples):
+    """Shard examples ({"image", "caption", "copy"}) -> (N,) for each, the example of the same picture (the same image,
+    the same augmented copy) whose caption describes it (#53): its fullest phrasing but the "an emoji of" one, so with
+    its colour where the picture has one colour word ("a red bicycle", "a blue heart", "a purple keycap #")."""
+    best = {}
+    for i, e in enumerate(examples):  # a picture's phrasings come in order: bare name, "a ...", "an emoji of ...", colour
+        if not e["caption"].startswith("an emoji of") or (e["image"], e.get("copy", 0)) not in best:
+            best[e["image"], e.get("copy", 0)] = i
+    return np.array([best[e["image"], e.get("copy", 0)] for e in examples])
 
 
 def make_batch(shards, indices, drop, model):
@@ -392,6 +405,25 @@ def make_batch(shards, indices, drop, model):
         seq = np.concatenate([[bos], text, [boi], image, [eoi, eos]])
         tgt = np.full(len(seq), -1)
         tgt[1 + len(text):1 + len(text) + len(codes)] = image  # the <boi> position predicts the first code
+        seqs.append(seq)
+        tgts.append(tgt)
+    return left_padded(seqs, tgts, eos)
+
+
+def make_describe_batch(shards, indices, model):
+    """The other direction (#53) -> idx, targets, pad as make_batch: each example <bos> <boi> code_1 ... code_n <eoi>
+    words <eos>, the words those that describe its picture (shards.describing), the targets those words and the
+    <eos> after them, each predicted by the position before it. The words are text rows, which run the frozen base
+    (C1); they read the picture through attention, so the adapter learns from them only through what it computes at
+    the picture's positions."""
+    seqs, tgts = [], []
+    bos, boi, eoi, eos = model.start_token, model.image_token("boi"), model.image_token("eoi"), model.config.eos_token_id
+    for i in indices:
+        _, codes = shards[i]
+        words, _ = shards[shards.describing[i]]
+        seq = np.concatenate([[bos, boi], model.image_token(codes), [eoi], words, [eos]])
+        tgt = np.full(len(seq), -1)
+        tgt[2 + len(codes):-1] = seq[3 + len(codes):]  # <eoi> predicts the first word, the last word <eos>
         seqs.append(seq)
         tgts.append(tgt)
     return left_padded(seqs, tgts, eos)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import mmmoe
 import sample
 import train
-from data.scenes import GENEVAL, Scene, tile_table
+from data.scenes import GENEVAL
 from mmmoe import AdapterConfig, BadInput, MMMoE, bfloat16_support, choose_dtype
 
 
@@ -659,9 +659,8 @@ def test_scenes_warm_started_from_single_pictures_train_resume_and_draw(tiny_set
     K = before.adapter.n_image_codes
     scenes = train.TrainConfig(**{**single.__dict__, "out_dir": str(tmp_path / "scenes"), "init_from": single.out_dir,
                                   "restart_schedule": True, "steps": 3, "eval_every": 3, "save_every": 3, "scenes": 0.5})
-    table = tile_table(scenes.shards)
-    kinds = [{type(x) for x in train.with_scenes(np.arange(4), table, scenes, step)} for step in range(40)]
-    assert all(len(k) == 1 for k in kinds) and 10 <= sum(k == {Scene} for k in kinds) <= 30  # whole batches, ~half
+    kinds = [train.step_kind(scenes, step) for step in range(40)]  # whole batches, about half of them scenes
+    assert set(kinds) == {"scenes", "pictures"} and 10 <= kinds.count("scenes") <= 30
     model = train.train(scenes)
     assert model.adapter.scene_tokens and model.image_embed.shape[0] == K + 4
     assert not torch.equal(model.image_embed[:K + 2].detach(), before.image_embed.detach())  # it trained

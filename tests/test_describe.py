@@ -1,0 +1,137 @@
+"""The other direction (#53): pictures described. The examples (data.make_describe_batch), C1 with text after a
+picture (every word runs the frozen base; the adapter learns only through the picture's positions), a run that draws
+and describes, and sample.py --describe with its mistakes."""
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from PIL import Image
+
+import data
+import sample
+import train
+from mmmoe import AdapterConfig, BadInput, MMMoE
+
+
+class StandIn:
+    """What make_describe_batch asks of a model: V = 100 text tokens, K = 20 image codes, <boi> 120, <eoi> 121."""
+    start_token, config = 0, SimpleNamespace(eos_token_id=1)
+
+    def image_token(self, which):
+        return {"boi": 120, "eoi": 121}[which] if isinstance(which, str) else which + 100
+
+
+def test_a_picture_is_described_by_its_fullest_phrasing():
+    examples = [{"image": "a.png", "caption": c, "copy": k} for k in (0, 1)
+                for c in ("bicycle", "a bicycle", "an emoji of a bicycle", "a red bicycle")]
+    examples += [{"image": "b.png", "caption": c} for c in ("blue heart", "a blue heart", "an emoji of a blue heart")]
+    examples += [{"image": "c.png", "caption": "a purple pear"}]
+    captions = [examples[i]["caption"] for i in data.describing(examples)]
+    assert captions == ["a red bicycle"] * 8 + ["a blue heart"] * 3 + ["a purple pear"]
+    assert list(data.describing(examples)[:8]) == [3] * 4 + [7] * 4  # the same augmented copy's own example
+
+
+def test_make_describe_batch_layout_and_targets():
+    """<bos> <boi> codes <eoi> words <eos>: the targets are the words and <eos>, each from the position before."""
+    pictures = {0: (np.array([5, 6]), np.array([1, 2, 3])), 1: (np.array([7, 8, 9]), np.array([4, 4, 4]))}
+
+    class Shards:  # example 0's picture is described by example 1's words
+        describing = [1, 1]
+
+        def __getitem__(self, i):  # -> (caption ids, codes)
+            return pictures[i]
+    idx, targets, pad = data.make_describe_batch(Shards(), [0, 1], StandIn())
+    assert idx.tolist() == [[0, 120, 101, 102, 103, 121, 7, 8, 9, 1], [0, 120, 104, 104, 104, 121, 7, 8, 9, 1]]
+    assert targets[0].tolist() == [-1] * 5 + [7, 8, 9, 1, -1] and pad.tolist() == [0, 0]
+
+
+def with_random_adapter(base):
+    model = MMMoE.from_pretrained(base).add_image_adapter(AdapterConfig(n_image_codes=16, rank=4))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def test_the_words_after_a_picture_run_the_frozen_base(tiny_ckpt):
+    """C1 in the other direction: with the picture's keys and values cached (computed with the adapter), the words
+    after it give the same logits, torch.equal, with the adapter switched off: no text position computes with an
+    adapter weight. Training's whole-sequence forward computes the same (to float rounding), and its loss on the words
+    reaches the adapter through the picture's positions: the LoRA and the image rows of the tokens in the picture."""
+    path, cfg, _ = tiny_ckpt()
+    model, V = with_random_adapter(path), cfg["vocab_size"]
+    g = torch.Generator().manual_seed(1)
+    codes, words = torch.randint(0, 12, (2, 9), generator=g), torch.randint(3, V, (2, 6), generator=g)
+    prefix = torch.cat([torch.tensor([[model.start_token, model.image_token("boi")]] * 2), model.image_token(codes),
+                        torch.full((2, 1), model.image_token("eoi"))], 1)  # (2, 12)
+    T = prefix.shape[1]
+
+    def words_after_the_picture(adapter):
+        model.setup_caches(2, T + words.shape[1])
+        with torch.no_grad():
+            model.hidden_states(prefix, torch.arange(T))  # the picture, with the adapter, into the cache
+            with (model.adapter_off() if not adapter else torch.no_grad()):
+                out = model.logits(model.hidden_states(words, torch.arange(T, T + words.shape[1])))
+        model.clear_caches()
+        return out[..., :V]
+    cached = words_after_the_picture(adapter=True)
+    assert torch.equal(cached, words_after_the_picture(adapter=False))
+    seq = torch.cat([prefix, words], 1)
+    whole = model(seq)[0][:, T:, :V]
+    assert (whole - cached).abs().max() <= 1e-4 * cached.abs().max()
+    targets = torch.cat([torch.full((2, T - 1), -1), words, torch.full((2, 1), -1)], 1)  # <eoi> predicts word 1
+    model(seq, targets)[1].backward()
+    lora = [p.grad for n, p in model.named_parameters() if "lora" in n]
+    assert all(g is not None for g in lora) and sum(g.abs().sum() for g in lora) > 0
+    used = torch.zeros(18, dtype=torch.bool)
+    used[codes.flatten()], used[16:] = True, True  # the codes in the picture, <boi> and <eoi>
+    row_grad = model.image_embed.grad.abs().sum(1)
+    assert (row_grad[used] > 0).all() and (row_grad[~used] == 0).all()
+
+
+def test_a_run_that_draws_and_describes(tiny_setup, tmp_path):
+    """describe=0.5: about half of the steps are pictures described, whole batches; the held-out describe loss is
+    logged; sample.py --describe reads a picture file, one line, and --ask asks about it; the text alone stays the
+    base's (C1)."""
+    tc = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(tmp_path / "run"),
+                           rank=4, batch_size=4, steps=4, warmup=1, eval_every=2, eval_batches=1, save_every=2, lr=1e-2,
+                           init="mean", dtype="float32", describe=0.5)
+    kinds = [train.step_kind(tc, step) for step in range(40)]
+    assert set(kinds) == {"describe", "pictures"} and 10 <= kinds.count("describe") <= 30
+    mixed = train.TrainConfig(**{**tc.__dict__, "scenes": 0.3, "describe": 0.3})
+    kinds = [train.step_kind(mixed, step) for step in range(100)]
+    assert set(kinds) == {"scenes", "describe", "pictures"}
+    assert [k == "scenes" for k in kinds] == [train.step_kind(mixed.__class__(**{**mixed.__dict__, "describe": 0}), s)
+                                               == "scenes" for s in range(100)]  # describe leaves the scene steps
+    train.train(tc)
+    log = json.loads((tmp_path / "run" / "state.json").read_text())["log"]
+    losses = [r["val_describe_loss"] for r in log if "val_describe_loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    picture = tmp_path / "square.png"
+    Image.open(tiny_setup["tmp"] / "squares" / "5.png").save(picture)
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--describe", str(picture), str(picture),
+                        "--ckpt", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and len(lines) == 2 and lines[0].startswith(f"{picture}: ") and lines[0] == lines[1], r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--describe", str(picture), "--ask", "w10 w11",
+                        "--ckpt", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith(f"{picture}: "), r.stderr
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--describe", "FOLDER"], "a folder, not a picture"), (["--describe", "MISSING"], "no such file"),
+    (["--describe", "TEXT"], "not a picture this can read"), (["--ask", "what is it?"], "--ask goes with --describe"),
+    (["w1", "--describe", "TEXT"], "not both"), (["--describe", "TEXT", "--ask", " "], "an empty question")])
+def test_describe_mistakes_are_one_line_before_any_work(tmp_path, args, words):
+    (tmp_path / "notes.txt").write_text("not a picture")
+    (tmp_path / "folder").mkdir()
+    where = {"FOLDER": tmp_path / "folder", "MISSING": tmp_path / "missing.png", "TEXT": tmp_path / "notes.txt"}
+    with pytest.raises(BadInput, match=words):  # the checkpoint does not exist: nothing was loaded first
+        sample.main([str(where.get(a, a)) for a in args] + ["--ckpt", str(tmp_path / "nowhere")])
