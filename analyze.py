@@ -19,7 +19,9 @@ What it measures, each before training (the same adapter, initialised, untrained
   all emoji by VQ-feature similarity (top-1/top-5), whether the dominant hue matches, and for the held-out
   ones a Frechet distance on the project's own VQ-encoder features (not Inception FID);
 - scenes (--geneval N, a run trained with scenes): GenEval's six categories on held-out prompts, four pictures each,
-  each judged tile by tile (the object by shape, the colour word), beside the published figures.
+  each judged tile by tile (the object by shape, the colour word), beside the published figures;
+- pictures described (--describe N, a run trained with describe): the object and the colour named, on training
+  pictures, held-out pairs and a round trip.
 """
 import argparse
 import json
@@ -34,8 +36,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from cli import BadInput, run
-from data import (GROUPS, TokenShards, asked_caption, caption_rows, colour_word, english_text, load_images, make_batch,
-                  object_index, read_folder)
+from data import (COLOUR_WORDS, GROUPS, TokenShards, asked_caption, caption_rows, colour_word, english_text,
+                  load_images, make_batch, object_index, read_folder)
 from data.scenes import GENEVAL, geneval_prompts, judge, tile_table
 from gw_init import init_model
 from hf import load_tokenizer
@@ -260,15 +262,18 @@ QUESTIONS = ("What is the capital of France?", "Name three colours.", "What is 2
 
 def analyze(ckpt, out, n_probe=32, samples=0, seed=0, guidance=SAMPLING["guidance"],
             temperature=SAMPLING["temperature"], top_k=SAMPLING["top_k"], batch_size=16, offset=0, dtype=torch.float32,
-            geneval=0):
+            geneval=0, describe=0):
     """A train.py run (default: the built-in demo) -> the report's figures (report.json), written to out with
     report.md and its PNGs: routing and redundancy, C1, caption use, C2 and, with samples > 0, pictures; with
-    geneval > 0 (a run that draws scenes), GenEval's six categories."""
+    geneval > 0 (a run that draws scenes), GenEval's six categories; with describe > 0 (a run that reads pictures),
+    the pictures described."""
     out, ckpt = Path(out), ckpt or DEMO
     out.mkdir(parents=True, exist_ok=True)
     state, base_dir, vq_dir = run_inputs(ckpt)
     if geneval and not state["adapter"].get("scene_tokens"):
         raise BadInput(f"--geneval: {ckpt} draws no scenes (train it with scenes > 0, as config/scenes.json does)")
+    if describe and not state["train_config"].get("describe"):
+        raise BadInput(f"--describe: {ckpt} was not trained to describe pictures (train it with describe > 0)")
     base_dir, tc = base_dir or builtin_base(), state["train_config"]
     # One copy of the base serves all three models in turn: the plain base (C1's reference), "before" (the
     # same adapter initialised as train.py initialises it, untrained) and "after" (the trained adapter).
@@ -299,6 +304,9 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, guidance=SAMPLING["guidanc
         figures, scenes = geneval_figures(model, tokenizer, vq, tile_table(tc["shards"]), data_dir, geneval, sampling,
                                           batch_size, seed)
         sections.append(geneval_section({"n": geneval} | settings | figures))
+    if describe:
+        figures = describe_figures(model, tokenizer, vq, data_dir, describe, sampling, batch_size, seed)
+        sections.append(describe_section({"n": describe} | settings | figures))
     report, lines = {}, [f"# mmmoe report: {ckpt}", ""]
     for part, section_lines in sections:
         report |= part
@@ -653,6 +661,72 @@ def geneval_section(ge):
 
 
 # -----------------------------------------------------------------------------
+# Pictures described (#53): does the model name the object and its colour? Training pictures, held-out pairs (a
+# known object in a colour never trained, in either direction) and a round trip (a held-out pair drawn, then read)
+
+
+def describe_figures(model, tokenizer, vq, data_dir, n, sampling, batch_size, seed):
+    """Up to n pictures of the training emoji (one per (object, colour)) and of the held-out pairs, each described
+    greedily (MMMoE.describe), and as many held-out pairs' captions drawn and their pictures described -> {group:
+    figures}: the object named (its name in the words), the colour named (the only colour word in them is the
+    asked one; over the pictures that have one) and both."""
+    rows, everything = load_images(read_folder(data_dir), vq.config.image_size)
+    by_image, figures = {r["image"]: r for r in rows}, {}
+    g = torch.Generator().manual_seed(seed)
+    for group in ("train", "pairs", "round trip"):
+        idx = caption_rows(rows, "train" if group == "train" else "pairs")
+        idx = idx[::max(1, len(idx) // n)][:n]
+        names = [by_image.get(rows[i]["object"], rows[i])["captions"][0] for i in idx]
+        colours = [rows[i]["colour"] for i in idx]
+        pictures = everything[idx]
+        if group == "round trip":
+            captions = [asked_caption(rows[i], "pairs") for i in idx]
+            drawn = draw(model, tokenizer, vq, captions, sampling, batch_size, g, "drawing, to describe")
+            pictures = single_pictures(drawn, vq.config.image_size)
+        words = describe_pictures(model, tokenizer, vq, pictures, batch_size)
+        figures[group] = named(words, names, colours)
+    return figures
+
+
+@torch.no_grad()
+def describe_pictures(model, tokenizer, vq, pictures, batch_size):
+    """Pictures (N, 3, H, W) -> what the model says of each (a string), read as sample.py --describe reads a file."""
+    codes, words = vq.tokenize(pictures), []
+    for b in tqdm(range(0, len(codes), batch_size), desc="describing", leave=False):
+        words += [tokenizer.decode(w).strip() for w in model.describe(codes[b:b + batch_size], [model.start_token])]
+    return words
+
+
+def named(words, names, colours):
+    """Descriptions, and the object and colour word (or None) each should name -> the shares named right, and each
+    description with what it should name."""
+    said = [set(re.findall(r"[a-z]+", w.lower())) for w in words]
+    has_name = [re.search(rf"(^|\W){re.escape(x.lower())}($|\W)", w.lower()) is not None for w, x in zip(words, names)]
+    has_colour = [c is None or COLOUR_WORDS & s == {c} for s, c in zip(said, colours)]
+    coloured = [c is not None for c in colours]
+    share = lambda ok: sum(ok) / len(ok) if ok else math.nan  # noqa: E731
+    return {"object": share(has_name), "colour": share([ok for ok, c in zip(has_colour, coloured) if c]),
+            "both": share([a and b for a, b, c in zip(has_name, has_colour, coloured) if c]),
+            "words": words, "names": names, "colours": colours}
+
+
+def describe_section(d):
+    """The settings and describe_figures -> report["describe"] and its lines."""
+    groups = {"train": "training pictures", "pairs": "held-out pairs (never trained)",
+              "round trip": "held-out pairs drawn, then described"}
+    pct = lambda v: "-" if v != v else f"{100 * v:.1f}%"  # noqa: E731  (NaN: no picture with a colour word)
+    lines = ["", "## Pictures described", "", f"Up to {d['n']} pictures of each kind, described greedily; the round "
+             f"trip's drawn with guidance {d['guidance']}, temperature {d['temperature']}, top-k {d['top_k']}, "
+             f"{d['dtype']}. The object is named when its name is in the words; the colour when the only colour word "
+             "in them is the asked one.", "", "| | pictures | object named | colour named | both |", "| --- " * 5 + "|"]
+    lines += [f"| {title} | {len(d[g]['words'])} | {pct(d[g]['object'])} | {pct(d[g]['colour'])} | "
+              f"{pct(d[g]['both'])} |" for g, title in groups.items()]
+    lines += ["", "Some of them: " + "; ".join(f"{x} ({c or 'no one colour'}): \"{w}\"" for w, x, c in
+                                                zip(d["pairs"]["words"][:6], d["pairs"]["names"], d["pairs"]["colours"]))]
+    return {"describe": d}, lines
+
+
+# -----------------------------------------------------------------------------
 # The report's PNGs
 
 
@@ -706,6 +780,8 @@ def main():
                    "name), held-out emoji and held-out colour pairs to draw and score, of each (slow on CPU)")
     p.add_argument("--geneval", type=int, default=0, metavar="N", help="a run that draws scenes: up to N held-out "
                    f"prompts of each of GenEval's six categories, {PICTURES_PER_PROMPT} pictures each (slow on CPU)")
+    p.add_argument("--describe", type=int, default=0, metavar="N", help="a run that reads pictures: up to N "
+                   "training pictures and held-out pairs described, and N held-out pairs drawn, then described")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", "--cfg", type=float, default=SAMPLING["guidance"],
                    help="guidance for --samples (sample.py's default)")
@@ -736,12 +812,12 @@ def main():
         plot_curve(state["log"], args.curve, n, state["train_config"]["batch_size"])
         print("\n".join(curve_table(state["log"])))
         return
-    if args.samples < 0 or args.geneval < 0 or not 0 <= args.guidance < math.inf \
+    if min(args.samples, args.geneval, args.describe) < 0 or not 0 <= args.guidance < math.inf \
             or not 0 <= args.temperature < math.inf or (args.top_k or 1) < 1 or args.batch < 1 or args.offset < 0:
-        raise BadInput("--samples and --geneval >= 0, --guidance and --temperature numbers >= 0, --top-k >= 1, "
+        raise BadInput("--samples, --geneval and --describe >= 0, --guidance and --temperature numbers >= 0, --top-k >= 1, "
                        "--batch >= 1, --offset >= 0")
     analyze(args.ckpt, args.out, args.probe, args.samples, args.seed, args.guidance, args.temperature, args.top_k,
-            args.batch, args.offset, drawing_dtype(args.dtype)[0], args.geneval)
+            args.batch, args.offset, drawing_dtype(args.dtype)[0], args.geneval, args.describe)
     print((Path(args.out) / "report.md").read_text())
 
 

@@ -152,9 +152,9 @@ def describe(args):
     if note:
         print(note, file=sys.stderr)
     before, after = [model.start_token], []
-    if args.ask:  # the picture, then the question, as the user's turn in the base's chat format
+    if args.ask:  # the picture, then the question, as the user's turn in the base's chat format (as train.py asks)
         head, tail = chat_prompt("\0").split("\0")
-        before, after = tokenizer.encode(head).ids, tokenizer.encode("\n" + args.ask.strip() + tail).ids
+        before, after = tokenizer.encode(head).ids, tokenizer.encode(f"\n{args.ask.strip()}{tail}").ids
     with torch.no_grad():
         codes = vq.tokenize(pictures)  # (N, n)
     for b in range(0, len(codes), args.batch):

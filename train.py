@@ -46,7 +46,7 @@ from mmmoe import SAMPLING, AdapterConfig, MMMoE, choose_dtype, scene_tiles
 from pictures import save_grid
 from runs import (atomic_dir, batch_at, check_replaceable, keep_freed_memory, load_optimizer, lr_at,
                   optimizer_tensors, read_json, read_tensors, recover_dir, run_inputs)
-from upcycle import builtin_base
+from upcycle import builtin_base, chat_prompt
 from vq import load_vq, score_summary
 
 
@@ -267,9 +267,14 @@ def batch_maker(kind, train_set, indices, drop, table, tokenizer, model, tc, ste
     if kind == "scenes":
         scenes = [scene_at(table, tc.seed, step, i) for i in range(len(indices))]
         return lambda part: make_scene_batch(train_set, scenes[part], tokenizer, model, drop[part])
-    if kind == "describe":
-        return lambda part: make_describe_batch(train_set, indices[part], model)
+    if kind == "describe":  # half of them asked a question in the base's chat format
+        return lambda part: make_describe_batch(train_set, indices[part], model, chat_parts(tokenizer))
     return lambda part: make_batch(train_set, indices[part], drop[part], model)
+
+
+def chat_parts(tokenizer):
+    """-> (tokenizer, the base's chat format before a user's words, after them): make_describe_batch's questions."""
+    return tokenizer, *chat_prompt("\0").split("\0")
 
 
 def held_out_batches(val, train_set, table, tc, tokenizer, model):
@@ -283,7 +288,7 @@ def held_out_batches(val, train_set, table, tc, tokenizer, model):
         batches["val_scene_loss"] = make_scene_batch(train_set, scenes, tokenizer, model)
     if tc.describe:
         spread = np.linspace(0, len(val) - 1, min(tc.batch_size, len(val))).astype(int)
-        batches["val_describe_loss"] = make_describe_batch(val, spread, model)
+        batches["val_describe_loss"] = make_describe_batch(val, spread, model, chat_parts(tokenizer))
     return batches
 
 

@@ -11,7 +11,9 @@ import pytest
 import torch
 from conftest import ROOT
 from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
 
+import analyze
 import data
 import sample
 import train
@@ -48,6 +50,28 @@ def test_make_describe_batch_layout_and_targets():
     idx, targets, pad = data.make_describe_batch(Shards(), [0, 1], StandIn())
     assert idx.tolist() == [[0, 120, 101, 102, 103, 121, 7, 8, 9, 1], [0, 120, 104, 104, 104, 121, 7, 8, 9, 1]]
     assert targets[0].tolist() == [-1] * 5 + [7, 8, 9, 1, -1] and pad.tolist() == [0, 0]
+
+
+def test_every_second_picture_described_is_a_question_in_the_chat_format():
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(
+        ["<unk>", "<s>", "</s>", "user:", "What", "colour", "is", "it?", "this?", "in", "the", "picture?", "Red.", "A",
+         "a", "red", "bicycle", "bicycle."])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+
+    class Shards:
+        describing, captions = [0] * 6, ["a red bicycle"] * 6
+
+        def __getitem__(self, i):  # the caption's ids: "a red bicycle"
+            return np.array([14, 15, 16]), np.array([i, i])
+    idx, targets, pad = data.make_describe_batch(Shards(), [0, 1, 2, 5], StandIn(), (tok, "user:", " </s>"))
+    rows = [r[p:].tolist() for r, p in zip(idx, pad)]
+    assert rows[0] == [0, 120, 100, 100, 121, 14, 15, 16, 1]  # plain: <bos> picture words <eos>
+    assert rows[1] == [3, 120, 101, 101, 121, 4, 6, 9, 10, 11, 2, 13, 15, 17, 1]  # user: picture What is in the
+    # picture? </s> A red bicycle. <eos>
+    assert rows[3] == [3, 120, 105, 105, 121, 4, 5, 6, 7, 2, 12, 1]  # ... What colour is it? </s> Red.
+    assert targets[3, -3:].tolist() == [12, 1, -1] and (targets[3, :-3] == -1).all()  # the answer and <eos>
+    assert data.asked("a blue heart", 2) == ("What colour is it?", "Blue.")
+    assert data.asked("a keycap #", 2) == ("What is this?", "A keycap #.")  # no colour word: what it is
 
 
 def with_random_adapter(base):
@@ -123,6 +147,26 @@ def test_a_run_that_draws_and_describes(tiny_setup, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--describe", str(picture), "--ask", "w10 w11",
                         "--ckpt", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.startswith(f"{picture}: "), r.stderr
+    report = analyze.analyze(tmp_path / "run", tmp_path / "report", n_probe=4, describe=3)["describe"]
+    assert len(report["train"]["words"]) == 3 and len(report["pairs"]["words"]) == len(report["round trip"]["words"]) == 2
+    assert report["pairs"]["names"] == ["w12 w20", "w13 w21"]  # squares 0 and 1 are recoloured copies of 6 and 7
+    assert report["pairs"]["colours"] == ["red", "green"]
+    assert all(0 <= report[g][k] <= 1 for g in ("train", "pairs", "round trip") for k in ("object", "colour", "both"))
+    assert "## Pictures described" in (tmp_path / "report" / "report.md").read_text()
+    plain = train.TrainConfig(**{**tc.__dict__, "out_dir": str(tmp_path / "plain"), "describe": 0.0, "steps": 1,
+                                 "eval_every": 1, "save_every": 1})
+    train.train(plain)
+    with pytest.raises(BadInput, match="was not trained to describe"):  # said before any work
+        analyze.analyze(tmp_path / "plain", tmp_path / "r2", describe=2)
+
+
+def test_named_counts_the_object_and_the_only_colour_word():
+    words = ["a red bicycle", "a red and blue bicycle", "a bicycles", "an emoji of a blue heart", "a bicycle"]
+    out = analyze.named(words, ["bicycle", "bicycle", "bicycle", "blue heart", "bicycle"], ["red", "red", "red", None,
+                                                                                          "green"])
+    assert out["object"] == 4 / 5  # "bicycles" is not the word "bicycle"
+    assert out["colour"] == 1 / 4  # two colours named is not the colour; the multicoloured heart has none to name
+    assert out["both"] == 1 / 4
 
 
 @pytest.mark.parametrize("args,words", [
