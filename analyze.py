@@ -721,8 +721,9 @@ def describe_section(d):
              "in them is the asked one.", "", "| | pictures | object named | colour named | both |", "| --- " * 5 + "|"]
     lines += [f"| {title} | {len(d[g]['words'])} | {pct(d[g]['object'])} | {pct(d[g]['colour'])} | "
               f"{pct(d[g]['both'])} |" for g, title in groups.items()]
-    lines += ["", "Some of them: " + "; ".join(f"{x} ({c or 'no one colour'}): \"{w}\"" for w, x, c in
-                                                zip(d["pairs"]["words"][:6], d["pairs"]["names"], d["pairs"]["colours"]))]
+    pairs = d["pairs"]
+    lines += ["", "Held-out pairs described: " + "; ".join(f"{x} ({c}): \"{w}\"" for w, x, c in
+                                                         zip(pairs["words"][:6], pairs["names"], pairs["colours"]))]
     return {"describe": d}, lines
 
 
@@ -814,8 +815,8 @@ def main():
         return
     if min(args.samples, args.geneval, args.describe) < 0 or not 0 <= args.guidance < math.inf \
             or not 0 <= args.temperature < math.inf or (args.top_k or 1) < 1 or args.batch < 1 or args.offset < 0:
-        raise BadInput("--samples, --geneval and --describe >= 0, --guidance and --temperature numbers >= 0, --top-k >= 1, "
-                       "--batch >= 1, --offset >= 0")
+        raise BadInput("--samples, --geneval and --describe >= 0, --guidance and --temperature numbers >= 0, "
+                       "--top-k >= 1, --batch >= 1, --offset >= 0")
     analyze(args.ckpt, args.out, args.probe, args.samples, args.seed, args.guidance, args.temperature, args.top_k,
             args.batch, args.offset, drawing_dtype(args.dtype)[0], args.geneval, args.describe)
     print((Path(args.out) / "report.md").read_text())
