@@ -700,7 +700,8 @@ class MMMoE(nn.Module):
         (Path(path) / "state.json").write_text(json.dumps(state, indent=1))
 
     def load_adapter(self, path):
-        """Put a saved adapter onto this base (adding one if it has none) -> the state.json it came with."""
+        """Put a saved adapter onto this base (adding one if it has none, and the scene rows if it has them and this
+        adapter not) -> the state.json it came with."""
         path = Path(path)
         if not (path / "state.json").exists():
             raise BadInput(f"no trained adapter in {path} (expected state.json and adapter.safetensors)")
@@ -716,6 +717,8 @@ class MMMoE(nn.Module):
                 self.add_image_adapter(AdapterConfig(**state["adapter"]))
             except TypeError as e:
                 raise BadInput(f"damaged checkpoint file {path / 'state.json'}: adapter {e}") from None
+        if state["adapter"].get("scene_tokens") and not self.adapter.scene_tokens:  # room for its two scene rows
+            self.add_scene_tokens()
         for name, p in [(n, p) for n, p in self.named_parameters() if self.is_adapter_param(n)]:
             if name not in tensors or tensors[name].shape != p.shape:
                 got = tuple(tensors[name].shape) if name in tensors else "missing"

@@ -368,8 +368,6 @@ def start_or_resume(model, tc, dtype, out_dir, resume, world, train_set, main_pr
     step, log, first, state = 0, [], 0, None
     if resume and (out_dir / "state.json").exists():
         state = read_json(out_dir / "state.json", ("step", "log", "train_config", "param_groups"))
-        if state.get("adapter", {}).get("scene_tokens"):  # the run's own adapter has scene rows: room for them
-            model.add_scene_tokens()
         model.load_adapter(out_dir)
         step, log, first = state["step"], state["log"], state.get("schedule_start", 0)
         check_same_computation(tc, dtype, state, world, out_dir)

@@ -668,6 +668,9 @@ def test_scenes_warm_started_from_single_pictures_train_resume_and_draw(tiny_set
     assert state["step"] == 5 and state["adapter"]["scene_tokens"] and any("val_scene_loss" in r for r in state["log"])
     again = train.train(scenes, resume=True)  # nothing left to run: the saved adapter, scene rows included, loads
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+    onwards = train.TrainConfig(**{**scenes.__dict__, "out_dir": str(tmp_path / "onwards"), "init_from": scenes.out_dir,
+                                   "steps": 1, "eval_every": 1, "save_every": 1})
+    assert train.train(onwards).image_embed.shape[0] == K + 4  # a warm start from a scene run: its scene rows
     out = tmp_path / "drawn.png"
     sample.main(["w10 w20", "w11 w21", "--ckpt", str(tmp_path / "scenes"), "--out", str(out), "--size", "64"])
     assert Image.open(out).size[0] == 64  # each drawing, scene or single picture, in a --size cell
