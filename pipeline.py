@@ -1,7 +1,8 @@
 """
 pipeline.py: a trained run (or the committed demo) loaded for drawing, as sample.py and serve.py draw: the base with
 its adapter, the base's tokenizer, and the run's image tokenizer; the dtype to draw in; the seed of each batch of
-pictures; what the model's image tokens show, decoded (a picture, or a scene's tiles).
+pictures; what the model's image tokens show, decoded (a picture, or a scene's tiles); the words around a picture
+that the model is asked to describe.
 """
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from cli import BadInput
 from hf import load_tokenizer
 from mmmoe import MMMoE, bfloat16_support, choose_dtype, scene_tiles
 from runs import run_inputs
-from upcycle import builtin_base
+from upcycle import builtin_base, chat_prompt
 from vq import load_vq
 
 DEMO = Path(__file__).parent / "demo"  # the committed demo: adapter.safetensors + state.json, and vq/
@@ -70,3 +71,13 @@ def decode_tiles(vq, drawings):
     parts = [t for tiles in drawings for t in tiles if t is not None]
     decoded = iter(vq.detokenize(torch.stack(parts)) if parts else [])
     return [[None if t is None else next(decoded) for t in tiles] for tiles in drawings]
+
+
+def around_a_picture(model, tokenizer, question=None):
+    """-> the token ids before and after a picture the model describes (MMMoE.describe): <start> and nothing, or with
+    a question the base's chat format, the picture then the question as the user's words (as train.py's describe
+    examples ask, data.make_describe_batch)."""
+    if not question:
+        return [model.start_token], []
+    head, tail = chat_prompt("\0").split("\0")
+    return tokenizer.encode(head).ids, tokenizer.encode(f"\n{question.strip()}{tail}").ids

@@ -42,8 +42,7 @@ from cli import BadInput, run
 from data import load_image
 from mmmoe import SAMPLING
 from pictures import on_canvas, save_grid, to_pil
-from pipeline import DRAWING_DTYPES, batch_generator, decode_drawings, drawing_dtype, load_pipeline
-from upcycle import chat_prompt
+from pipeline import DRAWING_DTYPES, around_a_picture, batch_generator, decode_drawings, drawing_dtype, load_pipeline
 
 
 def read_prompts(path):
@@ -151,10 +150,7 @@ def describe(args):
     pictures = read_pictures(args.describe, vq.config.image_size)  # at the size the VQ was trained on
     if note:
         print(note, file=sys.stderr)
-    before, after = [model.start_token], []
-    if args.ask:  # the picture, then the question, as the user's turn in the base's chat format (as train.py asks)
-        head, tail = chat_prompt("\0").split("\0")
-        before, after = tokenizer.encode(head).ids, tokenizer.encode(f"\n{args.ask.strip()}{tail}").ids
+    before, after = around_a_picture(model, tokenizer, args.ask)
     with torch.no_grad():
         codes = vq.tokenize(pictures)  # (N, n)
     for b in range(0, len(codes), args.batch):

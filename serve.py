@@ -18,6 +18,9 @@ in and out; a mistake is answered 400 with one line, {"error": "..."}:
                   tokens went to in each layer (routing.py, as analyze.py counts them)
     POST /text    {"prompt": "..."} -> the prompt's next-token distribution with the adapter and on the base alone
                   (torch.equal: C1), and the chat answer of each, greedy
+    POST /describe {"image": a PNG or JPEG in base64, "question": ""} -> {"words": ...}: what a model trained to
+                  describe pictures (train.py's describe) says it shows, or its answer to the question; such a model's
+                  /draw also says what each finished drawing shows ("described")
 
 One request works at a time; QUEUE more wait; past that the answer is 503. A connection whose read or write waits
 longer than --timeout is closed. A client that leaves before its answer (mid-drawing: it stops its drawing) is one
@@ -36,19 +39,23 @@ import torch
 from PIL import Image
 
 from cli import BadInput, run
+from data import load_image
 from mmmoe import SAMPLING, scene_tiles
 from pictures import on_canvas, to_pil
-from pipeline import batch_generator, decode_drawings, decode_tiles, load_pipeline
+from pipeline import DEMO, around_a_picture, batch_generator, decode_drawings, decode_tiles, load_pipeline
 from routing import routing, routing_stats
+from runs import run_inputs
 from upcycle import chat_prompt
 
 PAGE = Path(__file__).parent / "serve.html"
-MAX_BODY, MAX_PROMPT, QUEUE, SIZE = 4096, 200, 2, 256  # bytes, characters, waiting requests, pixels of a picture sent
+MAX_PROMPT, QUEUE, SIZE = 200, 2, 256  # characters, waiting requests, pixels of a picture sent
+MAX_BODY = {"draw": 4096, "text": 4096, "describe": 4_000_000}  # bytes: a picture to describe comes as base64
 FIELDS = {  # what a request may hold: the type, the range and the default of each field
     "draw": {"prompt": (str, 1, MAX_PROMPT, None), "n": (int, 1, 8, 1),
              "guidance": (float, 0, 10, SAMPLING["guidance"]), "temperature": (float, 0, 2, SAMPLING["temperature"]),
              "seed": (int, 0, 2**31 - 1, 0)},
     "text": {"prompt": (str, 1, MAX_PROMPT, None)},
+    "describe": {"image": (str, 1, MAX_BODY["describe"], None), "question": (str, 0, MAX_PROMPT, "")},
 }
 
 
@@ -102,6 +109,7 @@ class Explorer:
 
     def __init__(self, ckpt=None):
         self.model, self.tokenizer, self.vq = load_pipeline(ckpt)
+        self.reads = bool(run_inputs(ckpt or DEMO)[0]["train_config"].get("describe"))  # trained to describe pictures
         with torch.no_grad():  # a white picture's tokens: what a picture not yet drawn shows
             self.blank = self.vq.tokenize(torch.ones(1, 3, self.vq.config.image_size, self.vq.config.image_size))[0]
         self.lock, self.slots = threading.Lock(), threading.BoundedSemaphore(1 + QUEUE)
@@ -124,7 +132,8 @@ class Explorer:
                                           SAMPLING["top_k"], None, batch_generator(req["seed"], 0), progress)
             drawings = decode_drawings(model, vq, tokens)
             pictures = [on_canvas(d, vq.config.image_size) if model.adapter.scene_tokens else d[0] for d in drawings]
-            send({"done": True, "images": [png(p) for p in pictures], "codes": tokens.tolist(),
+            described = [self.read_back(d) for d in drawings] if self.reads else None
+            send({"done": True, "images": [png(p) for p in pictures], "codes": tokens.tolist(), "described": described,
                   "routing": self.routing(ids, tokens[0], drawings[0])})
 
     def routing(self, ids, tokens, drawing):
@@ -155,6 +164,32 @@ class Explorer:
             return [d[0] for d in decode_tiles(self.vq, [[done(row)] for row in tokens])]
         drawings = [[None if t is None else done(t) for t in (scene_tiles(row, n, K) or [row[:n]])] for row in tokens]
         return [on_canvas(d, size) for d in decode_tiles(self.vq, drawings)]
+
+    def describe(self, req):
+        """A picture (base64 PNG, JPEG, ...) -> its words (MMMoE.describe, greedy), or the answer to req's question."""
+        if not self.reads:
+            raise Refused(400, "this model was not trained to describe pictures (train.py's describe setting)")
+        try:
+            raw = base64.b64decode(req["image"], validate=True)
+        except ValueError:
+            raise Refused(400, "image must be a picture's file in base64") from None
+        picture = load_image(io.BytesIO(raw), self.vq.config.image_size)
+        if picture is None:
+            raise Refused(400, "image: not a picture this can read (PNG, JPEG, ...)")
+        before, after = around_a_picture(self.model, self.tokenizer, req["question"])
+        with self.lock, torch.no_grad():
+            words = self.model.describe(self.vq.tokenize(picture[None]), before, after)[0]
+        return {"words": self.tokenizer.decode(words).strip()}
+
+    @torch.no_grad()
+    def read_back(self, drawing):
+        """A drawing just made ([picture] or a scene's tiles) -> what the model says it shows, read as a file of it
+        would be: each picture's words, a scene's tiles' joined by " | " (its empty tiles left out)."""
+        pictures = [t for t in drawing if t is not None]
+        if not pictures:
+            return ""
+        words = self.model.describe(self.vq.tokenize(torch.stack(pictures)), [self.model.start_token])
+        return " | ".join(self.tokenizer.decode(w).strip() for w in words)
 
     @torch.no_grad()
     def text(self, req):
@@ -210,12 +245,12 @@ def handler(explorer, timeout_s):
 
         def do_POST(self):
             try:
-                if self.path not in ("/draw", "/text"):
-                    raise Refused(404, f"no endpoint {self.path[:80]} (POST /draw or /text)")
-                length = self.headers.get("Content-Length", "")
-                if not length.isdigit() or int(length) > MAX_BODY:
+                if self.path not in ("/draw", "/text", "/describe"):
+                    raise Refused(404, f"no endpoint {self.path[:80]} (POST /draw, /text or /describe)")
+                length, limit = self.headers.get("Content-Length", ""), MAX_BODY[self.path[1:]]
+                if not length.isdigit() or int(length) > limit:
                     raise Refused(400 if not length.isdigit() else 413,
-                                  f"a body of at most {MAX_BODY} bytes, with its Content-Length")
+                                  f"a body of at most {limit} bytes, with its Content-Length")
                 req = checked(self.rfile.read(int(length)), FIELDS[self.path[1:]])
                 if not explorer.slots.acquire(blocking=False):
                     raise Refused(503, f"busy: one request at work and {QUEUE} waiting; try again shortly")
@@ -224,9 +259,13 @@ def handler(explorer, timeout_s):
             try:
                 if self.path == "/text":
                     return self.reply(200, explorer.text(req))
+                if self.path == "/describe":
+                    return self.reply(200, explorer.describe(req))
                 explorer.draw(req, self.send_line)
             except BadInput as e:  # a prompt too long for the model's context, refused before anything was sent
                 self.reply(400, {"error": str(e)})
+            except Refused as e:  # a picture to describe that is not one
+                self.reply(e.status, {"error": str(e)})
             finally:
                 explorer.slots.release()
 

@@ -1,6 +1,7 @@
 """The other direction (#53): pictures described. The examples (data.make_describe_batch), C1 with text after a
 picture (every word runs the frozen base; the adapter learns only through the picture's positions), a run that draws
 and describes, and sample.py --describe with its mistakes."""
+import base64
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import analyze
 import data
 import sample
+import serve
 import train
 from mmmoe import AdapterConfig, BadInput, MMMoE
 
@@ -140,13 +142,21 @@ def test_a_run_that_draws_and_describes(tiny_setup, tmp_path):
     assert len(losses) == 2 and all(np.isfinite(losses))
     picture = tmp_path / "square.png"
     Image.open(tiny_setup["tmp"] / "squares" / "5.png").save(picture)
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--describe", str(picture), str(picture),
-                        "--ckpt", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+    read = [sys.executable, str(ROOT / "sample.py"), "--ckpt", str(tmp_path / "run"), "--dtype", "float32", "--describe"]
+    r = subprocess.run(read + [str(picture), str(picture)], capture_output=True, text=True, timeout=300)
     lines = r.stdout.splitlines()
     assert r.returncode == 0 and len(lines) == 2 and lines[0].startswith(f"{picture}: ") and lines[0] == lines[1], r.stderr
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--describe", str(picture), "--ask", "w10 w11",
-                        "--ckpt", str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.startswith(f"{picture}: "), r.stderr
+    asked = subprocess.run(read + [str(picture), "--ask", "w10 w11"], capture_output=True, text=True, timeout=300)
+    assert asked.returncode == 0 and asked.stdout.startswith(f"{picture}: "), asked.stderr
+    explorer, sent = serve.Explorer(tmp_path / "run"), []  # the page: a picture dropped on it, each drawing read back
+    image = base64.b64encode(picture.read_bytes()).decode()
+    assert explorer.describe({"image": image, "question": ""})["words"] == lines[0].split(": ", 1)[1]
+    assert explorer.describe({"image": image, "question": "w10 w11"})["words"] == asked.stdout.rstrip("\n").split(": ", 1)[1]
+    for bad, words in [("not base64!", "base64"), (base64.b64encode(b"some text").decode(), "not a picture")]:
+        with pytest.raises(serve.Refused, match=words):
+            explorer.describe({"image": bad, "question": ""})
+    explorer.draw({"prompt": "w10 w20", "n": 2, "guidance": 1.5, "temperature": 1.0, "seed": 0}, sent.append)
+    assert len(sent[-1]["described"]) == 2 and all(isinstance(w, str) for w in sent[-1]["described"])
     report = analyze.analyze(tmp_path / "run", tmp_path / "report", n_probe=4, describe=3)["describe"]
     assert len(report["train"]["words"]) == 3 and len(report["pairs"]["words"]) == len(report["round trip"]["words"]) == 2
     assert report["pairs"]["names"] == ["w12 w20", "w13 w21"]  # squares 0 and 1 are recoloured copies of 6 and 7

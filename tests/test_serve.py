@@ -104,7 +104,9 @@ def test_bad_requests_are_400_with_one_line(server, body, words):
 
 
 def test_sizes_paths_and_the_page(server):
-    assert call(server["url"], "/draw", raw=b" " * (serve.MAX_BODY + 1))[0] == 413
+    assert call(server["url"], "/draw", raw=b" " * (serve.MAX_BODY["draw"] + 1))[0] == 413
+    status, [answer] = call(server["url"], "/describe", {"image": "AAAA"})  # this run draws only
+    assert status == 400 and "not trained to describe" in answer["error"]
     assert call(server["url"], "/nowhere", {"prompt": "w1"})[0] == 404
     with urllib.request.urlopen(server["url"] + "/", timeout=10) as r:
         assert r.status == 200 and b'id="prompt"' in r.read()
