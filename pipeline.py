@@ -75,9 +75,9 @@ def decode_tiles(vq, drawings):
 
 def around_a_picture(model, tokenizer, question=None):
     """-> the token ids before and after a picture the model describes (MMMoE.describe): <start> and nothing, or with
-    a question the base's chat format, the picture then the question as the user's words (as train.py's describe
-    examples ask, data.make_describe_batch)."""
+    a question the base's chat format, the picture then the question as the user's words: how train.py's describe
+    examples ask (data.make_describe_batch), and sample.py --ask and the explorer."""
     if not question:
         return [model.start_token], []
-    head, tail = chat_prompt("\0").split("\0")
+    head, tail = chat_prompt("\0").split("\0")  # the chat format around a user's words
     return tokenizer.encode(head).ids, tokenizer.encode(f"\n{question.strip()}{tail}").ids

@@ -17,6 +17,7 @@ tokens of the same length: that is the unconditional prompt classifier-free guid
 Top to bottom: the settings and their checks -> the loop, `train()` (batch, forward, backward, step, log) -> what
 happens around it (starting or resuming, distributing, evaluating, saving) -> the command line.
 """
+import functools
 import json
 import math
 import os
@@ -44,9 +45,10 @@ from gw_init import init_model
 from hf import load_tokenizer
 from mmmoe import SAMPLING, AdapterConfig, MMMoE, choose_dtype, scene_tiles
 from pictures import save_grid
+from pipeline import around_a_picture
 from runs import (atomic_dir, batch_at, check_replaceable, keep_freed_memory, load_optimizer, lr_at,
                   optimizer_tensors, read_json, read_tensors, recover_dir, run_inputs)
-from upcycle import builtin_base, chat_prompt
+from upcycle import builtin_base
 from vq import load_vq, score_summary
 
 
@@ -172,7 +174,8 @@ def train(tc, resume=False):
         # the batch: a pure function of (seed, step), so a resumed run and every DDP process see the right examples
         indices = batch_at(len(train_set), global_size, step, tc.seed, repeats)
         drop = np.random.default_rng([tc.seed, step, 1]).random(len(indices)) < tc.caption_dropout
-        batch_of = batch_maker(step_kind(tc, step), train_set, indices, drop, table, tokenizer, model, tc, step)
+        kind = step_kind(tc, step)  # what this step trains on: pictures drawn, scenes drawn, or pictures described
+        batch_of = batch_maker(kind, train_set, indices, drop, table, tokenizer, model, tc, step)
         for g in opt.param_groups:
             g["lr"] = lr_at(step - first, tc.lr, tc.warmup, tc.steps, tc.min_lr)
         loss, aux, tokens = forward_backward(trained, model, batch_of, tc, rank, world, autocast, params)
@@ -187,7 +190,7 @@ def train(tc, resume=False):
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if main_process and (step % tc.log_every == 0 or step == last):
             log.append({"step": step, "loss": loss.item(), "aux": aux.item(), "grad_norm": norm.item(),
-                        "lr": opt.param_groups[0]["lr"]} | clock.read(step, world))
+                        "lr": opt.param_groups[0]["lr"], "kind": kind} | clock.read(step, world))
         if step % tc.eval_every == 0 or step == last:
             with torch.compiler.set_stance("force_eager"):
                 result = evaluate(model, tc, val, text_ids, device, autocast, held_out)
@@ -268,13 +271,13 @@ def batch_maker(kind, train_set, indices, drop, table, tokenizer, model, tc, ste
         scenes = [scene_at(table, tc.seed, step, i) for i in range(len(indices))]
         return lambda part: make_scene_batch(train_set, scenes[part], tokenizer, model, drop[part])
     if kind == "describe":  # half of them asked a question in the base's chat format
-        return lambda part: make_describe_batch(train_set, indices[part], model, chat_parts(tokenizer))
+        return lambda part: make_describe_batch(train_set, indices[part], model, asking(model, tokenizer))
     return lambda part: make_batch(train_set, indices[part], drop[part], model)
 
 
-def chat_parts(tokenizer):
-    """-> (tokenizer, the base's chat format before a user's words, after them): make_describe_batch's questions."""
-    return tokenizer, *chat_prompt("\0").split("\0")
+def asking(model, tokenizer):
+    """make_describe_batch's chat: the questions about a picture in the base's chat format, as sample.py --ask asks."""
+    return tokenizer, functools.partial(around_a_picture, model, tokenizer)
 
 
 def held_out_batches(val, train_set, table, tc, tokenizer, model):
@@ -288,7 +291,7 @@ def held_out_batches(val, train_set, table, tc, tokenizer, model):
         batches["val_scene_loss"] = make_scene_batch(train_set, scenes, tokenizer, model)
     if tc.describe:
         spread = np.linspace(0, len(val) - 1, min(tc.batch_size, len(val))).astype(int)
-        batches["val_describe_loss"] = make_describe_batch(val, spread, model, chat_parts(tokenizer))
+        batches["val_describe_loss"] = make_describe_batch(val, spread, model, asking(model, tokenizer))
     return batches
 
 

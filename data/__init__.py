@@ -415,36 +415,43 @@ def make_describe_batch(shards, indices, model, chat=None):
     words <eos>, the words those that describe its picture (shards.describing), the targets those words and the
     <eos> after them, each predicted by the position before it. The words are text rows, which run the frozen base
     (C1); they read the picture through attention, so the adapter learns from them only through what it computes at
-    the picture's positions. chat: (tokenizer, the chat format's text before a user's words, after them): every
-    second example is a question about the picture instead (asked()), the picture then the question as the user's
-    words, the answer and <eos> the targets."""
+    the picture's positions. chat: (tokenizer, around: a question -> the token ids before and after the picture,
+    pipeline.around_a_picture): then half
+    of the examples (asked(), by example index) are a question about the picture in the chat format instead, as a
+    chat model is asked: the chat's beginning (no <bos>: the format starts with its own), the picture then the
+    question as the user's words, the answer and <eos> the targets."""
     seqs, tgts = [], []
     bos, boi, eoi, eos = model.start_token, model.image_token("boi"), model.image_token("eoi"), model.config.eos_token_id
-    for k, i in enumerate(indices):
+    for i in indices:
         _, codes = shards[i]
         words, _ = shards[shards.describing[i]]
         before, after = [bos], []
-        if chat is not None and k % 2:
-            tokenizer, head, tail = chat
-            question, answer = asked(shards.captions[shards.describing[i]], i)
-            before, after = tokenizer.encode(head).ids, tokenizer.encode(f"\n{question}{tail}").ids
-            words = tokenizer.encode(answer).ids
+        question = asked(shards.captions[shards.describing[i]], i) if chat is not None else None
+        if question is not None:
+            tokenizer, around = chat
+            before, after = around(question[0])
+            words = tokenizer.encode(question[1]).ids
         seq = np.array([*before, boi, *model.image_token(codes), eoi, *after, *words, eos], dtype=np.int64)
         tgt = np.full(len(seq), -1)
-        tgt[-len(words) - 2:-1] = seq[-len(words) - 1:]  # the position before the words predicts the first; the last <eos>
+        # the token before the words predicts the first word, ..., the last word <eos>
+        tgt[-len(words) - 2:-1] = seq[-len(words) - 1:]
         seqs.append(seq)
         tgts.append(tgt)
     return left_padded(seqs, tgts, eos)
 
 
 def asked(description, i):
-    """A question about a picture described by `description`, and its answer, the i-th way: "What colour is it?" ->
-    "Red." where the description holds a colour word, else "What is this?" / "What is in the picture?" -> "A red
-    bicycle." (sample.py --ask asks any question the same way)."""
+    """Whether shard example i, a picture described by `description`, is asked a question (half of them, by i: a pure
+    function of the example, whatever the batch and the number of processes) -> None, or (question, answer): "What
+    colour is it?" -> "Red." where the description holds a colour word, "What is this?" / "What is in the picture?"
+    -> "A red bicycle." (sample.py --ask asks any question the same way)."""
+    way = i % 6  # consecutive examples are a picture's phrasings and copies: each picture is asked every way
+    if way < 3:
+        return None
     colour = next((w for w in description.split() if w in COLOUR_WORDS), None)
-    if colour and i % 3 == 2:
+    if colour and way == 5:
         return "What colour is it?", f"{colour.capitalize()}."
-    return ("What is this?", "What is in the picture?")[i % 2], f"{description[0].upper()}{description[1:]}."
+    return ("What is this?", "What is in the picture?")[way % 2], f"{description[0].upper()}{description[1:]}."
 
 
 def left_padded(seqs, tgts, eos):

@@ -54,7 +54,7 @@ def test_make_describe_batch_layout_and_targets():
     assert targets[0].tolist() == [-1] * 5 + [7, 8, 9, 1, -1] and pad.tolist() == [0, 0]
 
 
-def test_every_second_picture_described_is_a_question_in_the_chat_format():
+def test_half_of_the_pictures_described_are_a_question_in_the_chat_format():
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(
         ["<unk>", "<s>", "</s>", "user:", "What", "colour", "is", "it?", "this?", "in", "the", "picture?", "Red.", "A",
          "a", "red", "bicycle", "bicycle."])}, unk_token="<unk>"))
@@ -65,15 +65,20 @@ def test_every_second_picture_described_is_a_question_in_the_chat_format():
 
         def __getitem__(self, i):  # the caption's ids: "a red bicycle"
             return np.array([14, 15, 16]), np.array([i, i])
-    idx, targets, pad = data.make_describe_batch(Shards(), [0, 1, 2, 5], StandIn(), (tok, "user:", " </s>"))
+    def around(question):  # the chat format's ids before and after a picture
+        return tok.encode("user:").ids, tok.encode(f"{question} </s>").ids
+    idx, targets, pad = data.make_describe_batch(Shards(), [0, 3, 4, 5], StandIn(), (tok, around))
     rows = [r[p:].tolist() for r, p in zip(idx, pad)]
     assert rows[0] == [0, 120, 100, 100, 121, 14, 15, 16, 1]  # plain: <bos> picture words <eos>
-    assert rows[1] == [3, 120, 101, 101, 121, 4, 6, 9, 10, 11, 2, 13, 15, 17, 1]  # user: picture What is in the
+    assert rows[1] == [3, 120, 103, 103, 121, 4, 6, 9, 10, 11, 2, 13, 15, 17, 1]  # user: picture What is in the
     # picture? </s> A red bicycle. <eos>
+    assert rows[2][5:8] == [4, 6, 8]  # What is this?
     assert rows[3] == [3, 120, 105, 105, 121, 4, 5, 6, 7, 2, 12, 1]  # ... What colour is it? </s> Red.
     assert targets[3, -3:].tolist() == [12, 1, -1] and (targets[3, :-3] == -1).all()  # the answer and <eos>
-    assert data.asked("a blue heart", 2) == ("What colour is it?", "Blue.")
-    assert data.asked("a keycap #", 2) == ("What is this?", "A keycap #.")  # no colour word: what it is
+    assert [data.asked("a red bicycle", i) is None for i in range(12)] == [True] * 3 + [False] * 3 + [True] * 3 + \
+        [False] * 3  # half of the examples, by index: whatever the batch
+    assert data.asked("a blue heart", 5) == ("What colour is it?", "Blue.")
+    assert data.asked("a keycap #", 5) == ("What is in the picture?", "A keycap #.")  # no colour word: what it is
 
 
 def with_random_adapter(base):
