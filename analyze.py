@@ -600,22 +600,26 @@ PUBLISHED = {  # GenEval overall (and where #52 quotes them, categories), on pho
 
 def geneval_figures(model, tokenizer, vq, table, data_dir, n, sampling, batch_size, seed):
     """Up to n prompts of each of GenEval's categories (data.scenes.geneval_prompts), PICTURES_PER_PROMPT drawn of
-    each and judged -> ({category: its figures}, {category: (its first drawings, their captions)} for the PNGs)."""
+    each and judged -> ({category: its figures}, {category: (its first drawings, their captions)} for the PNGs). A
+    category the dataset has no prompt for (no recoloured copies: no colours) scores NaN, outside the overall."""
     rows, everything = load_images(read_folder(data_dir), vq.config.image_size)
     gallery = vq.gallery(everything, object_index(rows))
     g = torch.Generator().manual_seed(seed)
     figures, shown = {}, {}
     for category, scenes in geneval_prompts(table, rows, n).items():
+        if not scenes:
+            figures[category] = {"score": math.nan, "prompts": 0, "drawn_as_scenes": math.nan}
+            continue
         asked = [s for s in scenes for _ in range(PICTURES_PER_PROMPT)]
         drawings = draw(model, tokenizer, vq, [s.caption for s in asked], sampling, batch_size, g, category)
         found = what_they_show(vq, gallery, rows, drawings)
         right = [judge(s, f) for s, f in zip(asked, found)]
-        figures[category] = {"score": sum(right) / max(1, len(right)), "prompts": len(scenes),
-                             "drawn_as_scenes": sum(len(t) == 4 for t in drawings) / max(1, len(drawings)),
+        figures[category] = {"score": sum(right) / len(right), "prompts": len(scenes),
+                             "drawn_as_scenes": sum(len(t) == 4 for t in drawings) / len(drawings),
                              "captions": [s.caption for s in asked], "right": right,
                              "found": [[list(d) for d in f] for f in found]}
         shown[category] = drawings[:16], [s.caption for s in asked[:16]]
-    scores = [figures[c]["score"] for c in GENEVAL]
+    scores = [figures[c]["score"] for c in GENEVAL if figures[c]["prompts"]]
     return figures | {"overall": sum(scores) / len(scores)}, shown
 
 
@@ -641,22 +645,22 @@ def geneval_section(ge):
     """The drawing settings and geneval_figures -> report["geneval"] and its lines: the six categories beside the
     published figures."""
     names = list(PUBLISHED)
-    cell = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    cell = lambda v: "-" if v is None or v != v else f"{v:.2f}"  # noqa: E731  (None: not quoted; NaN: no prompt)
     lines = ["", "## Scenes: GenEval's six categories", "",
-             f"Up to {ge['n']} held-out prompts a category (single object: training objects by name; colours: held-out "
-             f"(object, colour) pairs), {PICTURES_PER_PROMPT} pictures each; guidance {ge['guidance']}, temperature "
-             f"{ge['temperature']}, top-k {ge['top_k']}, {ge['dtype']}. A picture is right when every criterion of its "
-             "category holds, judged per tile: its object the nearest original emoji by shape, its colour the colour "
-             "word. The published figures are on photographs judged by a detector: another domain, not a "
-             "comparison of models.", "",
+             f"Up to {ge['n']} prompts a category, held out but for single object (training objects by name; colours: "
+             f"held-out (object, colour) pairs), {PICTURES_PER_PROMPT} pictures each; guidance {ge['guidance']}, "
+             f"temperature {ge['temperature']}, top-k {ge['top_k']}, {ge['dtype']}. A picture is right when every "
+             "criterion of its category holds, judged per tile: its object the nearest original emoji by shape, its "
+             "colour the colour word. The published figures are on photographs judged by a detector: another domain, "
+             "not a comparison of models.", "",
              "| category | prompts | drawn as scenes | score | " + " | ".join(names) + " |",
              "| --- " * (4 + len(names)) + "|"]
     for c in GENEVAL:
-        lines.append(f"| {c} | {ge[c]['prompts']} | {100 * ge[c]['drawn_as_scenes']:.0f}% | **{ge[c]['score']:.2f}** "
+        lines.append(f"| {c} | {ge[c]['prompts']} | {cell(ge[c]['drawn_as_scenes'])} | **{cell(ge[c]['score'])}** "
                      "| " + " | ".join(cell(PUBLISHED[m].get(c)) for m in names) + " |")
     lines.append(f"| overall | | | **{ge['overall']:.2f}** | "
                  + " | ".join(cell(PUBLISHED[m]["overall"]) for m in names) + " |")
-    lines += [""] + [f"![{c}](geneval_{c.replace(' ', '_')}.png)" for c in GENEVAL]
+    lines += [""] + [f"![{c}](geneval_{c.replace(' ', '_')}.png)" for c in GENEVAL if ge[c]["prompts"]]
     return {"geneval": ge}, lines
 
 
@@ -779,8 +783,9 @@ def main():
     p.add_argument("--probe", type=int, default=32, help="held-out sequences for routing and redundancy")
     p.add_argument("--samples", type=int, default=0, help="captions of training emoji (as people ask, and by bare "
                    "name), held-out emoji and held-out colour pairs to draw and score, of each (slow on CPU)")
-    p.add_argument("--geneval", type=int, default=0, metavar="N", help="a run that draws scenes: up to N held-out "
-                   f"prompts of each of GenEval's six categories, {PICTURES_PER_PROMPT} pictures each (slow on CPU)")
+    p.add_argument("--geneval", type=int, default=0, metavar="N", help="a run that draws scenes: up to N prompts of "
+                   f"each of GenEval's six categories (held out but for single object), {PICTURES_PER_PROMPT} pictures "
+                   "each (slow on CPU)")
     p.add_argument("--describe", type=int, default=0, metavar="N", help="a run that reads pictures: up to N "
                    "training pictures and held-out pairs described, and N held-out pairs drawn, then described")
     p.add_argument("--seed", type=int, default=0)

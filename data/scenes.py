@@ -251,17 +251,19 @@ GENEVAL = ("single object", "two objects", "counting", "colours", "position", "c
 
 def geneval_prompts(table, rows, n):
     """-> {category of GENEVAL: up to n Scenes}, the same every time. Single object: training objects by name ("a
-    lemon"; the objects are trained: an emoji never trained cannot be drawn by its name); colours: compose's held-out
-    (object, colour) pairs, never trained ("a blue pear"); the other four: held_out_scenes'. rows: the dataset's
-    (data.read_folder), where the held-out pairs are."""
-    names = sorted(table["own"])
+    lemon"; trained prompts: an emoji never trained cannot be drawn by its name); colours: compose's held-out (object,
+    colour) pairs, never trained ("a blue pear"); the other four: held_out_scenes'. Objects whose name holds a colour
+    word ("blue heart") are left out: the judge tells objects apart by shape, and "blue heart" and "green heart" share
+    theirs. rows: the dataset's (data.read_folder), where the held-out pairs are."""
+    names = [x for x in sorted(table["own"]) if not names_a_colour(x)]
     single = [Scene("single object", f"{article(x)} {x}", None, (x,), (None,), 1, None)
               for x in names[::max(1, len(names) // n)][:n]]
     by_image = {r["image"]: r for r in rows}
     pairs = [r for r in rows if r["split"] == "val" and r["object"] is not None and r["colour"] is not None]
     colours = [Scene("colours", r["captions"][0], None, (by_image[r["object"]]["captions"][0],), (r["colour"],), 1,
                      None) for r in pairs[::max(1, len(pairs) // n)][:n]]
-    held = held_out_scenes(table, n)
+    held = {c: [s for s in scenes if not any(map(names_a_colour, s.objects))][:n]
+            for c, scenes in held_out_scenes(table, 2 * n).items()}
     return {"single object": single, "two objects": held["two objects"], "counting": held["counting"],
             "colours": colours, "position": held["position"], "colour attribution": held["colour attribution"]}
 
