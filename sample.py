@@ -42,7 +42,9 @@ from cli import BadInput, run
 from data import load_image
 from mmmoe import SAMPLING
 from pictures import on_canvas, save_grid, to_pil
-from pipeline import DRAWING_DTYPES, around_a_picture, batch_generator, decode_drawings, drawing_dtype, load_pipeline
+from pipeline import (DEMO, DRAWING_DTYPES, around_a_picture, batch_generator, decode_drawings, drawing_dtype,
+                      load_pipeline)
+from runs import run_inputs
 
 
 def read_prompts(path):
@@ -147,6 +149,9 @@ def describe(args):
     read_pictures(args.describe, 8)  # each file checked before the model loads
     dtype, note = drawing_dtype(args.dtype)
     model, tokenizer, vq = load_pipeline(args.ckpt, dtype=dtype)
+    if not run_inputs(args.ckpt or DEMO)[0]["train_config"].get("describe"):
+        print(f"note: {args.ckpt or DEMO} was not trained to describe pictures (train.py's describe setting): its "
+              "words are the base's guesses", file=sys.stderr)
     pictures = read_pictures(args.describe, vq.config.image_size)  # at the size the VQ was trained on
     if note:
         print(note, file=sys.stderr)

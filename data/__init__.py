@@ -380,12 +380,15 @@ class TokenShards:
 
 def describing(examples):
     """Shard examples ({"image", "caption", "copy"}) -> (N,) for each, the example of the same picture (the same image,
-    the same augmented copy) whose caption describes it (#53): its fullest phrasing but the "an emoji of" one, so with
-    its colour where the picture has one colour word ("a red bicycle", "a blue heart", "a purple keycap #")."""
+    the same augmented copy) whose caption describes it (#53): the last of its phrasings but the "an emoji of" one.
+    The phrasings come in prepare.py's order (phrasings(): the bare name, "a ...", "an emoji of a ...", the colour
+    one), so that is the one with its colour where the picture has one colour word ("a red bicycle"), else "a ..."
+    ("a blue heart"); a recoloured copy has one caption ("a purple keycap #")."""
     best = {}
-    for i, e in enumerate(examples):  # a picture's phrasings come in order: bare name, "a ...", "an emoji of ...", colour
-        if not e["caption"].startswith("an emoji of") or (e["image"], e.get("copy", 0)) not in best:
-            best[e["image"], e.get("copy", 0)] = i
+    for i, e in enumerate(examples):
+        picture = e["image"], e.get("copy", 0)
+        if not e["caption"].startswith("an emoji of") or picture not in best:
+            best[picture] = i
     return np.array([best[e["image"], e.get("copy", 0)] for e in examples])
 
 

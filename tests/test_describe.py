@@ -145,12 +145,15 @@ def test_a_run_that_draws_and_describes(tiny_setup, tmp_path):
     log = json.loads((tmp_path / "run" / "state.json").read_text())["log"]
     losses = [r["val_describe_loss"] for r in log if "val_describe_loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses))
-    picture = tmp_path / "square.png"
+    picture, other = tmp_path / "square.png", tmp_path / "other.jpg"
     Image.open(tiny_setup["tmp"] / "squares" / "5.png").save(picture)
+    Image.open(tiny_setup["tmp"] / "squares" / "14.png").save(other)
     read = [sys.executable, str(ROOT / "sample.py"), "--ckpt", str(tmp_path / "run"), "--dtype", "float32", "--describe"]
-    r = subprocess.run(read + [str(picture), str(picture)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(read + [str(picture), str(other)], capture_output=True, text=True, timeout=300)
     lines = r.stdout.splitlines()
-    assert r.returncode == 0 and len(lines) == 2 and lines[0].startswith(f"{picture}: ") and lines[0] == lines[1], r.stderr
+    assert r.returncode == 0 and [line.split(": ")[0] for line in lines] == [str(picture), str(other)], r.stderr
+    alone = subprocess.run(read + [str(picture), str(other), "--batch", "1"], capture_output=True, text=True, timeout=300)
+    assert alone.stdout.splitlines() == lines  # read together as each alone
     asked = subprocess.run(read + [str(picture), "--ask", "w10 w11"], capture_output=True, text=True, timeout=300)
     assert asked.returncode == 0 and asked.stdout.startswith(f"{picture}: "), asked.stderr
     explorer, sent = serve.Explorer(tmp_path / "run"), []  # the page: a picture dropped on it, each drawing read back
