@@ -43,7 +43,7 @@ from gw_init import init_model
 from hf import load_tokenizer
 from mmmoe import SAMPLING, AdapterConfig, MMMoE, expert, linear
 from pictures import on_canvas, save_grid
-from pipeline import DEMO, DRAWING_DTYPES, decode_drawings, drawing_dtype
+from pipeline import DEMO, DRAWING_DTYPES, decode_drawings, decode_tiles, drawing_dtype
 from routing import routing, routing_stats
 from runs import run_inputs
 from upcycle import builtin_base, chat_prompt
@@ -301,8 +301,8 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, guidance=SAMPLING["guidanc
                                                      batch_size, seed)
         sections.append(pictures_section({"n": samples} | settings | figures, n_pictures, data_dir))
     if geneval:
-        figures, scenes = geneval_figures(model, tokenizer, vq, tile_table(tc["shards"]), data_dir, geneval, sampling,
-                                          batch_size, seed)
+        figures, scenes = geneval_figures(model, tokenizer, vq, TokenShards(tc["shards"], "train"), data_dir, geneval,
+                                          sampling, batch_size, seed)
         sections.append(geneval_section({"n": geneval} | settings | figures))
     if describe:
         figures = describe_figures(model, tokenizer, vq, data_dir, describe, sampling, batch_size, seed)
@@ -598,29 +598,52 @@ PUBLISHED = {  # GenEval overall (and where #52 quotes them, categories), on pho
     "Janus-Pro-7B": {"overall": 0.80}, "BAGEL": {"overall": 0.82}}
 
 
-def geneval_figures(model, tokenizer, vq, table, data_dir, n, sampling, batch_size, seed):
+def geneval_figures(model, tokenizer, vq, shards, data_dir, n, sampling, batch_size, seed):
     """Up to n prompts of each of GenEval's categories (data.scenes.geneval_prompts), PICTURES_PER_PROMPT drawn of
     each and judged -> ({category: its figures}, {category: (its first drawings, their captions)} for the PNGs). A
-    category the dataset has no prompt for (no recoloured copies: no colours) scores NaN, outside the overall."""
+    category the dataset has no prompt for (no recoloured copies: no colours) scores NaN, outside the overall. The
+    judge's ceiling: each prompt's own training pictures laid out as it says (shards: the training split), judged."""
     rows, everything = load_images(read_folder(data_dir), vq.config.image_size)
-    gallery = vq.gallery(everything, object_index(rows))
+    gallery, table = vq.gallery(everything, object_index(rows)), tile_table(shards.path)
     g = torch.Generator().manual_seed(seed)
     figures, shown = {}, {}
     for category, scenes in geneval_prompts(table, rows, n).items():
         if not scenes:
-            figures[category] = {"score": math.nan, "prompts": 0, "drawn_as_scenes": math.nan}
+            figures[category] = {"score": math.nan, "prompts": 0, "drawn_as_scenes": math.nan, "ceiling": math.nan}
             continue
         asked = [s for s in scenes for _ in range(PICTURES_PER_PROMPT)]
         drawings = draw(model, tokenizer, vq, [s.caption for s in asked], sampling, batch_size, g, category)
         found = what_they_show(vq, gallery, rows, drawings)
         right = [judge(s, f) for s, f in zip(asked, found)]
         figures[category] = {"score": sum(right) / len(right), "prompts": len(scenes),
+                             "ceiling": judge_ceiling(scenes, table, shards, vq, gallery, rows),
                              "drawn_as_scenes": sum(len(t) == 4 for t in drawings) / len(drawings),
                              "captions": [s.caption for s in asked], "right": right,
                              "found": [[list(d) for d in f] for f in found]}
         shown[category] = drawings[:16], [s.caption for s in asked[:16]]
     scores = [figures[c]["score"] for c in GENEVAL if figures[c]["prompts"]]
     return figures | {"overall": sum(scores) / len(scores)}, shown
+
+
+def judge_ceiling(scenes, table, shards, vq, gallery, rows):
+    """The judge's own ceiling: the share of the prompts whose training pictures, laid out as each says, it judges
+    right (NaN where no prompt has training pictures: held-out colour pairs)."""
+    truth = [(s, own_pictures(s, table, shards)) for s in scenes]
+    truth = [(s, t) for s, t in truth if t is not None]
+    if not truth:
+        return math.nan
+    found = what_they_show(vq, gallery, rows, decode_tiles(vq, [t for _, t in truth]))
+    return sum(judge(s, f) for (s, _), f in zip(truth, found)) / len(truth)
+
+
+def own_pictures(scene, table, shards):
+    """The training pictures a GenEval prompt asks for, as a drawing of tokens: a single object's own picture, a
+    scene's tiles (None: empty) -> [tokens] or 4 tiles; None for a prompt no training picture shows (colours)."""
+    if scene.category == "single object":
+        return [torch.from_numpy(shards[table["own"][scene.objects[0]]][1])]
+    if scene.tiles is None:
+        return None
+    return [None if t < 0 else torch.from_numpy(shards[t][1]) for t in scene.tiles]
 
 
 @torch.no_grad()
@@ -652,13 +675,15 @@ def geneval_section(ge):
              f"temperature {ge['temperature']}, top-k {ge['top_k']}, {ge['dtype']}. A picture is right when every "
              "criterion of its category holds, judged per tile: its object the nearest original emoji by shape, its "
              "colour the colour word. The published figures are on photographs judged by a detector: another domain, "
-             "not a comparison of models.", "",
-             "| category | prompts | drawn as scenes | score | " + " | ".join(names) + " |",
-             "| --- " * (4 + len(names)) + "|"]
+             "not a comparison of models. The ceiling is the judge's own: each prompt's training pictures, laid out "
+             "as it says, judged the same way.", "",
+             "| category | prompts | drawn as scenes | score | ceiling | " + " | ".join(names) + " |",
+             "| --- " * (5 + len(names)) + "|"]
     for c in GENEVAL:
-        lines.append(f"| {c} | {ge[c]['prompts']} | {cell(ge[c]['drawn_as_scenes'])} | **{cell(ge[c]['score'])}** "
-                     "| " + " | ".join(cell(PUBLISHED[m].get(c)) for m in names) + " |")
-    lines.append(f"| overall | | | **{ge['overall']:.2f}** | "
+        ours = [str(ge[c]["prompts"]), cell(ge[c]["drawn_as_scenes"]), f"**{cell(ge[c]['score'])}**",
+                cell(ge[c]["ceiling"])]
+        lines.append(f"| {c} | " + " | ".join(ours + [cell(PUBLISHED[m].get(c)) for m in names]) + " |")
+    lines.append(f"| overall | | | **{ge['overall']:.2f}** | | "
                  + " | ".join(cell(PUBLISHED[m]["overall"]) for m in names) + " |")
     lines += [""] + [f"![{c}](geneval_{c.replace(' ', '_')}.png)" for c in GENEVAL if ge[c]["prompts"]]
     return {"geneval": ge}, lines
