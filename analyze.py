@@ -296,16 +296,16 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, guidance=SAMPLING["guidanc
     data_dir = val.index["data"]  # every picture of the dataset trained on: what drawn ones are scored against
     sampling = {"guidance": guidance, "temperature": temperature, "top_k": top_k}
     settings, vq = sampling | {"dtype": str(dtype).removeprefix("torch.")}, load_vq(vq_dir)
+    seen = dataset_pictures(vq, data_dir) if samples or geneval or describe else None
     if samples:
-        figures, drawn, n_pictures = picture_figures(model, tokenizer, vq, data_dir, samples, offset, sampling,
-                                                     batch_size, seed)
-        sections.append(pictures_section({"n": samples} | settings | figures, n_pictures, data_dir))
+        figures, drawn = picture_figures(model, tokenizer, vq, seen, samples, offset, sampling, batch_size, seed)
+        sections.append(pictures_section({"n": samples} | settings | figures, len(seen["rows"]), data_dir))
     if geneval:
-        figures, scenes = geneval_figures(model, tokenizer, vq, TokenShards(tc["shards"], "train"), data_dir, geneval,
+        figures, scenes = geneval_figures(model, tokenizer, vq, seen, TokenShards(tc["shards"], "train"), geneval,
                                           sampling, batch_size, seed)
         sections.append(geneval_section({"n": geneval} | settings | figures))
     if describe:
-        figures = describe_figures(model, tokenizer, vq, data_dir, describe, sampling, batch_size, seed)
+        figures = describe_figures(model, tokenizer, vq, seen, describe, sampling, batch_size, seed)
         sections.append(describe_section({"n": describe} | settings | figures))
     report, lines = {}, [f"# mmmoe report: {ckpt}", ""]
     for part, section_lines in sections:
@@ -465,14 +465,20 @@ def budget_section(model):
 # and of known objects in a colour they were never trained in (held-out pairs: composition), drawn and scored
 
 
-def picture_figures(model, tokenizer, vq, data_dir, samples, offset, sampling, batch_size, seed):
+def dataset_pictures(vq, data_dir):
+    """Every picture of the dataset trained on, what drawn ones are scored against -> {"rows": its rows, "images":
+    (N, 3, H, W), "gallery": vq.gallery of them}."""
+    rows, images = load_images(read_folder(data_dir), vq.config.image_size)
+    return {"rows": rows, "images": images, "gallery": vq.gallery(images, object_index(rows))}
+
+
+def picture_figures(model, tokenizer, vq, seen, samples, offset, sampling, batch_size, seed):
     """Up to `samples` captions of each of GROUPS, evenly spread from offset, drawn with the sampling settings
-    (generate_image's guidance, temperature, top_k) and scored against every picture of data_dir -> the figures of
-    each group (report["images"][group]), its asked and drawn pictures (for the PNGs), and how many pictures
-    data_dir holds."""
-    rows, everything = load_images(read_folder(data_dir), vq.config.image_size)
+    (generate_image's guidance, temperature, top_k) and scored against every picture of the dataset (seen:
+    dataset_pictures) -> the figures of each group (report["images"][group]) and its asked and drawn pictures (for
+    the PNGs)."""
+    rows, everything, gallery = seen["rows"], seen["images"], seen["gallery"]
     g = torch.Generator().manual_seed(seed)
-    gallery = vq.gallery(everything, object_index(rows))
     figures, drawn = {}, {}
     for group, title in GROUPS.items():
         idx = caption_rows(rows, group)
@@ -494,7 +500,7 @@ def picture_figures(model, tokenizer, vq, data_dir, samples, offset, sampling, b
         with torch.no_grad():
             figures["val"] |= {"vq_frechet": frechet(vq.features(fake), vq.features(real)),
                                "vq_frechet_real_vs_real": frechet(f_ref, vq.features(real))}
-    return figures, drawn, len(everything)
+    return figures, drawn
 
 
 def draw(model, tokenizer, vq, captions, sampling, batch_size, g, desc):
@@ -598,13 +604,12 @@ PUBLISHED = {  # GenEval overall (and where #52 quotes them, categories), on pho
     "Janus-Pro-7B": {"overall": 0.80}, "BAGEL": {"overall": 0.82}}
 
 
-def geneval_figures(model, tokenizer, vq, shards, data_dir, n, sampling, batch_size, seed):
+def geneval_figures(model, tokenizer, vq, seen, shards, n, sampling, batch_size, seed):
     """Up to n prompts of each of GenEval's categories (data.scenes.geneval_prompts), PICTURES_PER_PROMPT drawn of
     each and judged -> ({category: its figures}, {category: (its first drawings, their captions)} for the PNGs). A
     category the dataset has no prompt for (no recoloured copies: no colours) scores NaN, outside the overall. The
     judge's ceiling: each prompt's own training pictures laid out as it says (shards: the training split), judged."""
-    rows, everything = load_images(read_folder(data_dir), vq.config.image_size)
-    gallery, table = vq.gallery(everything, object_index(rows)), tile_table(shards.path)
+    rows, gallery, table = seen["rows"], seen["gallery"], tile_table(shards.path)
     g = torch.Generator().manual_seed(seed)
     figures, shown = {}, {}
     for category, scenes in geneval_prompts(table, rows, n).items():
@@ -694,12 +699,12 @@ def geneval_section(ge):
 # known object in a colour never trained, in either direction) and a round trip (a held-out pair drawn, then read)
 
 
-def describe_figures(model, tokenizer, vq, data_dir, n, sampling, batch_size, seed):
+def describe_figures(model, tokenizer, vq, seen, n, sampling, batch_size, seed):
     """Up to n pictures of the training emoji (one per (object, colour)) and of the held-out pairs, each described
     greedily (MMMoE.describe), and as many held-out pairs' captions drawn and their pictures described -> {group:
     figures}: the object named (its name in the words), the colour named (the only colour word in them is the
     asked one; over the pictures that have one) and both."""
-    rows, everything = load_images(read_folder(data_dir), vq.config.image_size)
+    rows, everything = seen["rows"], seen["images"]
     by_image, figures = {r["image"]: r for r in rows}, {}
     g = torch.Generator().manual_seed(seed)
     for group in ("train", "pairs", "round trip"):

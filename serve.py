@@ -123,10 +123,10 @@ class Explorer:
 
         def progress(i, tokens):  # new token i of every picture (n,)
             drawn.append(tokens)
-            if model.adapter.scene_tokens and (i + 1) % grid == 0:
-                send({"tokens": i + 1, "images": [png(p) for p in self.so_far(torch.stack(drawn, 1))]})
-            elif not model.adapter.scene_tokens and (i + 1 - first) > 0 and (i + 1 - first) % grid == 0:
-                send({"row": (i + 1 - first) // grid, "images": [png(p) for p in self.so_far(torch.stack(drawn, 1))]})
+            scenes, codes = model.adapter.scene_tokens, i + 1 - first  # codes: a single picture's drawn so far
+            if (i + 1 if scenes else codes) % grid == 0 and codes > 0:  # a row of codes, or grid tokens of a scene
+                where = {"tokens": i + 1} if scenes else {"row": codes // grid}
+                send(where | {"images": [png(p) for p in self.so_far(torch.stack(drawn, 1))]})
         with self.lock:
             tokens = model.generate_image([ids] * n, vq.config.n_tokens, req["guidance"], req["temperature"],
                                           SAMPLING["top_k"], None, batch_generator(req["seed"], 0), progress)
