@@ -128,6 +128,18 @@ def write_checkpoint(path, cfg, sd, shards=1):
     return path
 
 
+def with_random_adapter(base, seed=0, scale=0.3, **kw):
+    """The base plus an adapter whose every tensor is non-zero (as after training)."""
+    from mmmoe import AdapterConfig, MMMoE
+    model = MMMoE.from_pretrained(base).add_image_adapter(AdapterConfig(n_image_codes=16, rank=4, **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
 @pytest.fixture
 def tiny_ckpt(tmp_path):
     """A factory: tiny_ckpt(**config overrides, shards=n) -> (path, hf config, state dict)."""

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, with_random_adapter
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -19,7 +19,7 @@ import data
 import sample
 import serve
 import train
-from mmmoe import AdapterConfig, BadInput, MMMoE
+from mmmoe import BadInput
 
 
 class StandIn:
@@ -79,16 +79,6 @@ def test_half_of_the_pictures_described_are_a_question_in_the_chat_format():
         [False] * 3  # half of the examples, by index: whatever the batch
     assert data.asked("a blue heart", 5) == ("What colour is it?", "Blue.")
     assert data.asked("a keycap #", 5) == ("What is in the picture?", "A keycap #.")  # no colour word: what it is
-
-
-def with_random_adapter(base):
-    model = MMMoE.from_pretrained(base).add_image_adapter(AdapterConfig(n_image_codes=16, rank=4))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
 
 
 def test_the_words_after_a_picture_run_the_frozen_base(tiny_ckpt):

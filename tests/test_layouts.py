@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import LAYOUTS, ROOT, tiny_hf_state_dict, tiny_layout_config, write_checkpoint
+from conftest import LAYOUTS, ROOT, tiny_hf_state_dict, tiny_layout_config, with_random_adapter, write_checkpoint
 from reference import reference_greedy, reference_logits
 from safetensors.torch import load_file
 
@@ -118,12 +118,7 @@ def test_plora_logits_and_gradients_equal_the_plain_reference(tiny_ckpt, layout,
 def test_plora_on_each_layout_keeps_text_bitwise_and_trains(layout_ckpt, tiny_setup, tmp_path):
     path, cfg, _ = layout_ckpt
     base = MMMoE.from_pretrained(path)
-    mm = MMMoE.from_pretrained(path).add_image_adapter(AdapterConfig(n_image_codes=16, rank=4))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in mm.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    mm, g = with_random_adapter(path), torch.Generator().manual_seed(1)
     shared = [layer.block_sparse_moe.shared_expert for layer in mm.model.layers if layer.block_sparse_moe.shared_expert]
     assert all(s.w1_lora is not None for s in shared) and (mm.config.layout != "qwen2_moe" or shared)
     text = torch.randint(2, cfg["vocab_size"], (2, 10), generator=g)

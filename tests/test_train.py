@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, with_random_adapter
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -23,17 +23,6 @@ import sample
 import train
 from data.scenes import GENEVAL
 from mmmoe import AdapterConfig, BadInput, MMMoE, bfloat16_support, choose_dtype
-
-
-def with_random_adapter(base, seed=0, scale=0.3, **kw):
-    """The base plus an adapter whose every tensor is non-zero (as after training)."""
-    model = MMMoE.from_pretrained(base).add_image_adapter(AdapterConfig(n_image_codes=16, rank=4, **kw))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 def test_text_logits_untouched_bit_for_bit(tiny_ckpt):
