@@ -281,17 +281,20 @@ def asking(model, tokenizer):
 
 
 def held_out_batches(val, train_set, table, tc, tokenizer, model):
-    """The held-out losses a run logs beside val_image_loss, one batch each: with scenes, held-out scenes (pairs,
-    counts, relations never trained: held_out_scenes), the categories in turn; with describe, held-out pictures
-    described (val's examples, evenly spread)."""
-    batches = {}
+    """The held-out losses a run logs beside val_image_loss, one global batch each (in micro-batches): with scenes,
+    held-out scenes (pairs, counts, relations never trained: held_out_scenes), the categories in turn; with describe,
+    held-out pictures described (val's examples, evenly spread)."""
+    n, batches = tc.batch_size * tc.grad_accum, {}
     if table is not None:
         groups = list(held_out_scenes(table).values())
-        scenes = [s for row in zip(*[g for g in groups if g]) for s in row][:tc.batch_size]
-        batches["val_scene_loss"] = make_scene_batch(train_set, scenes, tokenizer, model)
+        scenes = [s for row in zip(*[g for g in groups if g]) for s in row][:n]
+        batches["val_scene_loss"] = [make_scene_batch(train_set, scenes[b:b + tc.batch_size], tokenizer, model)
+                                     for b in range(0, len(scenes), tc.batch_size)]
     if tc.describe:
-        spread = np.linspace(0, len(val) - 1, min(tc.batch_size, len(val))).astype(int)
-        batches["val_describe_loss"] = make_describe_batch(val, spread, model, asking(model, tokenizer))
+        spread = np.linspace(0, len(val) - 1, min(n, len(val))).astype(int)
+        batches["val_describe_loss"] = [make_describe_batch(val, spread[b:b + tc.batch_size], model,
+                                                            asking(model, tokenizer))
+                                        for b in range(0, len(spread), tc.batch_size)]
     return batches
 
 
@@ -471,23 +474,30 @@ def save_checkpoint(out_dir, model, opt, step, tc, log, vq_dir, world=1, samples
 
 @torch.no_grad()
 def evaluate(model, tc, val, text_ids, device, autocast, held_out=None):
-    """-> the held-out losses: val_image_loss (eval_batches of val's pictures drawn), text_ppl (held-out English: C1's
-    check, the base's to the bit) and each of held_out's ({name: one batch}: held_out_batches)."""
+    """-> the held-out losses: val_image_loss (the first eval_batches global batches of val's pictures drawn: the
+    same examples whatever the micro-batch), text_ppl (held-out English: C1's check, the base's to the bit) and each of
+    held_out's ({name: its micro-batches}: held_out_batches). Each the mean over all its targets, as one batch."""
     model.eval()
-    losses, extra = [], {}
-    for b in range(tc.eval_batches):
-        idx = np.arange(b * tc.batch_size, (b + 1) * tc.batch_size) % len(val)
-        x, y, pad = make_batch(val, idx, np.zeros(len(idx), bool), model)
-        with autocast:
-            losses.append(model(x.to(device), y.to(device), pad=pad.to(device))[1].item())
+    n = tc.eval_batches * tc.batch_size * tc.grad_accum
+    pictures = [make_batch(val, np.arange(b, b + tc.batch_size) % len(val), np.zeros(tc.batch_size, bool), model)
+                for b in range(0, n, tc.batch_size)]
     seq = text_ids.view(-1, 256).to(device)  # (n, 256) chunks of English
     with autocast:
         text_loss = model(seq[:, :-1], seq[:, 1:])[1].item()
-        for name, batch in (held_out or {}).items():
-            x, y, pad = (t.to(device) for t in batch)
-            extra[name] = model(x, y, pad=pad)[1].item()
+        image_loss = mean_loss(model, pictures, device)
+        losses = {name: mean_loss(model, batches, device) for name, batches in (held_out or {}).items()}
     model.train()
-    return {"val_image_loss": sum(losses) / len(losses), "text_ppl": math.exp(text_loss)} | extra
+    return {"val_image_loss": image_loss, "text_ppl": math.exp(text_loss)} | losses
+
+
+def mean_loss(model, batches, device):
+    """The loss over every target of some micro-batches, as one batch of them all would give it."""
+    total, count = 0.0, 0
+    for x, y, pad in batches:
+        k = int((y >= 0).sum())
+        total += model(x.to(device), y.to(device), pad=pad.to(device))[1].item() * k
+        count += k
+    return total / count
 
 
 def learning_curve_setup(model, tokenizer, train_set, tc):

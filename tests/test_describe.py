@@ -2,6 +2,7 @@
 picture (every word runs the frozen base; the adapter learns only through the picture's positions), a run that draws
 and describes, and sample.py --describe with its mistakes."""
 import base64
+import contextlib
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import data
 import sample
 import serve
 import train
+from hf import load_tokenizer
 from mmmoe import BadInput
 
 
@@ -187,3 +189,18 @@ def test_describe_mistakes_are_one_line_before_any_work(tmp_path, args, words):
     where = {"FOLDER": tmp_path / "folder", "MISSING": tmp_path / "missing.png", "TEXT": tmp_path / "notes.txt"}
     with pytest.raises(BadInput, match=words):  # the checkpoint does not exist: nothing was loaded first
         sample.main([str(where.get(a, a)) for a in args] + ["--ckpt", str(tmp_path / "nowhere")])
+
+
+def test_held_out_losses_are_the_same_whatever_the_micro_batch(tiny_setup):
+    """A global batch of 4 as one micro-batch or as two of 2: the same held-out examples, the same losses."""
+    model = with_random_adapter(tiny_setup["base"])
+    tokenizer = load_tokenizer(tiny_setup["base"])
+    val, shards = data.TokenShards(tiny_setup["shards"], "val"), data.TokenShards(tiny_setup["shards"], "train")
+    whole = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), batch_size=4,
+                              eval_batches=2, describe=0.5)
+    halves = train.TrainConfig(**{**whole.__dict__, "batch_size": 2, "grad_accum": 2})
+    text = data.english_text(tokenizer, 512)
+    losses = [train.evaluate(model, tc, val, text, torch.device("cpu"), contextlib.nullcontext(),
+                             train.held_out_batches(val, shards, None, tc, tokenizer, model)) for tc in (whole, halves)]
+    assert set(losses[0]) == {"val_image_loss", "text_ppl", "val_describe_loss"}
+    assert all(losses[1][k] == pytest.approx(v, rel=1e-5) for k, v in losses[0].items())
