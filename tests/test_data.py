@@ -55,8 +55,10 @@ def test_recolour_turns_hues_and_keeps_white_and_outlines():
     assert np.abs(np.asarray(prepare.recolour(bike, 0)).astype(int) - before).max() <= 8  # no turn: the same picture
 
 
-def test_recoloured_objects_hold_one_colour_each_out(tmp_path):
-    prepare.build_openmoji(tmp_path / "om", size=32, recolours=5, objects=4)
+@pytest.mark.parametrize("all_emoji", [False, True])
+def test_recoloured_objects_hold_one_colour_each_out(tmp_path, all_emoji):
+    # all_emoji (the shipped demo's last stage) trains the emoji held out by name; the colour pairs stay held out
+    prepare.build_openmoji(tmp_path / "om", size=32, recolours=5, objects=4, all_emoji=all_emoji)
     rows = data.read_folder(tmp_path / "om")
     originals = [r for r in rows if r["object"] is None]
     assert len(originals) == 4 and all(r["split"] == "train" and r["colour"] for r in originals)
@@ -75,6 +77,8 @@ def test_recoloured_objects_hold_one_colour_each_out(tmp_path):
 def test_held_out_split_is_fixed_by_name():
     names = [f"thing {i}" for i in range(2000)]
     split = [data.held_out(n) for n in names]
+    assert [prepare.split_of(n) == "val" for n in names] == split
+    assert {prepare.split_of(n, all_emoji=True) for n in names} == {"train"}
     assert split == [data.held_out(n) for n in names]
     assert 0.03 < sum(split) / len(split) < 0.07
     assert all(data.held_out(n) == data.held_out(n + ", dark skin tone") for n in names[:200])

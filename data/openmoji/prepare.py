@@ -9,6 +9,7 @@ held-out split by name.
     python data/openmoji/prepare.py --out out/openmoji                       # 1,737 emoji, their phrasings
     python data/openmoji/prepare.py --out out/openmoji-compose --recolours 11    # + 11 colours of each object
     python data/openmoji/prepare.py --out out/slice --recolours 11 --objects 40  # a slice for pilots
+    python data/openmoji/prepare.py --out out/openmoji-all --recolours 11 --all-emoji   # the shipped demo's last stage
 """
 import argparse
 import hashlib
@@ -100,7 +101,12 @@ def held_out_colour(name, colours):
     return min(colours, key=lambda w: hashlib.md5(f"{name}|{w}".encode()).hexdigest(), default=None)
 
 
-def build_openmoji(out, size=64, skin_tones=False, recolours=0, objects=None):
+def split_of(name, all_emoji=False):
+    """An emoji's split: "val" for the 5% held out by name (data.held_out), unless all_emoji (the last stage)."""
+    return "val" if held_out(name) and not all_emoji else "train"
+
+
+def build_openmoji(out, size=64, skin_tones=False, recolours=0, objects=None, all_emoji=False):
     """Render every captionable OpenMoji emoji into a folder dataset at `out`, each with its phrasings.
     skin_tones=False leaves out the ~1,700 skin-tone variants of people and hands (near-copies in shape).
 
@@ -112,7 +118,8 @@ def build_openmoji(out, size=64, skin_tones=False, recolours=0, objects=None):
     that test composition, a known object in a colour it was never drawn in. Each copy's row names its
     "object" (the original's image) and every row its "colour" word (or null), which analyze.py scores by.
     objects=N keeps only N objects (the first by a hash of their names) and their copies: a small slice
-    for pilots of the recipe."""
+    for pilots of the recipe. all_emoji=True puts the 5% of emoji held out by name in the training split too (the
+    shipped demo's last stage, so that every emoji can be asked for by name); the held-out colour pairs stay out."""
     check_replaceable(out)
     font = ImageFont.truetype(str(openmoji_dir() / "font" / "glyf_colr0.ttf"), 300)
     names = sorted(p.stem for p in (openmoji_dir() / "svg").glob("*.svg"))  # "1F44B-1F3FD": one emoji each
@@ -136,7 +143,7 @@ def build_openmoji(out, size=64, skin_tones=False, recolours=0, objects=None):
         for name, caption, image, colour, is_object in emoji:
             image.save(tmp / "images" / f"{name}.png")
             rows.append({"image": f"images/{name}.png", "caption": phrasings(caption, colour),
-                         "split": "val" if held_out(caption) else "train", "colour": colour})
+                         "split": split_of(caption, all_emoji), "colour": colour})
             if not is_object:
                 continue
             copies = [(j, copy, colour_word(as_tensor(copy))) for j in range(1, recolours + 1)
@@ -166,12 +173,14 @@ def main():
     p.add_argument("--recolours", type=int, default=0, help="hue-turned copies of each one-colour training emoji, "
                    "captioned with their new colour")
     p.add_argument("--objects", type=int, default=None, help="keep only this many recoloured objects: a slice for pilots")
+    p.add_argument("--all-emoji", action="store_true", help="train on the emoji held out by name too (the held-out "
+                   "colour pairs stay held out): the shipped demo's last stage")
     args = p.parse_args()
     if args.recolours < 0:
         raise BadInput(f"--recolours must be >= 0 (got {args.recolours})")
     if args.objects is not None and (args.objects < 1 or args.recolours < 1):
         raise BadInput("--objects needs a number >= 1 and --recolours >= 1 (the objects are the recoloured emoji)")
-    build_openmoji(Path(args.out), args.size, args.skin_tones, args.recolours, args.objects)
+    build_openmoji(Path(args.out), args.size, args.skin_tones, args.recolours, args.objects, args.all_emoji)
 
 
 if __name__ == "__main__":
