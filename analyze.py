@@ -43,7 +43,7 @@ from gw_init import init_model
 from hf import load_tokenizer
 from mmmoe import SAMPLING, AdapterConfig, MMMoE, expert, linear
 from pictures import on_canvas, save_grid
-from pipeline import DEMO, DRAWING_DTYPES, decode_drawings, decode_tiles, drawing_dtype
+from pipeline import DEMO, DRAWING_DTYPES, decode_drawings, decode_tiles, describe_pictures, drawing_dtype
 from routing import routing, routing_stats
 from runs import run_inputs
 from upcycle import builtin_base, chat_prompt
@@ -717,30 +717,25 @@ def describe_figures(model, tokenizer, vq, seen, n, sampling, batch_size, seed):
             captions = [asked_caption(rows[i], "pairs") for i in idx]
             drawn = draw(model, tokenizer, vq, captions, sampling, batch_size, g, "drawing, to describe")
             pictures = single_pictures(drawn, vq.config.image_size)
-        words = describe_pictures(model, tokenizer, vq, pictures, batch_size)
+        words = describe_pictures(model, tokenizer, vq, pictures, batch_size=batch_size)
         figures[group] = named(words, names, colours)
     return figures
 
 
-@torch.no_grad()
-def describe_pictures(model, tokenizer, vq, pictures, batch_size):
-    """Pictures (N, 3, H, W) -> what the model says of each (a string), read as sample.py --describe reads a file."""
-    codes, words = vq.tokenize(pictures), []
-    for b in tqdm(range(0, len(codes), batch_size), desc="describing", leave=False):
-        words += [tokenizer.decode(w).strip() for w in model.describe(codes[b:b + batch_size], [model.start_token])]
-    return words
-
-
 def named(words, names, colours):
     """Descriptions, and the object and colour word (or None) each should name -> the shares named right, and each
-    description with what it should name."""
-    said = [set(re.findall(r"[a-z]+", w.lower())) for w in words]
-    has_name = [re.search(rf"(^|\W){re.escape(x.lower())}($|\W)", w.lower()) is not None for w, x in zip(words, names)]
-    has_colour = [c is None or COLOUR_WORDS & s == {c} for s, c in zip(said, colours)]
-    coloured = [c is not None for c in colours]
+    description with what it should name. The object is named when the words, less an article, colour words and a
+    closing full stop, are its name less colour words ("a purple pear." names "pear"; "a hot dog" does not name
+    "dog"); the colour when the words' colour words are the asked one and those of the name ("a blue heart")."""
+    def bare(text):  # -> its words, less an article in front and the colour words
+        w = text.lower().strip().removesuffix(".").split()
+        return [x for x in w[1 if w[:1] in (["a"], ["an"], ["the"]) else 0:] if x not in COLOUR_WORDS]
+    has_name = [bare(w) == bare(x) for w, x in zip(words, names)]
+    has_colour = [c is None or COLOUR_WORDS & set(w.lower().removesuffix(".").split()) ==
+                  {c} | (COLOUR_WORDS & set(x.split())) for w, x, c in zip(words, names, colours)]
     share = lambda ok: sum(ok) / len(ok) if ok else math.nan  # noqa: E731
-    return {"object": share(has_name), "colour": share([ok for ok, c in zip(has_colour, coloured) if c]),
-            "both": share([a and b for a, b, c in zip(has_name, has_colour, coloured) if c]),
+    return {"object": share(has_name), "colour": share([ok for ok, c in zip(has_colour, colours) if c is not None]),
+            "both": share([a and b for a, b in zip(has_name, has_colour)]),
             "words": words, "names": names, "colours": colours}
 
 
@@ -751,8 +746,10 @@ def describe_section(d):
     pct = lambda v: "-" if v != v else f"{100 * v:.1f}%"  # noqa: E731  (NaN: no picture with a colour word)
     lines = ["", "## Pictures described", "", f"Up to {d['n']} pictures of each kind, described greedily; the round "
              f"trip's drawn with guidance {d['guidance']}, temperature {d['temperature']}, top-k {d['top_k']}, "
-             f"{d['dtype']}. The object is named when its name is in the words; the colour when the only colour word "
-             "in them is the asked one.", "", "| | pictures | object named | colour named | both |", "| --- " * 5 + "|"]
+             f"{d['dtype']}. The object is named when the words, less an article and colour words, are its name; the "
+             "colour when their colour words are the asked one (and the name's own); both: the object, and the "
+             "colour where the picture has one.", "", "| | pictures | object named | colour named | both |",
+             "| --- " * 5 + "|"]
     lines += [f"| {title} | {len(d[g]['words'])} | {pct(d[g]['object'])} | {pct(d[g]['colour'])} | "
               f"{pct(d[g]['both'])} |" for g, title in groups.items()]
     pairs = d["pairs"]

@@ -646,7 +646,7 @@ class MMMoE(nn.Module):
         if T + steps > self.config.max_seq_len:
             raise BadInput(f"prompt too long: {T} tokens + {steps} image tokens exceed the model's context of "
                            f"{self.config.max_seq_len}")
-        V, eos = self.config.vocab_size, self.config.eos_token_id
+        eos = self.config.eos_token_id
         idx = torch.tensor([[eos] * (T - len(r)) + r for r in rows], device=self.lm_head.weight.device)  # (B, T)
         pad = T - torch.tensor([len(r) for r in rows], device=idx.device)  # (B,)
         if guidance:  # the twin keeps <start> and <boi>, <eos> everywhere else
@@ -678,9 +678,9 @@ class MMMoE(nn.Module):
     def describe(self, pictures, before, after=(), max_new_tokens=32):
         """Pictures' image tokens (B, n), from 0 (a VQ's tokenize) -> the words each is described with, greedy: a list
         of token ids per picture, up to its <eos>. Each row is  before <boi> picture <eoi> after  (before: <start>, or
-        a chat turn's beginning), continued with text tokens only. The picture's positions run with the adapter; every
-        text position runs the frozen base, reading the picture through attention (C1: no text row uses an adapter
-        weight, test_describe's proof)."""
+        a chat turn's beginning), continued with text tokens only. The picture's positions run with the adapter (so
+        with no question the first word is read off <eoi>'s row); every text position runs the frozen base, reading
+        the picture through attention (C1: no text row uses an adapter weight, test_describe's proof)."""
         boi, eoi, eos = self.image_token("boi"), self.image_token("eoi"), self.config.eos_token_id
         rows = [[*before, boi, *self.image_token(p).tolist(), eoi, *after] for p in pictures.cpu()]
         idx = torch.tensor(rows, device=self.lm_head.weight.device)  # (B, T): the rows are all one length

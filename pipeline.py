@@ -79,5 +79,25 @@ def around_a_picture(model, tokenizer, question=None):
     examples ask (data.make_describe_batch), and sample.py --ask and the explorer."""
     if not question:
         return [model.start_token], []
+    if not asks_questions(tokenizer):
+        raise BadInput("questions about a picture are asked in SmolLM2's chat format (ChatML), and this base's "
+                       "tokenizer has no <|im_start|>: describe without one")
     head, tail = chat_prompt("\0").split("\0")  # the chat format around a user's words
     return tokenizer.encode(head).ids, tokenizer.encode(f"\n{question.strip()}{tail}").ids
+
+
+def asks_questions(tokenizer):
+    """Whether a picture can be asked about in the chat format: SmolLM2's (ChatML, as Qwen's is), which a base whose
+    tokenizer has no <|im_start|> (Mixtral's, OLMoE's) never learned; those are described plainly."""
+    return tokenizer.token_to_id("<|im_start|>") is not None
+
+
+@torch.no_grad()
+def describe_pictures(model, tokenizer, vq, pictures, question=None, batch_size=16):
+    """Pictures (N, 3, H, W) at the VQ's size -> the words each is described with (MMMoE.describe, greedy), or its
+    answer to question: tokenized by the run's VQ, batch_size pictures together."""
+    before, after = around_a_picture(model, tokenizer, question)
+    codes, words = vq.tokenize(pictures), []  # (N, n)
+    for b in range(0, len(codes), batch_size):
+        words += [tokenizer.decode(w).strip() for w in model.describe(codes[b:b + batch_size], before, after)]
+    return words

@@ -42,7 +42,7 @@ from cli import BadInput, run
 from data import load_image
 from mmmoe import SAMPLING
 from pictures import on_canvas, save_grid, to_pil
-from pipeline import (DEMO, DRAWING_DTYPES, around_a_picture, batch_generator, decode_drawings, drawing_dtype,
+from pipeline import (DEMO, DRAWING_DTYPES, batch_generator, decode_drawings, describe_pictures, drawing_dtype,
                       load_pipeline)
 from runs import run_inputs
 
@@ -155,12 +155,8 @@ def describe(args):
     pictures = read_pictures(args.describe, vq.config.image_size)  # at the size the VQ was trained on
     if note:
         print(note, file=sys.stderr)
-    before, after = around_a_picture(model, tokenizer, args.ask)
-    with torch.no_grad():
-        codes = vq.tokenize(pictures)  # (N, n)
-    for b in range(0, len(codes), args.batch):
-        for path, words in zip(args.describe[b:b + args.batch], model.describe(codes[b:b + args.batch], before, after)):
-            print(f"{path}: {tokenizer.decode(words).strip()}")
+    for path, words in zip(args.describe, describe_pictures(model, tokenizer, vq, pictures, args.ask, args.batch)):
+        print(f"{path}: {words}")
 
 
 def main(argv=None):
@@ -189,12 +185,12 @@ def main(argv=None):
                    help="auto: the faster here (bfloat16 on a CPU with AMX; not code for code float32's pictures)")
     args = p.parse_args(argv)
     check_args(args)  # before anything slow: a mistake costs a second, not a whole drawing
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.describe:
         return describe(args)
     dtype, note = drawing_dtype(args.dtype)  # said once every check has passed, before the drawing
     prompts = read_prompts(args.from_file) if args.from_file else [prompt.strip() for prompt in args.prompts]
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.time()
     model, tokenizer, vq = load_pipeline(args.ckpt, dtype=dtype)
     n_tokens = 1 + 4 * vq.config.n_tokens if model.adapter.scene_tokens else vq.config.n_tokens  # at most, a drawing

@@ -42,7 +42,7 @@ from cli import BadInput, run
 from data import load_image
 from mmmoe import SAMPLING, scene_tiles
 from pictures import on_canvas, to_pil
-from pipeline import DEMO, around_a_picture, batch_generator, decode_drawings, decode_tiles, load_pipeline
+from pipeline import DEMO, batch_generator, decode_drawings, decode_tiles, describe_pictures, load_pipeline
 from routing import routing, routing_stats
 from runs import run_inputs
 from upcycle import chat_prompt
@@ -176,10 +176,8 @@ class Explorer:
         picture = load_image(io.BytesIO(raw), self.vq.config.image_size)
         if picture is None:
             raise Refused(400, "image: not a picture this can read (PNG, JPEG, ...)")
-        before, after = around_a_picture(self.model, self.tokenizer, req["question"])
-        with self.lock, torch.no_grad():
-            words = self.model.describe(self.vq.tokenize(picture[None]), before, after)[0]
-        return {"words": self.tokenizer.decode(words).strip()}
+        with self.lock:
+            return {"words": describe_pictures(self.model, self.tokenizer, self.vq, picture[None], req["question"])[0]}
 
     @torch.no_grad()
     def read_back(self, drawing):
@@ -188,8 +186,7 @@ class Explorer:
         pictures = [t for t in drawing if t is not None]
         if not pictures:
             return ""
-        words = self.model.describe(self.vq.tokenize(torch.stack(pictures)), [self.model.start_token])
-        return " | ".join(self.tokenizer.decode(w).strip() for w in words)
+        return " | ".join(describe_pictures(self.model, self.tokenizer, self.vq, torch.stack(pictures)))
 
     @torch.no_grad()
     def text(self, req):

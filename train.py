@@ -45,7 +45,7 @@ from gw_init import init_model
 from hf import load_tokenizer
 from mmmoe import SAMPLING, AdapterConfig, MMMoE, choose_dtype, scene_tiles
 from pictures import save_grid
-from pipeline import around_a_picture
+from pipeline import around_a_picture, asks_questions
 from runs import (atomic_dir, batch_at, check_replaceable, keep_freed_memory, load_optimizer, lr_at,
                   optimizer_tensors, read_json, read_tensors, recover_dir, run_inputs)
 from upcycle import builtin_base
@@ -270,14 +270,16 @@ def batch_maker(kind, train_set, indices, drop, table, tokenizer, model, tc, ste
     if kind == "scenes":
         scenes = [scene_at(table, tc.seed, step, i) for i in range(len(indices))]
         return lambda part: make_scene_batch(train_set, scenes[part], tokenizer, model, drop[part])
-    if kind == "describe":  # half of them asked a question in the base's chat format
-        return lambda part: make_describe_batch(train_set, indices[part], model, asking(model, tokenizer))
+    if kind == "describe":  # half of them asked a question in the base's chat format; each picture, over the
+        ways = (indices + step) % 6  # epochs, asked every way (a recoloured copy is one example)
+        return lambda part: make_describe_batch(train_set, indices[part], model, asking(model, tokenizer), ways[part])
     return lambda part: make_batch(train_set, indices[part], drop[part], model)
 
 
 def asking(model, tokenizer):
-    """make_describe_batch's chat: the questions about a picture in the base's chat format, as sample.py --ask asks."""
-    return tokenizer, functools.partial(around_a_picture, model, tokenizer)
+    """make_describe_batch's chat: the questions about a picture in the base's chat format, as sample.py --ask asks;
+    None (every picture described plainly) for a base that has not SmolLM2's format (pipeline.asks_questions)."""
+    return (tokenizer, functools.partial(around_a_picture, model, tokenizer)) if asks_questions(tokenizer) else None
 
 
 def held_out_batches(val, train_set, table, tc, tokenizer, model):
@@ -292,8 +294,9 @@ def held_out_batches(val, train_set, table, tc, tokenizer, model):
                                      for b in range(0, len(scenes), tc.batch_size)]
     if tc.describe:
         spread = np.linspace(0, len(val) - 1, min(n, len(val))).astype(int)
+        ways = np.arange(len(spread)) % 6  # every way in turn (asked())
         batches["val_describe_loss"] = [make_describe_batch(val, spread[b:b + tc.batch_size], model,
-                                                            asking(model, tokenizer))
+                                                            asking(model, tokenizer), ways[b:b + tc.batch_size])
                                         for b in range(0, len(spread), tc.batch_size)]
     return batches
 

@@ -413,23 +413,23 @@ def make_batch(shards, indices, drop, model):
     return left_padded(seqs, tgts, eos)
 
 
-def make_describe_batch(shards, indices, model, chat=None):
+def make_describe_batch(shards, indices, model, chat=None, ways=None):
     """The other direction (#53) -> idx, targets, pad as make_batch: each example <bos> <boi> code_1 ... code_n <eoi>
     words <eos>, the words those that describe its picture (shards.describing), the targets those words and the
     <eos> after them, each predicted by the position before it. The words are text rows, which run the frozen base
     (C1); they read the picture through attention, so the adapter learns from them only through what it computes at
     the picture's positions. chat: (tokenizer, around: a question -> the token ids before and after the picture,
-    pipeline.around_a_picture): then half
-    of the examples (asked(), by example index) are a question about the picture in the chat format instead, as a
-    chat model is asked: the chat's beginning (no <bos>: the format starts with its own), the picture then the
-    question as the user's words, the answer and <eos> the targets."""
+    pipeline.around_a_picture) and ways: for each example the way it is asked (asked(): half of the ways are a
+    question about the picture in the chat format, as a chat model is asked: the chat's beginning (no <bos>: the
+    format starts with its own), the picture then the question as the user's words, the answer and <eos> the
+    targets)."""
     seqs, tgts = [], []
     bos, boi, eoi, eos = model.start_token, model.image_token("boi"), model.image_token("eoi"), model.config.eos_token_id
-    for i in indices:
+    for i, way in zip(indices, np.zeros(len(indices), int) if ways is None else ways):
         _, codes = shards[i]
         words, _ = shards[shards.describing[i]]
         before, after = [bos], []
-        question = asked(shards.captions[shards.describing[i]], i) if chat is not None else None
+        question = asked(shards.captions[shards.describing[i]], way) if chat is not None else None
         if question is not None:
             tokenizer, around = chat
             before, after = around(question[0])
@@ -443,17 +443,16 @@ def make_describe_batch(shards, indices, model, chat=None):
     return left_padded(seqs, tgts, eos)
 
 
-def asked(description, i):
-    """Whether shard example i, a picture described by `description`, is asked a question (half of them, by i: a pure
-    function of the example, whatever the batch and the number of processes) -> None, or (question, answer): "What
-    colour is it?" -> "Red." where the description holds a colour word, "What is this?" / "What is in the picture?"
-    -> "A red bicycle." (sample.py --ask asks any question the same way)."""
-    way = i % 6  # consecutive examples are a picture's phrasings and copies: each picture is asked every way
+def asked(description, way):
+    """How a picture described by `description` is asked, way 0-5 -> None (0-2: plain, its words after it), or
+    (question, answer): "What is this?" / "What is in the picture?" -> "A red bicycle." (3, 4), "What colour is it?"
+    -> "Red." (5) where the description holds one colour word (with none, or two, what it is). sample.py --ask asks
+    any question the same way."""
     if way < 3:
         return None
-    colour = next((w for w in description.split() if w in COLOUR_WORDS), None)
-    if colour and way == 5:
-        return "What colour is it?", f"{colour.capitalize()}."
+    colours = [w for w in description.split() if w in COLOUR_WORDS]
+    if len(colours) == 1 and way == 5:
+        return "What colour is it?", f"{colours[0].capitalize()}."
     return ("What is this?", "What is in the picture?")[way % 2], f"{description[0].upper()}{description[1:]}."
 
 

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import analyze
 import data
+import pipeline
 import sample
 import serve
 import train
@@ -69,7 +70,7 @@ def test_half_of_the_pictures_described_are_a_question_in_the_chat_format():
             return np.array([14, 15, 16]), np.array([i, i])
     def around(question):  # the chat format's ids before and after a picture
         return tok.encode("user:").ids, tok.encode(f"{question} </s>").ids
-    idx, targets, pad = data.make_describe_batch(Shards(), [0, 3, 4, 5], StandIn(), (tok, around))
+    idx, targets, pad = data.make_describe_batch(Shards(), [0, 3, 4, 5], StandIn(), (tok, around), [0, 3, 4, 5])
     rows = [r[p:].tolist() for r, p in zip(idx, pad)]
     assert rows[0] == [0, 120, 100, 100, 121, 14, 15, 16, 1]  # plain: <bos> picture words <eos>
     assert rows[1] == [3, 120, 103, 103, 121, 4, 6, 9, 10, 11, 2, 13, 15, 17, 1]  # user: picture What is in the
@@ -77,10 +78,34 @@ def test_half_of_the_pictures_described_are_a_question_in_the_chat_format():
     assert rows[2][5:8] == [4, 6, 8]  # What is this?
     assert rows[3] == [3, 120, 105, 105, 121, 4, 5, 6, 7, 2, 12, 1]  # ... What colour is it? </s> Red.
     assert targets[3, -3:].tolist() == [12, 1, -1] and (targets[3, :-3] == -1).all()  # the answer and <eos>
-    assert [data.asked("a red bicycle", i) is None for i in range(12)] == [True] * 3 + [False] * 3 + [True] * 3 + \
-        [False] * 3  # half of the examples, by index: whatever the batch
+    assert [data.asked("a red bicycle", way) is None for way in range(6)] == [True] * 3 + [False] * 3  # half the ways
     assert data.asked("a blue heart", 5) == ("What colour is it?", "Blue.")
     assert data.asked("a keycap #", 5) == ("What is in the picture?", "A keycap #.")  # no colour word: what it is
+    assert data.asked("a black and white flag", 5)[0] == "What is in the picture?"  # two: not a colour question
+    # a base without SmolLM2's chat format (ChatML: no <|im_start|>, as Mixtral's) is never asked: plain words only
+    assert train.asking(StandIn(), tok) is None
+    with pytest.raises(BadInput, match="no <|im_start|>"):
+        pipeline.around_a_picture(StandIn(), tok, "What colour is it?")
+    assert pipeline.around_a_picture(StandIn(), tok) == ([0], [])
+    chat = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<|im_start|>", "<|im_end|>"])}, "<unk>"))
+    chat.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    before, after = pipeline.around_a_picture(StandIn(), chat, " What colour is it? ")  # SmolLM2's: the picture
+    assert before[0] == 1 and before.count(2) == 1 and after.count(2) == 1 and after[-2:] == [1, 0]  # in the user's turn
+
+
+def test_a_picture_is_asked_every_way_over_the_epochs(monkeypatch):
+    """A recoloured copy is one example: the way it is asked (data.asked) turns with the step, so an example that comes
+    at six consecutive steps is asked all six ways; the held-out batch asks every way in turn."""
+    seen = []
+    monkeypatch.setattr(train, "make_describe_batch", lambda shards, indices, model, chat, ways: seen.append(list(ways)))
+    monkeypatch.setattr(train, "asking", lambda model, tokenizer: None)
+    for step in range(6):
+        train.batch_maker("describe", None, np.array([7, 7]), None, None, None, None, None, step)(slice(0, 1))
+    assert sorted(w for ways in seen for w in ways) == list(range(6))
+    seen.clear()
+    tc = train.TrainConfig(batch_size=4, grad_accum=3, describe=0.5)
+    train.held_out_batches(np.arange(100), None, None, tc, None, None)
+    assert sum(seen, []) == [0, 1, 2, 3, 4, 5] * 2
 
 
 def test_the_words_after_a_picture_run_the_frozen_base(tiny_ckpt):
@@ -146,12 +171,14 @@ def test_a_run_that_draws_and_describes(tiny_setup, tmp_path):
     assert r.returncode == 0 and [line.split(": ")[0] for line in lines] == [str(picture), str(other)], r.stderr
     alone = subprocess.run(read + [str(picture), str(other), "--batch", "1"], capture_output=True, text=True, timeout=300)
     assert alone.stdout.splitlines() == lines  # read together as each alone
+    # the tiny base's tokenizer has no chat format: a question is refused in one line (SmolLM2's: test_chat_...)
     asked = subprocess.run(read + [str(picture), "--ask", "w10 w11"], capture_output=True, text=True, timeout=300)
-    assert asked.returncode == 0 and asked.stdout.startswith(f"{picture}: "), asked.stderr
+    assert asked.returncode == 1 and asked.stderr.startswith("error: questions about a picture"), asked.stderr
     explorer, sent = serve.Explorer(tmp_path / "run"), []  # the page: a picture dropped on it, each drawing read back
     image = base64.b64encode(picture.read_bytes()).decode()
     assert explorer.describe({"image": image, "question": ""})["words"] == lines[0].split(": ", 1)[1]
-    assert explorer.describe({"image": image, "question": "w10 w11"})["words"] == asked.stdout.rstrip("\n").split(": ", 1)[1]
+    with pytest.raises(BadInput, match="chat format"):
+        explorer.describe({"image": image, "question": "w10 w11"})
     for bad, words in [("not base64!", "base64"), (base64.b64encode(b"some text").decode(), "not a picture")]:
         with pytest.raises(serve.Refused, match=words):
             explorer.describe({"image": bad, "question": ""})
@@ -171,12 +198,12 @@ def test_a_run_that_draws_and_describes(tiny_setup, tmp_path):
 
 
 def test_named_counts_the_object_and_the_only_colour_word():
-    words = ["a red bicycle", "a red and blue bicycle", "a bicycles", "an emoji of a blue heart", "a bicycle"]
-    out = analyze.named(words, ["bicycle", "bicycle", "bicycle", "blue heart", "bicycle"], ["red", "red", "red", None,
-                                                                                          "green"])
-    assert out["object"] == 4 / 5  # "bicycles" is not the word "bicycle"
+    words = ["a red bicycle", "a red and blue bicycle", "a bicycles", "a blue heart.", "a bicycle", "a hot dog"]
+    out = analyze.named(words, ["bicycle", "bicycle", "bicycle", "blue heart", "bicycle", "dog"],
+                        ["red", "red", "red", None, "green", None])
+    assert out["object"] == 3 / 6  # "bicycles" is not "bicycle", nor "red and blue bicycle", nor "hot dog" "dog"
     assert out["colour"] == 1 / 4  # two colours named is not the colour; the multicoloured heart has none to name
-    assert out["both"] == 1 / 4
+    assert out["both"] == 2 / 6  # the object, and its colour where it has one
 
 
 @pytest.mark.parametrize("args,words", [

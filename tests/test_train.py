@@ -198,7 +198,6 @@ def test_a_left_padded_training_step_equals_the_plain_path(tiny_ckpt, dtype):
     path's on the same model: within 1e-4 of its norm in float32 (measured up to 2e-5 on an AMD EPYC with AVX2, 1e-5
     elsewhere), within 1e-2 in bf16 (the base in bf16 under bf16 autocast, as train.py runs it; measured 0.5%), where
     a wrong mask or position is off by O(1)."""
-    import contextlib
     import data
 
     def model_in(dtype):
