@@ -266,7 +266,8 @@ def step_kind(tc, step):
 def batch_maker(kind, train_set, indices, drop, table, tokenizer, model, tc, step):
     """A step's global batch of step_kind's kind -> batch_of(part): a slice of it (a process's micro-step) as idx,
     targets, pad. Scenes are composed at batch time (data/scenes.py, a pure function of (seed, step, i)); pictures
-    described are the step's examples, read the other way (data.make_describe_batch)."""
+    described are the step's examples, read the other way (data.make_describe_batch; no caption to drop: drop is
+    for the two kinds that draw)."""
     if kind == "scenes":
         scenes = [scene_at(table, tc.seed, step, i) for i in range(len(indices))]
         return lambda part: make_scene_batch(train_set, scenes[part], tokenizer, model, drop[part])
