@@ -79,9 +79,7 @@ def around_a_picture(model, tokenizer, question=None):
     examples ask (data.make_describe_batch), and sample.py --ask and the explorer."""
     if not question:
         return [model.start_token], []
-    if not asks_questions(tokenizer):
-        raise BadInput("questions about a picture are asked in SmolLM2's chat format (ChatML), and this base's "
-                       "tokenizer has no <|im_start|>: describe without one")
+    check_question(tokenizer)
     head, tail = chat_prompt("\0").split("\0")  # the chat format around a user's words
     return tokenizer.encode(head).ids, tokenizer.encode(f"\n{question.strip()}{tail}").ids
 
@@ -90,6 +88,13 @@ def asks_questions(tokenizer):
     """Whether a picture can be asked about in the chat format: SmolLM2's (ChatML, as Qwen's is), which a base whose
     tokenizer has no <|im_start|> (Mixtral's, OLMoE's) never learned; those are described plainly."""
     return tokenizer.token_to_id("<|im_start|>") is not None
+
+
+def check_question(tokenizer):
+    """A question about a picture, to a base without the chat format -> one line (BadInput)."""
+    if not asks_questions(tokenizer):
+        raise BadInput("questions about a picture are asked in SmolLM2's chat format (ChatML), and this base's "
+                       "tokenizer has no <|im_start|>: describe without one")
 
 
 @torch.no_grad()

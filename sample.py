@@ -40,10 +40,11 @@ from tqdm import tqdm
 
 from cli import BadInput, run
 from data import load_image
+from hf import load_tokenizer
 from mmmoe import SAMPLING
 from pictures import on_canvas, save_grid, to_pil
-from pipeline import (DEMO, DRAWING_DTYPES, batch_generator, decode_drawings, describe_pictures, drawing_dtype,
-                      load_pipeline)
+from pipeline import (DEMO, DRAWING_DTYPES, batch_generator, check_question, decode_drawings, describe_pictures,
+                      drawing_dtype, load_pipeline)
 from runs import run_inputs
 
 
@@ -148,8 +149,11 @@ def describe(args):
     """--describe: each picture read, tokenized by the run's VQ and described (MMMoE.describe), one line each."""
     read_pictures(args.describe, 8)  # each file checked before the model loads
     dtype, note = drawing_dtype(args.dtype)
+    state, base, _ = run_inputs(args.ckpt or DEMO)
+    if args.ask and base:  # a base of its own (the built-in SmolLM2 has the chat format): a question it can be asked?
+        check_question(load_tokenizer(base))
     model, tokenizer, vq = load_pipeline(args.ckpt, dtype=dtype)
-    if not run_inputs(args.ckpt or DEMO)[0]["train_config"].get("describe"):
+    if not state["train_config"].get("describe"):
         print(f"note: {args.ckpt or DEMO} was not trained to describe pictures (train.py's describe setting): its "
               "words are the base's guesses", file=sys.stderr)
     pictures = read_pictures(args.describe, vq.config.image_size)  # at the size the VQ was trained on

@@ -271,8 +271,10 @@ def batch_maker(kind, train_set, indices, drop, table, tokenizer, model, tc, ste
     if kind == "scenes":
         scenes = [scene_at(table, tc.seed, step, i) for i in range(len(indices))]
         return lambda part: make_scene_batch(train_set, scenes[part], tokenizer, model, drop[part])
-    if kind == "describe":  # half of them asked a question in the base's chat format; each picture, over the
-        ways = (indices + step) % 6  # epochs, asked every way (a recoloured copy is one example)
+    if kind == "describe":
+        # the way each is asked (half of the ways a question in the base's chat format) turns with the step: over the
+        # epochs a recoloured copy, one example, is asked each way about equally often
+        ways = (indices + step) % 6
         return lambda part: make_describe_batch(train_set, indices[part], model, asking(model, tokenizer), ways[part])
     return lambda part: make_batch(train_set, indices[part], drop[part], model)
 

@@ -419,13 +419,13 @@ def make_describe_batch(shards, indices, model, chat=None, ways=None):
     <eos> after them, each predicted by the position before it. The words are text rows, which run the frozen base
     (C1); they read the picture through attention, so the adapter learns from them only through what it computes at
     the picture's positions. chat: (tokenizer, around: a question -> the token ids before and after the picture,
-    pipeline.around_a_picture) and ways: for each example the way it is asked (asked(): half of the ways are a
-    question about the picture in the chat format, as a chat model is asked: the chat's beginning (no <bos>: the
-    format starts with its own), the picture then the question as the user's words, the answer and <eos> the
-    targets)."""
+    pipeline.around_a_picture) and ways: for each example the way it is asked (asked(); without ways, all plain).
+    Half of the ways are a question about the picture in the chat format, as a chat model is asked: the chat's
+    beginning (no <bos>: the format starts with its own), the picture then the question as the user's words, the
+    answer and <eos> the targets."""
     seqs, tgts = [], []
     bos, boi, eoi, eos = model.start_token, model.image_token("boi"), model.image_token("eoi"), model.config.eos_token_id
-    for i, way in zip(indices, np.zeros(len(indices), int) if ways is None else ways):
+    for i, way in zip(indices, np.zeros(len(indices), int) if ways is None else ways, strict=True):
         _, codes = shards[i]
         words, _ = shards[shards.describing[i]]
         before, after = [bos], []

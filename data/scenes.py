@@ -260,7 +260,7 @@ def geneval_prompts(table, rows, n):
               for x in names[::max(1, len(names) // n)][:n]]
     by_image = {r["image"]: r for r in rows}
     pairs = [r for r in rows if r["split"] == "val" and r["object"] is not None and r["colour"] is not None
-             and not names_a_colour(by_image[r["object"]]["captions"][0])]
+             and not names_a_colour(by_image[r["object"]]["captions"][0])]  # a guard: prepare.py recolours none
     colours = [Scene("colours", r["captions"][0], None, (by_image[r["object"]]["captions"][0],), (r["colour"],), 1,
                      None) for r in pairs[::max(1, len(pairs) // n)][:n]]
     held = {c: [s for s in scenes if not any(map(names_a_colour, s.objects))][:n]

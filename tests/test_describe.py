@@ -4,6 +4,7 @@ and describes, and sample.py --describe with its mistakes."""
 import base64
 import contextlib
 import json
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -84,7 +85,7 @@ def test_half_of_the_pictures_described_are_a_question_in_the_chat_format():
     assert data.asked("a black and white flag", 5)[0] == "What is in the picture?"  # two: not a colour question
     # a base without SmolLM2's chat format (ChatML: no <|im_start|>, as Mixtral's) is never asked: plain words only
     assert train.asking(StandIn(), tok) is None
-    with pytest.raises(BadInput, match="no <|im_start|>"):
+    with pytest.raises(BadInput, match=re.escape("no <|im_start|>")):
         pipeline.around_a_picture(StandIn(), tok, "What colour is it?")
     assert pipeline.around_a_picture(StandIn(), tok) == ([0], [])
     chat = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<|im_start|>", "<|im_end|>"])}, "<unk>"))
@@ -94,8 +95,8 @@ def test_half_of_the_pictures_described_are_a_question_in_the_chat_format():
 
 
 def test_a_picture_is_asked_every_way_over_the_epochs(monkeypatch):
-    """A recoloured copy is one example: the way it is asked (data.asked) turns with the step, so an example that comes
-    at six consecutive steps is asked all six ways; the held-out batch asks every way in turn."""
+    """A recoloured copy is one example: the way it is asked (data.asked) turns with the step (an example that came at
+    six consecutive steps would be asked all six ways); the held-out batch asks every way in turn."""
     seen = []
     monkeypatch.setattr(train, "make_describe_batch", lambda shards, indices, model, chat, ways: seen.append(list(ways)))
     monkeypatch.setattr(train, "asking", lambda model, tokenizer: None)
@@ -146,8 +147,8 @@ def test_the_words_after_a_picture_run_the_frozen_base(tiny_ckpt):
 
 def test_a_run_that_draws_and_describes(tiny_setup, tmp_path):
     """describe=0.5: about half of the steps are pictures described, whole batches; the held-out describe loss is
-    logged; sample.py --describe reads a picture file, one line, and --ask asks about it; the text alone stays the
-    base's (C1)."""
+    logged; sample.py --describe reads a picture file, one line, and --ask is refused in one line (the tiny base has no
+    chat format); the text alone stays the base's (C1)."""
     tc = train.TrainConfig(base=str(tiny_setup["base"]), shards=str(tiny_setup["shards"]), out_dir=str(tmp_path / "run"),
                            rank=4, batch_size=4, steps=4, warmup=1, eval_every=2, eval_batches=1, save_every=2, lr=1e-2,
                            init="mean", dtype="float32", describe=0.5)
@@ -171,7 +172,8 @@ def test_a_run_that_draws_and_describes(tiny_setup, tmp_path):
     assert r.returncode == 0 and [line.split(": ")[0] for line in lines] == [str(picture), str(other)], r.stderr
     alone = subprocess.run(read + [str(picture), str(other), "--batch", "1"], capture_output=True, text=True, timeout=300)
     assert alone.stdout.splitlines() == lines  # read together as each alone
-    # the tiny base's tokenizer has no chat format: a question is refused in one line (SmolLM2's: test_chat_...)
+    # the tiny base's tokenizer has no chat format: a question is refused in one line (the chat format's layout:
+    # test_half_of_the_pictures_described_are_a_question_in_the_chat_format)
     asked = subprocess.run(read + [str(picture), "--ask", "w10 w11"], capture_output=True, text=True, timeout=300)
     assert asked.returncode == 1 and asked.stderr.startswith("error: questions about a picture"), asked.stderr
     explorer, sent = serve.Explorer(tmp_path / "run"), []  # the page: a picture dropped on it, each drawing read back
