@@ -701,8 +701,7 @@ def geneval_section(ge):
 def describe_figures(model, tokenizer, vq, seen, n, sampling, batch_size, seed):
     """Up to n pictures of the training emoji (one per (object, colour)) and of the held-out pairs, each described
     greedily (MMMoE.describe), and as many held-out pairs' captions drawn and their pictures described -> {group:
-    figures}: the object named (its name in the words), the colour named (the only colour word in them is the
-    asked one; over the pictures that have one) and both."""
+    figures}: the object named, the colour named (over the pictures that have one) and both, as named() counts."""
     rows, everything = seen["rows"], seen["images"]
     by_image, figures = {r["image"]: r for r in rows}, {}
     g = torch.Generator().manual_seed(seed)
@@ -726,12 +725,13 @@ def named(words, names, colours):
     description with what it should name. The object is named when the words, less an article, colour words and a
     closing full stop, are its name less colour words ("a purple pear." names "pear"; "a hot dog" does not name
     "dog"); the colour when the words' colour words are the asked one and those of the name ("a blue heart")."""
-    def bare(text):  # -> its words, less an article in front and the colour words
-        w = text.lower().strip().removesuffix(".").split()
+    said = [w.lower().strip().removesuffix(".").split() for w in words]  # each description's words
+
+    def bare(w):  # words, less an article in front and the colour words
         return [x for x in w[1 if w[:1] in (["a"], ["an"], ["the"]) else 0:] if x not in COLOUR_WORDS]
-    has_name = [bare(w) == bare(x) for w, x in zip(words, names)]
-    has_colour = [c is None or COLOUR_WORDS & set(w.lower().removesuffix(".").split()) ==
-                  {c} | (COLOUR_WORDS & set(x.split())) for w, x, c in zip(words, names, colours)]
+    has_name = [bare(w) == bare(x.lower().split()) for w, x in zip(said, names)]
+    has_colour = [c is None or COLOUR_WORDS & set(w) == {c} | (COLOUR_WORDS & set(x.split()))
+                  for w, x, c in zip(said, names, colours)]
     share = lambda ok: sum(ok) / len(ok) if ok else math.nan  # noqa: E731
     return {"object": share(has_name), "colour": share([ok for ok, c in zip(has_colour, colours) if c is not None]),
             "both": share([a and b for a, b in zip(has_name, has_colour)]),
