@@ -726,12 +726,13 @@ def named(words, names, colours):
     closing full stop, are its name less colour words ("a purple pear." names "pear"; "a hot dog" does not name
     "dog"); the colour when the words' colour words are the asked one and those of the name ("a blue heart")."""
     said = [w.lower().strip().removesuffix(".").split() for w in words]  # each description's words
+    asked = [x.lower().split() for x in names]  # each name's words
 
     def bare(w):  # words, less an article in front and the colour words
         return [x for x in w[1 if w[:1] in (["a"], ["an"], ["the"]) else 0:] if x not in COLOUR_WORDS]
-    has_name = [bare(w) == bare(x.lower().split()) for w, x in zip(said, names)]
-    has_colour = [c is None or COLOUR_WORDS & set(w) == {c} | (COLOUR_WORDS & set(x.split()))
-                  for w, x, c in zip(said, names, colours)]
+    has_name = [bare(w) == bare(x) for w, x in zip(said, asked)]
+    has_colour = [c is None or COLOUR_WORDS & set(w) == {c} | (COLOUR_WORDS & set(x))
+                  for w, x, c in zip(said, asked, colours)]
     share = lambda ok: sum(ok) / len(ok) if ok else math.nan  # noqa: E731
     return {"object": share(has_name), "colour": share([ok for ok, c in zip(has_colour, colours) if c is not None]),
             "both": share([a and b for a, b in zip(has_name, has_colour)]),
