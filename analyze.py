@@ -291,7 +291,7 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, guidance=SAMPLING["guidanc
                 c1_section(text_base, text_ability(model, tokenizer, english)),
                 caption_use_section(model, TokenShards(tc["shards"], "train"), n_probe, seed),
                 budget_section(model)]
-    drawn, scenes = {}, {}
+    drawn, scenes, described = {}, {}, {}
     model.to(dtype)  # the pictures in sample.py's --dtype; everything above in float32
     data_dir = val.index["data"]  # every picture of the dataset trained on: what drawn ones are scored against
     sampling = {"guidance": guidance, "temperature": temperature, "top_k": top_k}
@@ -305,13 +305,13 @@ def analyze(ckpt, out, n_probe=32, samples=0, seed=0, guidance=SAMPLING["guidanc
                                           sampling, batch_size, seed)
         sections.append(geneval_section({"n": geneval} | settings | figures))
     if describe:
-        figures = describe_figures(model, tokenizer, vq, seen, describe, sampling, batch_size, seed)
+        figures, described = describe_figures(model, tokenizer, vq, seen, describe, sampling, batch_size, seed)
         sections.append(describe_section({"n": describe} | settings | figures))
     report, lines = {}, [f"# mmmoe report: {ckpt}", ""]
     for part, section_lines in sections:
         report |= part
         lines += section_lines
-    save_pictures(out, report, drawn, scenes, vq.config.image_size)
+    save_pictures(out, report, drawn, scenes, described, vq.config.image_size)
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=1))
     return report
@@ -700,10 +700,11 @@ def geneval_section(ge):
 
 def describe_figures(model, tokenizer, vq, seen, n, sampling, batch_size, seed):
     """Up to n pictures of the training emoji (one per (object, colour)) and of the held-out pairs, each described
-    greedily (MMMoE.describe), and as many held-out pairs' captions drawn and their pictures described -> {group:
-    figures}: the object named, the colour named (over the pictures that have one) and both, as named() counts."""
+    greedily (MMMoE.describe), and as many held-out pairs' captions drawn and their pictures described -> ({group:
+    figures}: the object named, the colour named (over the pictures that have one) and both, as named() counts;
+    {group: the pictures described (N, 3, H, W)} for the PNGs)."""
     rows, everything = seen["rows"], seen["images"]
-    by_image, figures = {r["image"]: r for r in rows}, {}
+    by_image, figures, described = {r["image"]: r for r in rows}, {}, {}
     g = torch.Generator().manual_seed(seed)
     for group in ("train", "pairs", "round trip"):
         idx = caption_rows(rows, "train" if group == "train" else "pairs")
@@ -716,8 +717,8 @@ def describe_figures(model, tokenizer, vq, seen, n, sampling, batch_size, seed):
             drawn = draw(model, tokenizer, vq, captions, sampling, batch_size, g, "drawing, to describe")
             pictures = single_pictures(drawn, vq.config.image_size)
         words = describe_pictures(model, tokenizer, vq, pictures, batch_size=batch_size)
-        figures[group] = named(words, names, colours)
-    return figures
+        figures[group], described[group] = named(words, names, colours), pictures
+    return figures, described
 
 
 def named(words, names, colours):
@@ -755,6 +756,8 @@ def describe_section(d):
     pairs = d["pairs"]
     lines += ["", "Held-out pairs described: " + "; ".join(f"{x} ({c}): \"{w}\"" for w, x, c in
                                                          zip(pairs["words"][:6], pairs["names"], pairs["colours"]))]
+    lines += ["", "Each picture under what it is and what the model said:", ""]
+    lines += [f"![{title}](described_{g.replace(' ', '_')}.png)" for g, title in groups.items() if d[g]["words"]]
     return {"describe": d}, lines
 
 
@@ -762,10 +765,12 @@ def describe_section(d):
 # The report's PNGs
 
 
-def save_pictures(out, report, drawn, scenes, size):
+def save_pictures(out, report, drawn, scenes, described, size):
     """The report's PNGs in out: the image-specificity heatmaps before and after training, and for the pictures drawn
     (per group: asked pictures, drawn ones) a grid of each group and the held-out pairs' colour confusion; for the
-    scenes drawn (per GenEval category: drawings and their captions) a labelled grid of each category."""
+    scenes drawn (per GenEval category: drawings and their captions) a labelled grid of each category; for the
+    pictures described (per group: the pictures) a grid of each group, every picture under what it is and what the
+    model said."""
     for name in ("before", "after"):
         heatmap(np.array(report[name]["specificity"]), out / f"specificity_{name}.png",
                 f"image-specificity {name} (red: image, blue: text)")
@@ -779,6 +784,14 @@ def save_pictures(out, report, drawn, scenes, size):
         pictures = torch.stack([on_canvas(d, size) for d in drawings])  # (N, 3, 2 size, 2 size), N a multiple of 4
         save_grid(pictures.view(-1, PICTURES_PER_PROMPT, *pictures.shape[1:]),
                   out / f"geneval_{category.replace(' ', '_')}.png", size=128, labels=captions[::PICTURES_PER_PROMPT])
+    for group, pictures in ((g, p) for g, p in described.items() if len(p)):
+        d = report["describe"][group]
+        labels = [f"{c + ' ' if c else ''}{x}: \"{w}\"" for w, x, c in zip(d["words"], d["names"], d["colours"])]
+        cols = min(8, len(pictures))
+        rows = len(pictures) // cols  # whole rows: up to 8 pictures a row
+        save_grid(pictures[:rows * cols].view(rows, cols, *pictures.shape[1:]),
+                  out / f"described_{group.replace(' ', '_')}.png", size=128,
+                  labels=[labels[r * cols:(r + 1) * cols] for r in range(rows)])
 
 
 def colour_confusion(asked, drawn, path, cell=40):

@@ -192,6 +192,8 @@ def test_a_run_that_draws_and_describes(tiny_setup, tmp_path):
     assert report["pairs"]["colours"] == ["red", "green"]
     assert all(0 <= report[g][k] <= 1 for g in ("train", "pairs", "round trip") for k in ("object", "colour", "both"))
     assert "## Pictures described" in (tmp_path / "report" / "report.md").read_text()
+    for group, n in [("train", 3), ("pairs", 2), ("round_trip", 2)]:  # each picture under its words, 128 px wide
+        assert Image.open(tmp_path / "report" / f"described_{group}.png").width == 128 * n
     plain = train.TrainConfig(**{**tc.__dict__, "out_dir": str(tmp_path / "plain"), "describe": 0.0, "steps": 1,
                                  "eval_every": 1, "save_every": 1})
     train.train(plain)
