@@ -701,8 +701,9 @@ def geneval_section(ge):
 def describe_figures(model, tokenizer, vq, seen, n, sampling, batch_size, seed):
     """Up to n pictures of the training emoji (one per (object, colour)) and of the held-out pairs, each described
     greedily (MMMoE.describe), and as many held-out pairs' captions drawn and their pictures described -> ({group:
-    figures}: the object named, the colour named (over the pictures that have one) and both, as named() counts;
-    {group: the pictures described (N, 3, H, W)} for the PNGs)."""
+    figures}: the object named, the colour named (over the pictures that have one) and both, as named() counts, and
+    the colour the picture's image tokens keep, the ceiling of the colour named; {group: the pictures described (N,
+    3, H, W)} for the PNGs)."""
     rows, everything = seen["rows"], seen["images"]
     by_image, figures, described = {r["image"]: r for r in rows}, {}, {}
     g = torch.Generator().manual_seed(seed)
@@ -718,7 +719,18 @@ def describe_figures(model, tokenizer, vq, seen, n, sampling, batch_size, seed):
             pictures = single_pictures(drawn, vq.config.image_size)
         words = describe_pictures(model, tokenizer, vq, pictures, batch_size=batch_size)
         figures[group], described[group] = named(words, names, colours), pictures
+        figures[group]["tokens_colour"] = kept_colour(vq, pictures, colours)
     return figures, described
+
+
+def kept_colour(vq, pictures, colours):
+    """Pictures (N, 3, H, W) and the colour word each has (or None) -> the share of those with one whose image
+    tokens, decoded, still have it (colour_word): what the model reading the tokens can name at best."""
+    has = [i for i, c in enumerate(colours) if c is not None]
+    if not has:
+        return math.nan
+    decoded = vq.detokenize(vq.tokenize(pictures[has]))
+    return sum(colour_word(x) == colours[i] for x, i in zip(decoded, has)) / len(has)
 
 
 def named(words, names, colours):
@@ -749,10 +761,11 @@ def describe_section(d):
              f"trip's drawn with guidance {d['guidance']}, temperature {d['temperature']}, top-k {d['top_k']}, "
              f"{d['dtype']}. The object is named when the words, less an article and colour words, are its name; the "
              "colour when their colour words are the asked one (and the name's own); both: the object, and the "
-             "colour where the picture has one.", "", "| | pictures | object named | colour named | both |",
-             "| --- " * 5 + "|"]
+             "colour where the picture has one; the colour in its tokens: the picture's image tokens, decoded, "
+             "still have the colour word (the ceiling of the colour named).", "",
+             "| | pictures | object named | colour named | both | the colour in its tokens |", "| --- " * 6 + "|"]
     lines += [f"| {title} | {len(d[g]['words'])} | {pct(d[g]['object'])} | {pct(d[g]['colour'])} | "
-              f"{pct(d[g]['both'])} |" for g, title in groups.items()]
+              f"{pct(d[g]['both'])} | {pct(d[g]['tokens_colour'])} |" for g, title in groups.items()]
     pairs = d["pairs"]
     lines += ["", "Held-out pairs described: " + "; ".join(f"{x} ({c}): \"{w}\"" for w, x, c in
                                                          zip(pairs["words"][:6], pairs["names"], pairs["colours"]))]

@@ -191,6 +191,7 @@ def test_a_run_that_draws_and_describes(tiny_setup, tmp_path):
     assert report["pairs"]["names"] == ["w12 w20", "w13 w21"]  # squares 0 and 1 are recoloured copies of 6 and 7
     assert report["pairs"]["colours"] == ["red", "green"]
     assert all(0 <= report[g][k] <= 1 for g in ("train", "pairs", "round trip") for k in ("object", "colour", "both"))
+    assert 0 <= report["pairs"]["tokens_colour"] <= 1  # both held-out pairs have a colour word
     assert "## Pictures described" in (tmp_path / "report" / "report.md").read_text()
     for group, n in [("train", 3), ("pairs", 2), ("round_trip", 2)]:  # each picture under its words, 128 px wide
         assert Image.open(tmp_path / "report" / f"described_{group}.png").width == 128 * n
@@ -199,6 +200,16 @@ def test_a_run_that_draws_and_describes(tiny_setup, tmp_path):
     train.train(plain)
     with pytest.raises(BadInput, match="was not trained to describe"):  # said before any work
         analyze.analyze(tmp_path / "plain", tmp_path / "r2", describe=2)
+
+
+def test_the_colour_kept_by_the_tokens_counts_pictures_with_a_colour_word():
+    red, green = -torch.ones(3, 8, 8), -torch.ones(3, 8, 8)  # black, then one channel full: pure red, pure green
+    red[0], green[1] = 1, 1
+    lossless = SimpleNamespace(tokenize=lambda x: x, detokenize=lambda t: t)  # the decoded tokens: the picture
+    pictures = torch.stack([red, green, green])
+    assert analyze.kept_colour(lossless, pictures, ["red", "blue", None]) == 0.5  # the green one has no colour word
+    none = analyze.kept_colour(lossless, pictures, [None, None, None])
+    assert none != none  # NaN: no picture with a colour word to count
 
 
 def test_named_counts_the_object_and_the_only_colour_word():
