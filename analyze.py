@@ -21,7 +21,8 @@ What it measures, each before training (the same adapter, initialised, untrained
 - scenes (--geneval N, a run trained with scenes): GenEval's six categories on held-out prompts, four pictures each,
   each judged tile by tile (the object by shape, the colour word), beside the published figures;
 - pictures described (--describe N, a run trained with describe): the object and the colour named, on training
-  pictures, held-out pairs and a round trip.
+  pictures, held-out pairs and a round trip, beside the colour their image tokens keep; a PNG of each, every picture
+  under what it is and what the model said.
 """
 import argparse
 import json

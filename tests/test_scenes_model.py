@@ -248,7 +248,7 @@ def test_a_prompt_file_draws_steered_scenes_each_to_its_file(scene_run, tmp_path
     drawn = drawn_by(monkeypatch, lambda model: steer(model, scene=20.0, empty=np.log(16)))
     (tmp_path / "p.txt").write_text("w10 w20\nw11 w21\nw12\n")
     sample.main(["--from-file", str(tmp_path / "p.txt"), "--out-dir", str(tmp_path / "o"), "--ckpt", str(scene_run),
-                 "--size", "64", "--temperature", "1", "--seed", "1"])
+                 "--size", "64", "--temperature", "1", "--seed", "1", "--dtype", "float32"])  # steer's hook: float32
     _, _, vq = sample.load_pipeline(scene_run)
     (rows,) = drawn
     empties = 0
