@@ -56,7 +56,7 @@ def test_a_drawing_streams_row_by_row_and_equals_sample_py(server, tmp_path):
     assert all(len(m["images"]) == 2 for m in lines) and lines[-2]["images"] != lines[0]["images"]
     (tmp_path / "p.txt").write_text("w10 w20\n")
     sample.main(["--from-file", str(tmp_path / "p.txt"), "--out-dir", str(tmp_path / "o"), "-n", "2", "--seed", "3",
-                 "--ckpt", str(server["run"]), "--size", str(serve.SIZE), "--dtype", "float32"])  # as the explorer draws
+                 "--ckpt", str(server["run"]), "--size", str(serve.SIZE), "--dtype", "float32"])  # the explorer's
     for k, b64 in enumerate(lines[-1]["images"]):
         assert base64.b64decode(b64) == (tmp_path / "o" / f"w10-w20_{k}.png").read_bytes()
 
