@@ -536,10 +536,7 @@ def score_pictures(vq, gallery, own, real, fake, captions):
     rank = scores["rank"]
     by_kind = {f"top1_{k}": (rank[m.to(rank.device)] < 1).float().mean().item()
                for k, m in (("coloured", ~multi), ("multicolour", multi)) if m.any()}
-    # the image tokenizer's part: the colour word of the asked picture's own tokens, decoded, is what a model that
-    # wrote exactly those tokens would score; where it is not the picture's own word, no drawing can be right
-    own_words = [colour_word(p) for p in vq.detokenize(vq.tokenize(real))]
-    share = lambda ok: sum(ok) / len(ok) if ok else math.nan  # noqa: E731
+    own_words = token_colours(vq, real)  # the image tokenizer's part: where not the asked word, no drawing is right
     return score_summary(scores) | by_kind | {
         "colour_ceiling": share([a == w for a, w in zip(asked, own_words) if a is not None]),
         "colour_as_own_tokens": share([c == w for a, c, w in zip(asked, scores["colour"], own_words) if a is not None]),
@@ -548,6 +545,17 @@ def score_pictures(vq, gallery, own, real, fake, captions):
         # what drawing every picture in the commonest asked colour would score; what a random object would
         "colour_base_rate": max(map(coloured.count, coloured)) / len(coloured) if coloured else math.nan,
         "object_top5_chance": min(1.0, 5 / n_objects)}
+
+
+def token_colours(vq, pictures):
+    """Pictures (N, 3, H, W) -> the colour word (or None) of each one's own image tokens, decoded: what a model that
+    writes, or reads, exactly those tokens gets; where it is not the picture's own word, no model can be right."""
+    return [colour_word(p) for p in vq.detokenize(vq.tokenize(pictures))]
+
+
+def share(ok):
+    """A list of booleans -> the share that are true (NaN for an empty list: nothing to count)."""
+    return sum(ok) / len(ok) if ok else math.nan
 
 
 def frechet(a, b):
@@ -726,12 +734,8 @@ def describe_figures(model, tokenizer, vq, seen, n, sampling, batch_size, seed):
 
 def kept_colour(vq, pictures, colours):
     """Pictures (N, 3, H, W) and the colour word each has (or None) -> the share of those with one whose image
-    tokens, decoded, still have it (colour_word): what the model reading the tokens can name at best."""
-    has = [i for i, c in enumerate(colours) if c is not None]
-    if not has:
-        return math.nan
-    decoded = vq.detokenize(vq.tokenize(pictures[has]))
-    return sum(colour_word(x) == colours[i] for x, i in zip(decoded, has)) / len(has)
+    tokens, decoded, still have it (token_colours): what the model reading the tokens can name at best."""
+    return share([c == w for c, w in zip(colours, token_colours(vq, pictures)) if c is not None])
 
 
 def named(words, names, colours):
@@ -747,7 +751,6 @@ def named(words, names, colours):
     has_name = [bare(w) == bare(x) for w, x in zip(said, asked)]
     has_colour = [c is None or COLOUR_WORDS & set(w) == {c} | (COLOUR_WORDS & set(x))
                   for w, x, c in zip(said, asked, colours)]
-    share = lambda ok: sum(ok) / len(ok) if ok else math.nan  # noqa: E731
     return {"object": share(has_name), "colour": share([ok for ok, c in zip(has_colour, colours) if c is not None]),
             "both": share([a and b for a, b in zip(has_name, has_colour)]),
             "words": words, "names": names, "colours": colours}
@@ -798,7 +801,9 @@ def save_pictures(out, report, drawn, scenes, described, size):
         pictures = torch.stack([on_canvas(d, size) for d in drawings])  # (N, 3, 2 size, 2 size), N a multiple of 4
         save_grid(pictures.view(-1, PICTURES_PER_PROMPT, *pictures.shape[1:]),
                   out / f"geneval_{category.replace(' ', '_')}.png", size=128, labels=captions[::PICTURES_PER_PROMPT])
-    for group, pictures in ((g, p) for g, p in described.items() if len(p)):
+    for group, pictures in described.items():
+        if not len(pictures):
+            continue
         d = report["describe"][group]
         labels = [f"{c + ' ' if c else ''}{x}: \"{w}\"" for w, x, c in zip(d["words"], d["names"], d["colours"])]
         cols = min(8, len(pictures))
